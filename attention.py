@@ -1,0 +1,136 @@
+"""
+Dense attention: the reference every sparse method is measured against.
+
+    o_i = sum_j softmax_j(q_i . k_j / sqrt(D) + mask_ij) v_j,   lse_i = log sum_j exp(q_i . k_j / sqrt(D) + mask_ij)
+
+Everything here is naive PyTorch written to be read: these functions are the specification that
+the Triton kernels in kernels.py must reproduce (same signatures, see test_attention.py).
+
+Besides the output we return the log-sum-exp (lse) of each query row. It is what lets two partial
+attentions over disjoint key sets A and B be merged into the attention over A u B
+(FlashAttention's online softmax, flash-decoding's split-K, RetroAttention's revisions):
+
+    lse = logaddexp(lse_A, lse_B);   o = exp(lse_A - lse) o_A + exp(lse_B - lse) o_B
+
+Layout (heads first, like the cache): q (B, Hq, T, D) or (B, Hq, D) for one decode query,
+k/v (B, Hkv, N, D). Grouped-query attention: query head h reads KV head h // G, G = Hq // Hkv.
+"""
+
+import math
+
+import torch
+
+
+def _check_gqa(q, k):
+    Hq, Hkv = q.shape[1], k.shape[1]
+    if Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    return Hq // Hkv
+
+
+def _softmax_with_lse(scores):
+    """scores (..., N) fp32 with -inf where masked -> (probs, lse); fully masked rows give 0, -inf."""
+    lse = torch.logsumexp(scores, dim=-1)
+    # exp(-inf - -inf) would be NaN: use a finite stand-in for empty rows, their probs are all 0 anyway
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(scores - safe_lse.unsqueeze(-1)), lse
+
+
+def attention_ref(q, k, v, causal=True, q_offset=None, scale=None):
+    """q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D) -> o (B, Hq, Tq, D), lse (B, Hq, Tq) fp32.
+    Query i sits at absolute position q_offset + i (default Tk - Tq: the queries are the last Tq
+    keys' tokens); key j sits at position j. Causal masks keys that come after the query."""
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    G = _check_gqa(q, k)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    k = k.repeat_interleave(G, dim=1).float()
+    v = v.repeat_interleave(G, dim=1).float()
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
+    if causal:
+        q_pos = torch.arange(Tq, device=q.device) + q_offset
+        k_pos = torch.arange(Tk, device=q.device)
+        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+    p, lse = _softmax_with_lse(scores)
+    return (p @ v).to(q.dtype), lse
+
+
+def decode_ref(q, k_cache, v_cache, seq_len, scale=None):
+    """One new query per sequence against the first seq_len cache rows.
+    q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D) -> o (B, Hq, D), lse (B, Hq)."""
+    o, lse = attention_ref(q.unsqueeze(2), k_cache[:, :, :seq_len], v_cache[:, :, :seq_len],
+                           causal=False, scale=scale)
+    return o.squeeze(2), lse.squeeze(2)
+
+
+def paged_decode_ref(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, scale=None):
+    """Decode attention restricted to a list of pages per KV head (Quest-style sparse decoding).
+    q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D); page_idx (B, Hkv, K) int, -1 = unused slot.
+    Page p holds key positions [p*S, min((p+1)*S, seq_len)). All G query heads of a KV head read
+    that head's pages. bias (B, Hkv, Nmax) fp32 is added to the scaled scores (KV compaction's beta).
+    Returns o (B, Hq, D), lse (B, Hq) over exactly the selected keys."""
+    B, Hq, D = q.shape
+    Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
+    G = _check_gqa(q, k_cache)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    # A key is visible iff its page is in the list and it lies before seq_len.
+    pos = torch.arange(Nmax, device=q.device)
+    page_of_key = pos // page_size  # (Nmax,)
+    visible = (page_of_key[None, None, :, None] == page_idx[:, :, None, :].long()).any(-1)
+    visible &= (pos < seq_len)[None, None, :]  # (B, Hkv, Nmax)
+    scores = torch.einsum("bhgd,bhnd->bhgn", q.float().view(B, Hkv, G, D), k_cache.float()) * scale
+    if bias is not None:
+        scores = scores + bias.float()[:, :, None, :]
+    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
+    p, lse = _softmax_with_lse(scores)
+    o = torch.einsum("bhgn,bhnd->bhgd", p, v_cache.float())
+    return o.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq)
+
+
+def merge_attention(o1, lse1, o2, lse2):
+    """Combine two attentions over disjoint key sets. o (..., D), lse (...) fp32.
+    An empty set (lse = -inf) contributes nothing; two empty sets give o = 0, lse = -inf."""
+    lse = torch.logaddexp(lse1, lse2)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1 = torch.exp(lse1 - safe).unsqueeze(-1)  # exp(-inf) = 0 for an empty side
+    w2 = torch.exp(lse2 - safe).unsqueeze(-1)
+    o = w1 * o1.float() + w2 * o2.float()
+    return o.to(o1.dtype), lse
+
+
+def prefill_decode_attention(q, k_cache, v_cache, input_pos, use_kernels):
+    """Attention of T new queries (already written to the cache) over the cache, causally.
+    q (B, T, Hq, D) at positions input_pos; caches (B, Hkv, Nmax, D) -> (o (B, T, Hq, D), lse (B, Hq, T))."""
+    T = q.shape[1]
+    n = int(input_pos[-1]) + 1  # keys [0, n) are valid; we always write before attending
+    qh = q.transpose(1, 2)
+    if use_kernels:
+        import kernels
+        if T == 1:
+            o, lse = kernels.flash_decode(qh[:, :, 0], k_cache, v_cache, n)
+            return o.unsqueeze(1), lse.unsqueeze(-1)
+        o, lse = kernels.flash_prefill(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True)
+    else:
+        o, lse = attention_ref(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True)
+    return o.transpose(1, 2), lse
+
+
+class DenseAttention:
+    """The dense method: write the new K/V into the cache, attend to everything before them."""
+
+    def __init__(self, cache, use_kernels=False):
+        self.cache = cache
+        self.use_kernels = use_kernels
+        self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
+
+    def forward(self, layer_idx, q, k, v, input_pos):
+        self.cache.write(layer_idx, k, v, input_pos)
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        if q.shape[1] == 1:  # one decode step reads the whole valid cache of this layer
+            n = int(input_pos[-1]) + 1
+            self.stats["kv_bytes_read"] += 2 * kc.shape[0] * kc.shape[1] * n * kc.shape[3] * kc.element_size()
+            if layer_idx == 0:
+                self.stats["decode_steps"] += 1
+        o, _ = prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)
+        return o

@@ -1,0 +1,242 @@
+"""
+Generate text with a Llama checkpoint, decoding with one of the attention methods:
+
+    python generate.py --method dense|quest|retro|token_sparse|compact [--prompt TEXT] ...
+
+Prefill runs the whole prompt through the model once; decoding then feeds one token per step
+(RetroAttention feeds the last w tokens: the new one and the w-1 it revises). The attention
+object chosen by --method owns the KV cache; model.py never sees the method's name.
+At the end we print prefill time, decode speed, peak memory and KV bytes read per decoded token.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attention import DenseAttention
+from kvcache import KVCache
+from model import Tokenizer, Transformer
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "nanokv-code-4k"
+METHODS = ["dense", "quest", "retro", "token_sparse", "compact"]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def sample(logits, temperature, top_k, generator=None, n_vocab=None):
+    """logits (B, V) fp32 -> next token ids (B,). temperature 0 is greedy. n_vocab: ids at or above
+    it (padding rows of a model whose embedding is larger than its tokenizer) are never chosen."""
+    if n_vocab is not None and n_vocab < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, n_vocab:] = float("-inf")
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, window=1,
+             stop_ids=(), on_token=None, generator=None, start_pos=0, n_vocab=None):
+    """prompt (B, T) long on the model's device -> (new tokens (B, n), timings dict).
+    window: rows fed per decode step (1; RetroAttention's w). start_pos: position of prompt[0]
+    (non-zero only when the cache already holds a prefix, e.g. after KV compaction)."""
+    device = prompt.device
+    B, T = prompt.shape
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    logits = model(prompt, torch.arange(start_pos, start_pos + T), attn, last_only=True)
+    tokens = prompt
+    nxt = sample(logits[:, -1], temperature, top_k, generator, n_vocab)
+    sync()
+    t_prefill = time.perf_counter() - t0
+    out = [nxt]
+    t0 = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        if on_token is not None:
+            on_token(nxt)
+        if stop_ids and B == 1 and int(nxt[0]) in stop_ids:
+            break
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        n = start_pos + tokens.shape[1]  # positions [start_pos, n) exist; the newest is n - 1
+        w = min(window, tokens.shape[1])
+        logits = model(tokens[:, -w:], torch.arange(n - w, n), attn, last_only=True)
+        nxt = sample(logits[:, -1], temperature, top_k, generator, n_vocab)
+        out.append(nxt)
+    if on_token is not None:
+        on_token(nxt)
+    sync()
+    t_decode = time.perf_counter() - t0
+    return torch.stack(out, dim=1), {"prefill_s": t_prefill, "decode_s": t_decode, "decode_steps": len(out) - 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the attention object for a method
+
+def make_attention(method, cache, opts, use_kernels, n_layers):
+    """The attention object for --method (see each method's file for what the options mean)."""
+    if method == "dense":
+        return DenseAttention(cache, use_kernels=use_kernels)
+    raise SystemExit(f"error: --method {method} is not implemented yet; available: dense")
+
+
+def check_budget(opts, parser):
+    if opts.budget is None:
+        return
+    if opts.budget < opts.page_size:
+        parser.error(f"--budget {opts.budget} is smaller than one page (--page-size {opts.page_size})")
+    if opts.budget % opts.page_size:
+        parser.error(f"--budget {opts.budget} is not a multiple of --page-size {opts.page_size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help=f"Hugging Face Llama checkpoint directory (default: {DEFAULT_CHECKPOINT.name} if present)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", type=str, default=None, help="prompt text")
+    g.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's instruct chat template")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--max-seq-len", type=int, default=None, help="KV cache size (default: prompt + new tokens)")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="attention implementation: Triton kernels or the PyTorch references (auto: triton on cuda)")
+    p.add_argument("--method", default="dense",
+                   help=f"attention method, one of: {', '.join(METHODS)}")
+    p.add_argument("--quiet", action="store_true", help="do not stream the text, print only the statistics")
+    q = p.add_argument_group("page-sparse decoding (quest, retro)")
+    q.add_argument("--budget", type=int, default=None, help="KV tokens read per decode step (multiple of --page-size)")
+    q.add_argument("--page-size", type=int, default=16)
+    q.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense (Quest's default: 2)")
+    return p
+
+
+def resolve_checkpoint(opts, parser):
+    ckpt = opts.checkpoint
+    if ckpt is None:
+        if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+            parser.error(f"--checkpoint is required (no default model at {DEFAULT_CHECKPOINT})")
+        ckpt = DEFAULT_CHECKPOINT
+    if not ckpt.is_dir():
+        parser.error(f"--checkpoint {ckpt}: no such directory")
+    return ckpt
+
+
+def main(argv=None):
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    if opts.method not in METHODS:
+        parser.error(f"--method {opts.method!r} is not a method; choose one of: {', '.join(METHODS)}")
+    if opts.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be >= 1")
+    check_budget(opts, parser)
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available")
+    ckpt = resolve_checkpoint(opts, parser)
+    dtype = DTYPES[opts.dtype or ("bf16" if opts.device == "cuda" else "fp32")]
+    use_kernels = opts.kernels == "triton" or (opts.kernels == "auto" and opts.device == "cuda")
+    torch.manual_seed(opts.seed)
+
+    try:
+        model = Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device)
+        tokenizer = Tokenizer(ckpt)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise SystemExit(f"error: cannot load checkpoint {ckpt}: {e}")
+    args = model.args
+
+    if opts.prompt_file is not None:
+        if not opts.prompt_file.is_file():
+            parser.error(f"--prompt-file {opts.prompt_file}: no such file")
+        text = opts.prompt_file.read_text(errors="replace")
+    else:
+        text = opts.prompt if opts.prompt is not None else "def fibonacci(n):\n"
+    try:
+        ids = tokenizer.chat_prompt(text) if opts.chat else tokenizer.encode(text, bos=True)
+    except ValueError as e:
+        parser.error(str(e))
+    if not ids:
+        parser.error("the prompt is empty")
+    need = len(ids) + opts.max_new_tokens
+    max_seq_len = opts.max_seq_len or need
+    if len(ids) >= args.max_seq_len:
+        parser.error(f"the prompt has {len(ids)} tokens, more than the model's context of {args.max_seq_len}")
+    if need > min(max_seq_len, args.max_seq_len):
+        parser.error(f"prompt ({len(ids)} tokens) + --max-new-tokens ({opts.max_new_tokens}) = {need} exceeds "
+                     f"the context ({min(max_seq_len, args.max_seq_len)} tokens)")
+
+    cache = KVCache(args.n_layers, 1, args.n_kv_heads, max_seq_len, args.head_dim, dtype, opts.device,
+                    page_size=opts.page_size)
+    attn = make_attention(opts.method, cache, opts, use_kernels, args.n_layers)
+    window = getattr(opts, "window", None) or 1 if opts.method == "retro" else 1
+
+    printed = [b""]
+    new_ids = []
+
+    def on_token(t):
+        new_ids.append(int(t[0]))
+        if opts.quiet:
+            return
+        data = tokenizer.decode_bytes(new_ids)
+        # print only complete UTF-8 characters: a multi-byte character may span two tokens
+        text = data.decode("utf-8", errors="ignore")
+        done = printed[0].decode("utf-8", errors="ignore")
+        sys.stdout.write(text[len(done):])
+        sys.stdout.flush()
+        printed[0] = data
+
+    if opts.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    prompt = torch.tensor([ids], device=opts.device)
+    if not opts.quiet:
+        print(f"[{opts.method}] prompt: {len(ids)} tokens, generating {opts.max_new_tokens}\n", file=sys.stderr)
+    gen = torch.Generator(device=opts.device).manual_seed(opts.seed)
+    _, t = generate(model, attn, prompt, opts.max_new_tokens, opts.temperature, opts.top_k, window,
+                    stop_ids=tokenizer.stop_ids if opts.chat else (), on_token=on_token, generator=gen,
+                    n_vocab=tokenizer.n_words)
+    print()
+    report(opts, len(ids), t, attn, cache)
+
+
+def peak_memory_bytes(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def report(opts, n_prompt, t, attn, cache):
+    steps = max(t["decode_steps"], 1)
+    lines = [f"method {opts.method}  device {opts.device}  kernels {'triton' if attn.use_kernels else 'torch'}",
+             f"prefill: {n_prompt} tokens in {t['prefill_s']:.3f} s ({n_prompt / t['prefill_s']:.1f} tok/s)",
+             f"decode: {t['decode_steps']} steps in {t['decode_s']:.3f} s ({t['decode_steps'] / max(t['decode_s'], 1e-9):.1f} tok/s)",
+             f"peak memory: {peak_memory_bytes(opts.device) / 2**20:.1f} MiB ({'GPU allocated' if opts.device == 'cuda' else 'process RSS'}); "
+             f"KV cache {cache.nbytes() / 2**20:.1f} MiB"]
+    s = attn.stats
+    if s.get("decode_steps"):
+        lines.append(f"KV bytes read per decoded token: {s['kv_bytes_read'] / s['decode_steps'] / 2**20:.3f} MiB")
+    for key, value in s.items():
+        if key not in ("kv_bytes_read", "decode_steps"):
+            lines.append(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    print("\n".join("# " + line for line in lines), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""
+KV cache: contiguous storage split into pages, with per-page key metadata for Quest.
+
+Every layer keeps K and V for all positions up to max_seq_len, heads first: (B, Hkv, N, D).
+Positions [p*S, (p+1)*S) form page p (S = page_size). For each page and KV head we also keep the
+elementwise minimum and maximum of its keys; Quest (arXiv 2406.10774) bounds the score of any key
+in the page by them, which is how a decode step chooses pages without reading them.
+
+The cache is the one place K/V are written. A write may overwrite positions already filled
+(RetroAttention re-embeds its past tokens), so the metadata of every touched page is recomputed
+from that page's keys rather than updated incrementally.
+"""
+
+import torch
+
+from attention import paged_decode_ref, prefill_decode_attention
+
+
+class KVCache:
+    def __init__(self, n_layers, batch, n_kv_heads, max_seq_len, head_dim, dtype, device, page_size=16):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size = page_size
+        self.max_seq_len = max_seq_len
+        self.num_pages_max = -(-max_seq_len // page_size)
+        n = self.num_pages_max * page_size  # room for whole pages keeps page loads in bounds
+        shape = (n_layers, batch, n_kv_heads, n, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        meta = (n_layers, batch, n_kv_heads, self.num_pages_max, head_dim)
+        self.kmin = torch.zeros(meta, dtype=dtype, device=device)
+        self.kmax = torch.zeros(meta, dtype=dtype, device=device)
+        self.lengths = [0] * n_layers  # per layer: positions [0, length) have been written
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
+
+    def write(self, layer, k, v, input_pos):
+        """k, v: (B, T, Hkv, D) for the contiguous positions input_pos (T,)."""
+        T = k.shape[1]
+        start = int(input_pos[0])
+        end = start + T
+        if end > self.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens does not fit the KV cache of {self.max_seq_len} "
+                             f"positions (raise --max-seq-len or shorten the prompt)")
+        self.k[layer, :, :, start:end] = k.transpose(1, 2)
+        self.v[layer, :, :, start:end] = v.transpose(1, 2)
+        self.lengths[layer] = max(self.lengths[layer], end)
+        self.refresh_pages(layer, start // self.page_size, (end - 1) // self.page_size + 1)
+
+    @property
+    def length(self):
+        return self.lengths[0]
+
+    def refresh_pages(self, layer, first, last):
+        """Recompute the key min/max of pages [first, last) of one layer from its written keys."""
+        S = self.page_size
+        keys = self.k[layer, :, :, first * S:last * S]  # (B, Hkv, (last-first)*S, D)
+        B, H, _, D = keys.shape
+        keys = keys.reshape(B, H, last - first, S, D)
+        # rows past the valid length (the unfilled tail of the last page) must not widen the bounds
+        pos = torch.arange(first * S, last * S, device=keys.device).view(last - first, S, 1)
+        valid = pos < self.lengths[layer]
+        inf = torch.finfo(keys.dtype).max
+        self.kmin[layer, :, :, first:last] = torch.where(valid, keys, inf).amin(dim=3)
+        self.kmax[layer, :, :, first:last] = torch.where(valid, keys, -inf).amax(dim=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quest: page-sparse decoding (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context
+# LLM Inference", arXiv 2406.10774, section 3)
+#
+# For a decode query q and a page whose keys lie elementwise in [kmin, kmax], every key k of the page
+# scores at most
+#       q . k = sum_d q_d k_d  <=  sum_d max(q_d kmin_d, q_d kmax_d)
+# (q_d k_d is linear in k_d, so it peaks at one end of the interval whatever the sign of q_d). Quest
+# ranks pages by this bound, keeps the top budget // S pages (always the page of the newest token)
+# and attends exactly within them. The first layers stay dense (the paper keeps two).
+
+def page_scores_ref(q, kmin, kmax, num_pages):
+    """Quest's upper bound per page, summed over the G query heads of each KV head (ours: one page
+    choice per KV head, so one load serves the whole group). The bound is on q . k; the softmax
+    scale 1/sqrt(D) is left out because it does not change the ranking.
+    q (B, Hq, D); kmin, kmax (B, Hkv, Pmax, D) -> scores (B, Hkv, num_pages) fp32."""
+    B, Hq, D = q.shape
+    Hkv = kmin.shape[1]
+    qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)  # (B, Hkv, G, 1, D)
+    lo = kmin[:, :, None, :num_pages].float()     # (B, Hkv, 1, P, D)
+    hi = kmax[:, :, None, :num_pages].float()
+    bound = torch.maximum(qg * lo, qg * hi).sum(-1)  # (B, Hkv, G, P): bound per query head
+    return bound.sum(2)
+
+
+def select_pages(scores, num_pages, budget_pages, newest_page):
+    """Top budget_pages pages by score, always including newest_page (the page of the token being
+    decoded: the paper keeps the most recent tokens). scores (B, Hkv, >= num_pages) ->
+    page_idx (B, Hkv, K) int32 in ascending page order, K = min(budget_pages, num_pages)."""
+    scores = scores[..., :num_pages].clone()
+    scores[..., newest_page] = float("inf")
+    K = min(budget_pages, num_pages)
+    page_idx = scores.topk(K, dim=-1).indices
+    return page_idx.sort(dim=-1).values.to(torch.int32)
+
+
+def check_budget(budget, page_size):
+    """A budget is a whole number of pages, at least one."""
+    if budget < page_size:
+        raise ValueError(f"--budget {budget} is smaller than one page (--page-size {page_size})")
+    if budget % page_size:
+        raise ValueError(f"--budget {budget} is not a multiple of --page-size {page_size}")
+
+
+def quest_pages(q, cache, layer_idx, budget, n, use_kernels):
+    """The pages one decode step attends to: Quest's top budget // S pages for q (B, Hq, D), or all
+    pages when the budget covers the n valid keys (then the step is dense, exactly).
+    Returns page_idx (B, Hkv, K) int32 and whether the pages were scored (metadata was read)."""
+    S = cache.page_size
+    num_pages = -(-n // S)
+    if budget >= n:
+        all_pages = torch.arange(num_pages, dtype=torch.int32, device=q.device)
+        return all_pages.expand(q.shape[0], cache.k.shape[2], num_pages), False
+    if use_kernels:
+        import kernels
+        scores = kernels.page_scores(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
+    else:
+        scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
+    return select_pages(scores, num_pages, budget // S, (n - 1) // S), True
+
+
+def count_page_reads(stats, cache, K, n, scored):
+    """Add one decode step's reads of one layer to stats: the K/V rows of K pages per KV head (the
+    newest page, always among them, holds only the keys before n), plus the min/max metadata of
+    all pages when they were scored."""
+    _, B, Hkv, _, D = cache.k.shape
+    S, size = cache.page_size, cache.k.element_size()
+    num_pages = -(-n // S)
+    rows = (K - 1) * S + (n - (num_pages - 1) * S)
+    stats["kv_bytes_read"] += 2 * B * Hkv * rows * D * size
+    stats["pages_read"] += B * Hkv * K
+    if scored:
+        stats["kv_bytes_read"] += 2 * B * Hkv * num_pages * D * size
+
+
+class QuestAttention:
+    """Quest as an attention object: prefill is dense; each decode step (T == 1) attends to the
+    budget // S pages whose bound is highest, per KV head. The first dense_layers layers stay dense."""
+
+    def __init__(self, cache, budget, page_size, dense_layers=2, use_kernels=False):
+        if page_size != cache.page_size:
+            raise ValueError(f"--page-size {page_size} differs from the KV cache's page size {cache.page_size}")
+        check_budget(budget, page_size)
+        if dense_layers < 0:
+            raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
+        self.cache = cache
+        self.budget = budget
+        self.dense_layers = dense_layers
+        self.use_kernels = use_kernels
+        self.stats = {"kv_bytes_read": 0, "pages_read": 0, "decode_steps": 0}
+
+    def forward(self, layer_idx, q, k, v, input_pos):
+        # q (B, T, Hq, D) after RoPE; k, v (B, T, Hkv, D) -> (B, T, Hq, D)
+        self.cache.write(layer_idx, k, v, input_pos)
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        if q.shape[1] > 1:  # prefill: dense causal
+            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
+        n = int(input_pos[-1]) + 1
+        if layer_idx == 0:
+            self.stats["decode_steps"] += 1
+        if layer_idx < self.dense_layers or self.budget >= n:
+            count_page_reads(self.stats, self.cache, -(-n // self.cache.page_size), n, scored=False)
+            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
+        qh = q[:, 0]  # (B, Hq, D)
+        page_idx, scored = quest_pages(qh, self.cache, layer_idx, self.budget, n, self.use_kernels)
+        count_page_reads(self.stats, self.cache, page_idx.shape[-1], n, scored)
+        if self.use_kernels:
+            import kernels
+            o, _ = kernels.paged_decode(qh, kc, vc, page_idx, n, self.cache.page_size)
+        else:
+            o, _ = paged_decode_ref(qh, kc, vc, page_idx, n, self.cache.page_size)
+        return o.unsqueeze(1)

@@ -1,0 +1,542 @@
+"""
+A Llama decoder, its Hugging Face checkpoint format and its tiktoken tokenizer, in one file.
+
+    x = embed(tokens)
+    for each layer:  x = x + o_proj(attn(rope(q_proj(n(x))), rope(k_proj(n(x))), v_proj(n(x))))
+                     x = x + down_proj(silu(gate_proj(n(x))) * up_proj(n(x)))      (n = RMSNorm)
+    logits = lm_head(norm(x))
+
+The model knows nothing of sparse attention. Each layer hands its rotated q and its k, v to the
+attention object it is given, `attn.forward(layer_idx, q, k, v, input_pos)`, which owns the KV
+cache and decides what to read (dense, Quest, RetroAttention, Token Sparse, compacted). Prefill
+(T > 1 new tokens) and decode (T == 1) are the same call. With attn=None the layer runs plain
+causal attention over the given tokens (training, full-sequence evaluation).
+
+Module names mirror Hugging Face's LlamaForCausalLM, so loading a checkpoint is a matter of
+dropping nothing and renaming nothing: `model.layers.3.self_attn.q_proj.weight` is
+`self.model.layers[3].self_attn.q_proj.weight` here too.
+"""
+
+import base64
+import json
+import math
+import mmap
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    hidden_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+    rope_scaling: dict = field(default=None)
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"num_attention_heads ({self.n_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.n_kv_heads})")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: default, llama3, linear)")
+
+    @classmethod
+    def from_hf_config(cls, cfg, source="config.json"):
+        """Read a Hugging Face LlamaConfig dict (Llama 2/3/3.1/3.2 and Llama-compatible)."""
+        if cfg.get("model_type", "llama") != "llama":
+            raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} is not supported (only 'llama')")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+            if key not in cfg:
+                raise ValueError(f"{source}: missing key {key!r}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ValueError(f"{source}: attention_bias / mlp_bias are not supported")
+        # RoPE settings: on the Hub as top-level rope_theta + rope_scaling; transformers 5 writes
+        # them together as rope_parameters.
+        rope = cfg.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope else None)
+        if scaling is not None:
+            scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+            scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            max_seq_len=cfg.get("max_position_embeddings", 8192),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=scaling,
+        )
+
+    def to_hf_config(self):
+        cfg = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        }
+        return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 as the reference implementations do; low-precision variance loses bits
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(args):
+    """Inverse frequencies of the rotary embedding, with Llama 3's long-context rescaling if asked.
+    Llama 3.1 ("llama3" type): wavelengths longer than original_context / low_freq_factor are slowed
+    down by `factor`, shorter than original_context / high_freq_factor are kept, those between are
+    interpolated smoothly."""
+    D = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    s = args.rope_scaling or {}
+    if s.get("rope_type") == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif s.get("rope_type") == "llama3":
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_ctx / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_ctx / lo, inv_freq / factor,
+                               torch.where(wavelen < old_ctx / hi, inv_freq, scaled))
+    return inv_freq
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, H, D); cos, sin (T, D). HF layout: dimension i pairs with i + D/2."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, input_pos, attn):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if attn is None:  # plain causal attention over these T tokens, no cache
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+            o = o.transpose(1, 2)
+        else:
+            o = attn.forward(self.layer_idx, q, k, v, input_pos)
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer_idx)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, input_pos, attn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_cache = None
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def init_weights(self, seed=0):
+        """GPT-2 style init: N(0, 0.02), residual projections scaled down by depth."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def rope(self, input_pos):
+        """cos, sin (T, D) in fp32 for the given positions (table built once per device)."""
+        dev = self.lm_head.weight.device
+        if self._rope_cache is None or self._rope_cache[0].device != dev:
+            inv_freq = rope_frequencies(self.args)
+            t = torch.arange(self.args.max_seq_len, dtype=torch.float64)
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cache = (emb.cos().float().to(dev), emb.sin().float().to(dev))
+        pos = input_pos.to(dev)
+        return self._rope_cache[0][pos], self._rope_cache[1][pos]
+
+    def forward(self, tokens, input_pos=None, attn=None, last_only=False):
+        """tokens (B, T) -> logits (B, T, V) fp32 (or (B, 1, V) with last_only).
+        input_pos (T,) int64: absolute positions of the tokens (pass it on the CPU: attention
+        objects read it without a GPU sync). attn: the attention object, or None for plain causal."""
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T)
+        if int(input_pos[-1]) >= self.args.max_seq_len:
+            raise ValueError(f"position {int(input_pos[-1])} is beyond the model's context of "
+                             f"{self.args.max_seq_len} tokens")
+        cos, sin = self.rope(input_pos)
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, input_pos, attn)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x)).float()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", max_seq_len=None):
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{cfg_file} is missing: a checkpoint directory needs a Hugging Face config.json")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+        args = ModelArgs.from_hf_config(cfg, source=str(cfg_file))
+        if max_seq_len is not None:
+            args.max_seq_len = max_seq_len
+        with torch.device("meta"):
+            model = cls(args)
+        state = load_safetensors_dir(path)
+        expected = {k: p for k, p in model.state_dict().items()}
+        if args.tie_embeddings:
+            expected.pop("lm_head.weight")
+        params = {}
+        for name, p in expected.items():
+            if name not in state:
+                raise KeyError(f"{path}: tensor {name!r} is missing from the checkpoint")
+            t = state[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)} "
+                                 f"from config.json")
+            # copy out of the mapping, one tensor at a time: the file may be rewritten while we run
+            params[name] = nn.Parameter(t.to(device=device, dtype=dtype, copy=True), requires_grad=False)
+        model.load_state_dict(params, strict=False, assign=True)
+        if args.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def save_pretrained(self, path, dtype=None):
+        """Write config.json + model.safetensors (Hugging Face layout). dtype: cast on save."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.args.to_hf_config(), indent=2) + "\n")
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        if self.args.tie_embeddings:
+            state.pop("lm_head.weight")
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        save_safetensors(state, path / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors, read and written by hand: 8-byte little-endian header length, a JSON header
+# {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian tensor bytes.
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def load_safetensors(file):
+    """Memory-map one .safetensors file -> {name: tensor} viewing the mapped bytes (no copy)."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist")
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{file} is not a safetensors file (too short)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{file} is not a safetensors file (header length {n} does not fit the file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{file} is not a safetensors file (header is not JSON)") from None
+        # copy-on-write mapping: pages are read lazily and the tensors may be written without touching the file
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        count = math.prod(info["shape"])
+        if end - begin != count * torch.empty((), dtype=dtype).element_size() or 8 + n + end > size:
+            raise ValueError(f"{file}: tensor {name!r} has inconsistent data_offsets")
+        if count == 0:
+            out[name] = torch.empty(info["shape"], dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).view(info["shape"])
+    return out
+
+
+def load_safetensors_dir(path):
+    """A checkpoint directory's tensors: model.safetensors, or the shards named by model.safetensors.index.json."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(load_safetensors(path / shard))
+        return state
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+    return load_safetensors(single)
+
+
+def save_safetensors(state, file):
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    tensors = []
+    for name, t in state.items():
+        t = t.detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        tensors.append(t)
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes, as the reference writer does
+    with open(file, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors:
+            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: tiktoken with a rank file (Llama 3's tokenizer.model, or one we trained) or a
+# Hugging Face byte-level BPE tokenizer.json converted to ranks.
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+CHAT_TEMPLATES = {
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "chatml": "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+def _llama3_specials(n_base):
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+             "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+             "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(names))]
+    return {name: n_base + i for i, name in enumerate(names)}
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters (how byte-level BPE vocabs are spelled)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def read_rank_file(file):
+    ranks = {}
+    for i, line in enumerate(Path(file).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{file}:{i + 1}: expected 'base64-token rank', got {line[:60]!r}") from None
+    return ranks
+
+
+def write_rank_file(ranks, file):
+    with open(file, "w") as f:
+        for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(tok).decode()} {rank}\n")
+
+
+class Tokenizer:
+    """encode/decode on tiktoken. Built from a checkpoint directory (or a tokenizer file) holding
+    tokenizer.model (+ optional tokenizer_config_nanokv.json) or an HF tokenizer.json."""
+
+    def __init__(self, path):
+        import tiktoken
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"tokenizer path {path} does not exist (expected a directory with "
+                                    f"tokenizer.model or tokenizer.json)")
+        d = path if path.is_dir() else path.parent
+        model_file = path if path.is_file() and path.name != "tokenizer.json" else d / "tokenizer.model"
+        json_file = path if path.name == "tokenizer.json" else d / "tokenizer.json"
+        cfg_file = d / "tokenizer_config_nanokv.json"
+        if model_file.is_file():
+            ranks = read_rank_file(model_file)
+            if cfg_file.is_file():
+                cfg = json.loads(cfg_file.read_text())
+            else:  # a bare rank file: Llama 3's tokenizer.model
+                cfg = {"pattern": LLAMA3_PATTERN, "special_tokens": _llama3_specials(len(ranks)),
+                       "bos": "<|begin_of_text|>", "eos": ["<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"],
+                       "chat_format": "llama3"}
+        elif json_file.is_file():
+            ranks, cfg = _hf_tokenizer_json(json_file)
+        else:
+            raise FileNotFoundError(f"{d} holds no tokenizer: expected tokenizer.model (tiktoken ranks) or tokenizer.json")
+        self.special_tokens = dict(cfg.get("special_tokens", {}))
+        self.enc = tiktoken.Encoding(name=d.name or "nanokv", pat_str=cfg["pattern"], mergeable_ranks=ranks,
+                                     special_tokens=self.special_tokens)
+        self.bos_id = self.special_tokens.get(cfg["bos"]) if cfg.get("bos") else None
+        self.stop_ids = {self.special_tokens[e] for e in cfg.get("eos", []) if e in self.special_tokens}
+        self.chat_format = cfg.get("chat_format")
+        self.n_words = self.enc.n_vocab
+
+    def encode(self, text, bos=False, eos=False, allow_special=False):
+        ids = self.enc.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos and self.stop_ids:
+            ids = ids + [min(self.stop_ids)]
+        return ids
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def decode_bytes(self, ids):
+        return self.enc.decode_bytes(list(ids))
+
+    def chat_prompt(self, prompt):
+        """The token ids of a one-turn chat prompt in the checkpoint's instruct template."""
+        if self.chat_format not in CHAT_TEMPLATES:
+            raise ValueError(f"this tokenizer has no chat template (chat_format={self.chat_format!r}); drop --chat")
+        return self.encode(CHAT_TEMPLATES[self.chat_format].format(prompt=prompt), allow_special=True)
+
+
+def _hf_tokenizer_json(file):
+    """Convert an HF byte-level BPE tokenizer.json to tiktoken ranks. tiktoken merges by the rank of
+    the merged token; HF byte-level vocabularies assign ids in merge order, so rank = id."""
+    tj = json.loads(Path(file).read_text())
+    m = tj.get("model", {})
+    if m.get("type") != "BPE":
+        raise ValueError(f"{file}: only byte-level BPE tokenizers are supported, got model type {m.get('type')!r}")
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    ranks = {}
+    for tok, i in m["vocab"].items():
+        if tok in added:
+            continue
+        try:
+            ranks[bytes(byte_of[c] for c in tok)] = i
+        except KeyError:
+            raise ValueError(f"{file}: token {tok!r} is not byte-level BPE") from None
+    pattern = GPT2_PATTERN
+
+    def find_split(p):
+        nonlocal pattern
+        if not p:
+            return
+        if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
+            pattern = p["pattern"]["Regex"]
+        for sub in p.get("pretokenizers", []):
+            find_split(sub)
+    find_split(tj.get("pre_tokenizer"))
+    names = set(added)
+    bos = next((n for n in ("<|begin_of_text|>", "<s>") if n in names), None)
+    eos = [n for n in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>") if n in names]
+    chat = "llama3" if "<|start_header_id|>" in names else "chatml" if "<|im_start|>" in names else None
+    return ranks, {"pattern": pattern, "special_tokens": added, "bos": bos, "eos": eos, "chat_format": chat}

@@ -1,0 +1,213 @@
+"""The Llama model, its checkpoint format and tokenizer: parity with Hugging Face, round trips, errors."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from attention import DenseAttention
+from conftest import DEVICE, tiny_args, tiny_model, write_byte_tokenizer
+from kvcache import KVCache
+from model import (LLAMA3_PATTERN, ModelArgs, Tokenizer, Transformer, load_safetensors, save_safetensors,
+                   write_rank_file)
+
+
+def test_incremental_decoding_equals_full_forward():
+    m = tiny_model()
+    a = m.args
+    toks = torch.randint(0, a.vocab_size, (2, 37), device=DEVICE)
+    full = m(toks)
+    cache = KVCache(a.n_layers, 2, a.n_kv_heads, 40, a.head_dim, torch.float32, DEVICE)
+    attn = DenseAttention(cache)
+    parts = [m(toks[:, :20], torch.arange(20), attn)]
+    for t in range(20, 37):
+        parts.append(m(toks[:, t:t + 1], torch.tensor([t]), attn))
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-4
+
+
+def test_save_then_load_gives_same_logits(tmp_path):
+    m = tiny_model()
+    toks = torch.randint(0, m.args.vocab_size, (1, 16), device=DEVICE)
+    m.save_pretrained(tmp_path)
+    m2 = Transformer.from_pretrained(tmp_path, device=DEVICE)
+    assert torch.equal(m(toks), m2(toks))
+    # low-precision files load and are cast to the requested dtype
+    m.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    m3 = Transformer.from_pretrained(tmp_path / "bf16", dtype=torch.float32, device=DEVICE)
+    assert m3.lm_head.weight.dtype == torch.float32
+    assert (m(toks) - m3(toks)).abs().max() < 0.05
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    m = tiny_model(tie_embeddings=True)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    m.save_pretrained(tmp_path)
+    assert "lm_head.weight" not in load_safetensors(tmp_path / "model.safetensors")
+    m2 = Transformer.from_pretrained(tmp_path, device=DEVICE)
+    assert m2.lm_head.weight is m2.model.embed_tokens.weight
+    toks = torch.arange(10, device=DEVICE)[None]
+    assert torch.equal(m(toks), m2(toks))
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    m = tiny_model()
+    state = {k: v.cpu() for k, v in m.state_dict().items()}
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, keys in shards.items():
+        save_safetensors({k: state[k] for k in keys}, tmp_path / file)
+    index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text(json.dumps(m.args.to_hf_config()))
+    m2 = Transformer.from_pretrained(tmp_path, device=DEVICE)
+    toks = torch.arange(12, device=DEVICE)[None]
+    assert torch.equal(m(toks), m2(toks))
+
+
+def test_loader_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Transformer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+    m = tiny_model()
+    m.save_pretrained(tmp_path)
+    state = {k: v.clone() for k, v in load_safetensors(tmp_path / "model.safetensors").items()}
+    # a missing tensor
+    save_safetensors({k: v for k, v in state.items() if k != "model.norm.weight"}, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match="model.norm.weight"):
+        Transformer.from_pretrained(tmp_path)
+    # a shape that does not match the config
+    state["model.norm.weight"] = torch.ones(3)
+    save_safetensors(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="model.norm.weight.*shape"):
+        Transformer.from_pretrained(tmp_path)
+    # not a safetensors file
+    (tmp_path / "model.safetensors").write_bytes(b"garbage!" * 4)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        Transformer.from_pretrained(tmp_path)
+    # unsupported architecture / rope scaling
+    cfg = m.args.to_hf_config()
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, rope_scaling={"rope_type": "yarn", "factor": 4.0})))
+    with pytest.raises(ValueError, match="yarn"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_config_reads_hub_and_transformers5_rope_spellings():
+    base = tiny_args().to_hf_config()
+    scaling = dict(base["rope_scaling"])
+    hub = dict(base, rope_theta=500000.0, rope_scaling=scaling)
+    v5 = {k: v for k, v in base.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = dict(scaling, rope_theta=500000.0)
+    a, b = ModelArgs.from_hf_config(hub), ModelArgs.from_hf_config(v5)
+    assert a == b and a.rope_theta == 500000.0 and a.rope_scaling["rope_type"] == "llama3"
+    plain = dict(v5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    assert ModelArgs.from_hf_config(plain).rope_scaling is None
+    # Llama 2 style: no head_dim, no num_key_value_heads
+    l2 = {k: v for k, v in base.items() if k not in ("head_dim", "num_key_value_heads", "rope_scaling")}
+    a2 = ModelArgs.from_hf_config(l2)
+    assert a2.n_kv_heads == a2.n_heads and a2.head_dim == a2.dim // a2.n_heads
+
+
+def test_position_beyond_context_is_an_error():
+    m = tiny_model(max_seq_len=32)
+    with pytest.raises(ValueError, match="beyond the model's context"):
+        m(torch.zeros(1, 33, dtype=torch.long, device=DEVICE))
+
+
+# -- Hugging Face parity -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_logits_match_huggingface_llama(tmp_path, tie):
+    transformers = pytest.importorskip("transformers", reason="transformers (test-only parity oracle) is not installed")
+    m = tiny_model(seed=3, tie_embeddings=tie)
+    m.save_pretrained(tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).to(DEVICE).eval()
+    ours = Transformer.from_pretrained(tmp_path, device=DEVICE)
+    # long enough that llama3 rope scaling (original context 128) matters
+    toks = torch.randint(0, m.args.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        ref = hf(toks).logits.float()
+        out = ours(toks)
+    diff = (out - ref).abs().max().item()
+    assert diff < 1e-4, f"max abs logit difference vs transformers.LlamaForCausalLM: {diff:.3e}"
+    print(f"HF parity (tie={tie}): max abs logit difference {diff:.3e}")
+
+
+# -- Tokenizer -------------------------------------------------------------------------------------
+
+def _train_free_ranks():
+    """A small rank file: all bytes plus a few merges, enough to exercise multi-byte tokens."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for w in [b"  ", b"de", b"def", b" (", b"in", b"  ", b"\n\n", b"se", b"self", "é".encode()]:
+        ranks.setdefault(w, len(ranks))
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def llama3_style_tokenizer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    write_rank_file(_train_free_ranks(), d / "tokenizer.model")  # no config file: Llama 3 defaults
+    return Tokenizer(d)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
+def test_tokenizer_round_trips_any_text(llama3_style_tokenizer, text):
+    assert llama3_style_tokenizer.decode(llama3_style_tokenizer.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", ["def f(x):\n    return x  ** 2\n\n\n", "naïve café — 東京 🙂", "a\t\t b   \n  \r\n",
+                                  "12345678 3.14159"])
+def test_tokenizer_round_trips_code_unicode_whitespace(llama3_style_tokenizer, text):
+    ids = llama3_style_tokenizer.encode(text)
+    assert llama3_style_tokenizer.decode(ids) == text
+
+
+def test_llama3_special_tokens_and_chat_template(llama3_style_tokenizer):
+    tok = llama3_style_tokenizer
+    n = len(_train_free_ranks())
+    assert tok.special_tokens["<|begin_of_text|>"] == n and tok.special_tokens["<|eot_id|>"] == n + 9
+    assert tok.encode("hi", bos=True)[0] == n
+    # special tokens in user text are plain text unless asked for
+    assert n not in tok.encode("<|begin_of_text|>")
+    ids = tok.chat_prompt("hello")
+    assert ids[0] == n and ids[-2:] == tok.encode("\n\n") or ids[-1] == tok.encode("\n\n")[-1]
+    assert tok.special_tokens["<|start_header_id|>"] in ids and tok.special_tokens["<|eot_id|>"] in ids
+    assert tok.stop_ids == {n + 1, n + 8, n + 9}
+
+
+def test_tokenizer_config_file_and_missing_files(tmp_path):
+    write_byte_tokenizer(tmp_path)
+    tok = Tokenizer(tmp_path)
+    assert tok.encode("ab") == [97, 98] and tok.stop_ids == {256} and tok.bos_id is None
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.chat_prompt("x")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        Tokenizer(tmp_path / "empty_dir_that_is_missing")
+
+
+def test_hf_tokenizer_json_matches_huggingface(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="tokenizers (test-only oracle) is not installed")
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, decoders, trainers
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    corpus = [open(__file__).read(), open("model.py").read()] * 2
+    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer(tmp_path)
+    text = "def forward(self, x):  # naïve\n    return x  ** 2  \n\n\t12345 东京"
+    assert ours.encode(text) == hf.encode(text).ids
+    assert ours.decode(ours.encode(text)) == text
+    assert ours.special_tokens["<|endoftext|>"] == hf.token_to_id("<|endoftext|>")
+
+
+def test_llama3_pattern_is_the_published_one():
+    # the split regex is part of the tokenizer: a typo would silently change every id
+    assert LLAMA3_PATTERN.startswith(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}")
