@@ -83,16 +83,26 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
 # ----------------------------------------------------------------------------------------------
 # Building the attention object for a method
 
-def make_attention(method, cache, opts, use_kernels, n_layers):
+def make_attention(method, cache, opts, use_kernels):
     """The attention object for --method (see each method's file for what the options mean)."""
     if method == "dense":
         return DenseAttention(cache, use_kernels=use_kernels)
-    raise SystemExit(f"error: --method {method} is not implemented yet; available: dense")
+    if method == "quest":
+        from kvcache import QuestAttention
+        return QuestAttention(cache, opts.budget, opts.page_size, opts.dense_layers, use_kernels=use_kernels)
+    if method == "retro":
+        from retro import RetroAttention
+        return RetroAttention(cache, opts.budget, opts.page_size, opts.window, opts.dense_layers,
+                              use_kernels=use_kernels)
+    if method == "token_sparse":
+        from token_sparse import TokenSparseAttention
+        decoder = make_attention(opts.decode, cache, opts, use_kernels)
+        return TokenSparseAttention(cache, decoder, opts.coverage, opts.min_tokens, opts.ts_window,
+                                    opts.sparse_layers, opts.keep, use_kernels=use_kernels)
+    raise ValueError(f"unknown method {method!r}")
 
 
 def check_budget(opts, parser):
-    if opts.budget is None:
-        return
     if opts.budget < opts.page_size:
         parser.error(f"--budget {opts.budget} is smaller than one page (--page-size {opts.page_size})")
     if opts.budget % opts.page_size:
@@ -123,9 +133,22 @@ def build_parser():
                    help=f"attention method, one of: {', '.join(METHODS)}")
     p.add_argument("--quiet", action="store_true", help="do not stream the text, print only the statistics")
     q = p.add_argument_group("page-sparse decoding (quest, retro)")
-    q.add_argument("--budget", type=int, default=None, help="KV tokens read per decode step (multiple of --page-size)")
+    q.add_argument("--budget", type=int, default=512,
+                   help="KV tokens read per decode step, a multiple of --page-size (default 512)")
     q.add_argument("--page-size", type=int, default=16)
     q.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense (Quest's default: 2)")
+    r = p.add_argument_group("RetroAttention (retro)")
+    r.add_argument("--window", type=int, default=2,
+                   help="w: rows per decode step, the new token and the w-1 past tokens whose outputs it revises "
+                        "(w = 1 is Quest; default 2 as in the paper's main experiments)")
+    t = p.add_argument_group("Token Sparse Attention (token_sparse): a PREFILL method; --decode picks the decoding")
+    t.add_argument("--decode", choices=["dense", "quest", "retro"], default="dense",
+                   help="how to decode after a token-sparse prefill")
+    t.add_argument("--coverage", type=float, default=0.005, help="tau: attention mass a head may drop (0 = dense)")
+    t.add_argument("--min-tokens", type=int, default=1024, help="never keep fewer tokens per head")
+    t.add_argument("--ts-window", type=int, default=128, help="last queries that score the tokens (always kept)")
+    t.add_argument("--sparse-layers", default="half", help="'half' (second half), 'all', 'a-b' or 'a,b,c'")
+    t.add_argument("--keep", type=float, default=None, help="fixed budget: keep this fraction of tokens per head")
     return p
 
 
@@ -184,8 +207,12 @@ def main(argv=None):
 
     cache = KVCache(args.n_layers, 1, args.n_kv_heads, max_seq_len, args.head_dim, dtype, opts.device,
                     page_size=opts.page_size)
-    attn = make_attention(opts.method, cache, opts, use_kernels, args.n_layers)
-    window = getattr(opts, "window", None) or 1 if opts.method == "retro" else 1
+    try:
+        attn = make_attention(opts.method, cache, opts, use_kernels)
+    except ValueError as e:
+        parser.error(str(e))
+    retro_decoding = opts.method == "retro" or (opts.method == "token_sparse" and opts.decode == "retro")
+    window = opts.window if retro_decoding else 1
 
     printed = [b""]
     new_ids = []

@@ -1,0 +1,258 @@
+"""
+Speed of every method against PyTorch SDPA and against the memory-bandwidth limit (needs a GPU).
+
+    python bench.py                        # everything, Llama-3-8B attention shapes, writes results/bench.json
+    python bench.py --sections decode --contexts 32768 131072 --batches 1
+
+Decoding is memory bound: a step's time is set by the bytes it reads. So next to each latency we
+print the bytes the step really reads (selected K/V pages, page metadata, output-cache rows), the
+GB/s that makes, and its ratio to the device's copy bandwidth, measured in the same run
+(`dst.copy_(src)`, counting bytes read + written, as a memcpy benchmark does).
+
+Sections:
+  decode      one layer's attention step at 8K/32K/128K: SDPA dense, our flash-decoding kernel,
+              Quest (page scoring + top-k + paged decode), Retro (W rows from one pass), and a
+              compacted cache (ratio 10 / 50: biased paged decode over N / ratio keys)
+  prefill     Token Sparse prefill vs SDPA causal and our flash prefill at 32K/128K
+  compaction  compacting a 32K context of a Llama-3-8B-shaped layer stack, ratios 10 and 50
+  e2e         a decode loop on a Llama-3.1-8B-shaped model with random weights (bf16, 32K prompt)
+Timings: triton.testing.do_bench (warm-up excluded, L2 flushed between runs), milliseconds.
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HQ, HKV, D = 32, 8, 128  # Llama-3-8B attention
+
+
+def ms(fn, rep=100):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=rep)
+
+
+def copy_bandwidth(device="cuda"):
+    """Bytes read + written per second by a 2 GiB device-to-device copy."""
+    src = torch.empty(2**30, dtype=torch.int16, device=device)
+    dst = torch.empty_like(src)
+    t = ms(lambda: dst.copy_(src)) / 1e3
+    return 2 * src.numel() * 2 / t
+
+
+def sdpa_decode(q, k, v):
+    # q (B, Hq, D); k, v (B, Hkv, N, D). enable_gqa lets SDPA share KV heads without copying them.
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
+
+
+def table(rows, cols):
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), ratios=(10, 50), S=16):
+    import kernels
+    from kvcache import page_scores_ref, select_pages  # noqa: F401  (select_pages runs on the GPU)
+    from retro import retro_decode
+    rows = []
+    for B in batches:
+        for N in contexts:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            k = torch.randn(B, HKV, N, D, generator=g, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            q = torch.randn(B, HQ, D, generator=g, device="cuda", dtype=torch.bfloat16)
+            P = N // S
+            kmin = k.view(B, HKV, P, S, D).amin(3)
+            kmax = k.view(B, HKV, P, S, D).amax(3)
+            esz = k.element_size()
+            dense_bytes = 2 * B * HKV * N * D * esz
+
+            def add(method, budget, t, nbytes):
+                gbps = nbytes / (t / 1e3) / 1e9
+                rows.append(dict(batch=B, context=N, method=method, budget=budget, ms=t, bytes_MB=nbytes / 1e6,
+                                 GBps=gbps, frac_copy_bw=gbps * 1e9 / copy_bw))
+
+            t_sdpa = ms(lambda: sdpa_decode(q, k, v))
+            add("sdpa dense", N, t_sdpa, dense_bytes)
+            add("ours dense (flash_decode)", N, ms(lambda: kernels.flash_decode(q, k, v, N)), dense_bytes)
+            meta_bytes = 2 * B * HKV * P * D * esz
+            for budget in budgets:
+                K = budget // S
+                sel_bytes = 2 * B * HKV * budget * D * esz
+
+                def quest_step():
+                    s = kernels.page_scores(q, kmin, kmax, P)
+                    idx = select_pages(s, P, K, P - 1)
+                    return kernels.paged_decode(q, k, v, idx, N, S)
+                add("quest", budget, ms(quest_step), sel_bytes + meta_bytes)
+                idx = select_pages(kernels.page_scores(q, kmin, kmax, P), P, K, P - 1)
+                add("quest: paged_decode only", budget, ms(lambda: kernels.paged_decode(q, k, v, idx, N, S)), sel_bytes)
+                for w in retro_windows:
+                    qw = torch.randn(B, HQ, w, D, generator=g, device="cuda", dtype=torch.bfloat16)
+                    A = torch.randint(N - 64, N, (B, HKV, P), generator=g, device="cuda", dtype=torch.int32)
+
+                    def retro_step():
+                        s = kernels.page_scores(qw[:, :, -1], kmin, kmax, P)
+                        idx = select_pages(s, P, K, P - 1)
+                        out = retro_decode(qw, k, v, idx, A, N, S)
+                        A.scatter_(-1, idx.long(), N - 1)  # the step's A update belongs to its cost
+                        return out
+                    # output cache rows read + written in fp32 and A read/written come on top of Quest's bytes
+                    aux = 2 * (w - 1) * B * HQ * (D + 1) * 4 + 2 * B * HKV * K * 4
+                    add(f"retro w={w}", budget, ms(retro_step), sel_bytes + meta_bytes + aux)
+            for r in ratios:
+                n_c = N // r
+                bias = torch.zeros(B, HKV, N, device="cuda")
+                all_pages = torch.arange(-(-n_c // S), dtype=torch.int32, device="cuda").expand(B, HKV, -1).contiguous()
+                add(f"compacted ratio {r}", n_c,
+                    ms(lambda: kernels.paged_decode(q, k, v, all_pages, n_c, S, bias=bias)),
+                    2 * B * HKV * n_c * D * esz + B * HKV * n_c * 4)
+            for r in rows:
+                if r["batch"] == B and r["context"] == N:
+                    r["speedup_vs_sdpa"] = t_sdpa / r["ms"]
+            del k, v, kmin, kmax
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_prefill(lengths, keeps=(0.5, 0.25, 0.125), coverage=0.005):
+    import kernels
+    import token_sparse as ts
+    rows = []
+    for L in lengths:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, HQ, L, D, generator=g, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, HKV, L, D, generator=g, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        t_sdpa = ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), rep=20)
+        t_ours = ms(lambda: kernels.flash_prefill(q, k, v, causal=True), rep=20)
+        rows.append(dict(L=L, mode="dense", kept=1.0, sdpa_ms=t_sdpa, flash_prefill_ms=t_ours, select_ms=0.0,
+                         attend_ms=t_ours, total_ms=t_ours, speedup_vs_sdpa=t_sdpa / t_ours))
+        for mode, keep, cov in [(f"keep {kp}", kp, 0.0) for kp in keeps] + [(f"coverage {coverage} (random q/k)", None, coverage)]:
+            def select():
+                return ts.select_tokens(q, k, cov, 1024, 128, keep, use_kernels=True)
+            idx, n_keep = select()
+            t_sel = ms(select, rep=20)
+            t_var = ms(lambda: ts.sparse_attention(q, k, v, idx, n_keep), rep=20)
+            t_gat = ms(lambda: ts.sparse_attention_gathered(q, k, v, idx, n_keep), rep=20)
+            rows.append(dict(L=L, mode=mode, kept=float(n_keep.float().mean()) / L, sdpa_ms=t_sdpa,
+                             flash_prefill_ms=t_ours, select_ms=t_sel, attend_ms=min(t_var, t_gat),
+                             varlen_ms=t_var, gather_ms=t_gat, total_ms=t_sel + min(t_var, t_gat),
+                             speedup_vs_sdpa=t_sdpa / (t_sel + min(t_var, t_gat))))
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_compaction(ctx=32768, ratios=(10, 50), n_ref=4096, n_layers=32):
+    """Time to compact every layer of an 8B-shaped stack (random K/V/queries: the time does not
+    depend on the values), excluding the model's repeat-prefill forward."""
+    from compaction import compact_cache
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k = torch.randn(1, HKV, ctx, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    qr = torch.randn(1, HQ, n_ref, D, generator=g, device="cuda", dtype=torch.bfloat16)
+    for r in ratios:
+        compact_cache(k, v, qr, ctx // r)  # warm-up (Triton/cuBLAS)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n_layers):
+            compact_cache(k, v, qr, ctx // r)
+        torch.cuda.synchronize()
+        rows.append(dict(context=ctx, ratio=r, layers=n_layers, ref_queries=n_ref,
+                         seconds=time.perf_counter() - t0))
+    return rows
+
+
+def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_window=2):
+    """tokens/s of generate.generate on a Llama-3.1-8B-shaped model with random weights (eager mode)."""
+    from attention import DenseAttention
+    from generate import generate
+    from kvcache import KVCache, QuestAttention
+    from model import ModelArgs, Transformer
+    from retro import RetroAttention
+    args = ModelArgs(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                     hidden_dim=14336, rope_theta=500000.0, max_seq_len=prompt_len + new_tokens + 64,
+                     rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = Transformer(args).eval()
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
+    rows = []
+    for name in ["dense", "quest", "retro"]:
+        cache = KVCache(args.n_layers, 1, args.n_kv_heads, args.max_seq_len, args.head_dim, torch.bfloat16, "cuda")
+        if name == "dense":
+            attn, w = DenseAttention(cache, use_kernels=True), 1
+        elif name == "quest":
+            attn, w = QuestAttention(cache, budget, 16, use_kernels=True), 1
+        else:
+            attn, w = RetroAttention(cache, budget, 16, window=retro_window, use_kernels=True), retro_window
+        torch.cuda.reset_peak_memory_stats()
+        _, t = generate(model, attn, prompt, new_tokens, window=w)
+        rows.append(dict(method=name if name != "retro" else f"retro w={w}", budget=budget if name != "dense" else prompt_len,
+                         prefill_s=t["prefill_s"], tok_per_s=t["decode_steps"] / t["decode_s"],
+                         peak_GiB=torch.cuda.max_memory_allocated() / 2**30, mode="eager"))
+        del cache, attn
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="+", default=["decode", "prefill", "compaction", "e2e"],
+                   choices=["decode", "prefill", "compaction", "e2e"])
+    p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--prefill-lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--out", type=Path, default=Path("results/bench.json"))
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py measures GPU kernels: no CUDA GPU is available")
+    import triton
+    info = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                triton=triton.__version__)
+    bw = copy_bandwidth()
+    info["copy_bandwidth_GBps"] = bw / 1e9
+    print(f"# {info['device']}  {info['date']}  torch {info['torch']}  triton {info['triton']}  "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)\n")
+    results = {"info": info}
+    if "decode" in a.sections:
+        results["decode"] = bench_decode(a.contexts, a.batches, a.budgets, bw)
+        print("## Decode attention step (one layer, Hq=32, Hkv=8, D=128, bf16)\n")
+        print(table(results["decode"], ["batch", "context", "method", "budget", "ms", "bytes_MB", "GBps",
+                                        "frac_copy_bw", "speedup_vs_sdpa"]) + "\n")
+    if "prefill" in a.sections:
+        results["prefill"] = bench_prefill(a.prefill_lengths)
+        print("## Token Sparse prefill attention (one layer, batch 1)\n")
+        print(table(results["prefill"], ["L", "mode", "kept", "sdpa_ms", "flash_prefill_ms", "select_ms",
+                                         "attend_ms", "total_ms", "speedup_vs_sdpa"]) + "\n")
+    if "compaction" in a.sections:
+        results["compaction"] = bench_compaction()
+        print("## KV compaction time (32 layers, 32K context)\n")
+        print(table(results["compaction"], ["context", "ratio", "layers", "ref_queries", "seconds"]) + "\n")
+    if "e2e" in a.sections:
+        results["e2e"] = bench_e2e()
+        print("## End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 32K prompt, 256 new tokens)\n")
+        print(table(results["e2e"], ["method", "budget", "prefill_s", "tok_per_s", "peak_GiB", "mode"]) + "\n")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

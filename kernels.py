@@ -1,0 +1,416 @@
+"""
+Triton kernels shared by the ideas. Each has a reference with the same signature (attention.py,
+kvcache.page_scores_ref) and test_attention.py holds it to that reference.
+
+Online softmax (FlashAttention, arXiv 2205.14135). Keys are visited a tile at a time while each
+query row keeps the largest score m seen so far, l = sum_j exp(s_j - m) and acc = sum_j exp(s_j - m) v_j.
+When a tile raises the max to m', l and acc are rescaled by exp(m - m'). At the end o = acc / l and
+lse = m + log l; no (Tq, Tk) matrix is ever stored.
+
+Split-K decode (flash-decoding). One decode query is too little work to fill a GPU, so the keys are
+cut into chunks, each attended to by its own program, and the partial results are merged:
+    lse = log sum_s exp(lse_s),   o = sum_s exp(lse_s - lse) o_s.
+The G query heads that share a KV head are the rows of one tile, so each K/V tile is read once.
+
+Page-sparse decode (Quest, arXiv 2406.10774): the same split-K decode over a list of pages gathered
+in any order; page_scores computes the bound Quest ranks pages by. Scores are kept in base 2
+(exp2 is the hardware exponential): s2 = s * log2(e), so lse = m2 * ln 2 + log l.
+"""
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # host side: folded into the scale passed to the kernels
+# kernels may only read globals that are constexpr (the CPU interpreter does not enforce this)
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(0.6931471805599453)
+MAX_SPLITS = 128  # the merge kernel holds all splits of a row in one tile
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the CPU interpreter runs programs one by one: keep their number small
+
+
+def _dot_precision(dtype):
+    # fp32 inputs must not be rounded to tf32 (tests compare fp32 results at 2e-4)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(q, k, v, q_dims):
+    if q.dim() != q_dims or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q with {q_dims} dims and two (B, Hkv, N, D) tensors of one shape; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)}: need the same batch and "
+                         f"head dim, and query heads a multiple of KV heads")
+    return q.shape[1] // k.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Flash prefill: one program per (block of BLOCK_M queries, batch * query head)
+
+@triton.jit
+def _prefill_kernel(Q, K, V, O, LSE,
+                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                    sob, soh, sot, sod,
+                    Hq, G, Tq, Tk, q_offset, qk_scale,
+                    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)  # int64: batch offsets of a long cache overflow int32
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :] * sqd,
+                mask=(rows[:, None] < Tq) & d_ok[None, :], other=0.0)
+    K += b * skb + hk * skh
+    V += b * svb + hk * svh
+    q_pos = q_offset + rows  # absolute position of each query
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = Tk
+    if CAUSAL:  # keys after the last query of this block are invisible to all of it
+        hi = tl.maximum(tl.minimum(Tk, q_offset + pid_m * BLOCK_M + BLOCK_M), 0)
+    for start in range(0, hi, BLOCK_N):
+        k_pos = start + cols
+        kv_ok = (k_pos[:, None] < Tk) & d_ok[None, :]
+        k = tl.load(K + k_pos[:, None] * skt + d[None, :] * skd, mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        visible = k_pos[None, :] < Tk
+        if CAUSAL:
+            visible = visible & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # a row with no visible key so far keeps m = -inf; shift it by 0 so exp gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_pos[:, None] * svt + d[None, :] * svd, mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    has_keys = l > 0
+    l_safe = tl.where(has_keys, l, 1.0)
+    o = acc / l_safe[:, None]
+    tl.store(O + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod, o.to(O.dtype.element_ty),
+             mask=(rows[:, None] < Tq) & d_ok[None, :])
+    lse = tl.where(has_keys, m * LN2_C + tl.log(l_safe), float("-inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * Tq + rows, lse, mask=rows < Tq)
+
+
+def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None):
+    """FlashAttention forward, same contract as attention.attention_ref.
+    q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D), any strides -> o (B, Hq, Tq, D) q.dtype, lse (B, Hq, Tq) fp32."""
+    G = _check(q, k, v, 4)
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q_offset = Tk - Tq if q_offset is None else int(q_offset)
+    o = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages): the Triton tutorial's H100 choice for 2-byte inputs,
+    # smaller tiles for fp32 (shared memory) and for the CPU interpreter (numpy cost per tile).
+    if q.device.type != "cuda":
+        cfg = (32, 32, 4, 1)
+    elif q.element_size() <= 2 and D <= 128:
+        cfg = (128, 64, 8, 3)
+    else:
+        cfg = (64, 32, 4, 2)
+    BLOCK_M, BLOCK_N, warps, stages = cfg
+    grid = (triton.cdiv(Tq, BLOCK_M), B * Hq)
+    _prefill_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                          Hq, G, Tq, Tk, q_offset, scale * LOG2E,
+                          CAUSAL=causal, PRECISION=_dot_precision(q.dtype),
+                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+                          num_warps=warps, num_stages=stages)
+    return o, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging split partials: one program per output row
+
+@triton.jit
+def _merge_kernel(OP, LP, O, LSE, S, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LP + r * S + s, mask=s < S, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights 0, no NaN
+    w = tl.exp(lse_s - m_safe)
+    total = tl.sum(w, 0)
+    o_s = tl.load(OP + r * S * D + s[:, None] * D + d[None, :], mask=(s[:, None] < S) & (d[None, :] < D), other=0.0)
+    total_safe = tl.where(total > 0, total, 1.0)
+    o = tl.sum(w[:, None] * o_s, 0) / total_safe
+    tl.store(O + r * D + d, o.to(O.dtype.element_ty), mask=d < D)
+    tl.store(LSE + r, tl.where(total > 0, m_safe + tl.log(total_safe), float("-inf")))
+
+
+def merge_partials(o_parts, lse_parts, out_dtype=None):
+    """Merge attentions over disjoint key sets (the splits): o_parts (..., S, D), lse_parts (..., S)
+    -> o (..., D) in out_dtype (default o_parts.dtype), lse (...) fp32. Empty splits (lse = -inf) add nothing."""
+    *lead, S, D = o_parts.shape
+    if tuple(lse_parts.shape) != (*lead, S) or S > MAX_SPLITS:
+        raise ValueError(f"merge_partials: o_parts {tuple(o_parts.shape)} and lse_parts {tuple(lse_parts.shape)} "
+                         f"must be (..., S, D) and (..., S) with S <= {MAX_SPLITS}")
+    op = o_parts.reshape(-1, S, D).float().contiguous()
+    lp = lse_parts.reshape(-1, S).float().contiguous()
+    o = torch.empty(op.shape[0], D, dtype=out_dtype or o_parts.dtype, device=o_parts.device)
+    lse = torch.empty(op.shape[0], dtype=torch.float32, device=o_parts.device)
+    if op.shape[0] > 0:
+        _merge_kernel[(op.shape[0],)](op, lp, o, lse, S, D=D, BLOCK_S=triton.next_power_of_2(S),
+                                      BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    return o.view(*lead, D), lse.view(*lead)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flash decode: one program per (split, batch * KV head); the G query heads are the rows of a tile
+
+@triton.jit
+def _decode_kernel(Q, K, V, OP, LP,
+                   sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   Hkv, G, seq_len, chunk, num_splits, qk_scale,
+                   PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, D: tl.constexpr):
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)  # query head hk*G + g; rows g >= G are padding (tl.dot wants >= 16 rows)
+    cols = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + d[None, :] * sqd,
+                mask=(g[:, None] < G) & d_ok[None, :], other=0.0)
+    K += b * skb + hk * skh
+    V += b * svb + hk * svh
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + cols
+        k_ok = k_pos < hi
+        kv_ok = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + k_pos[:, None] * skn + d[None, :] * skd, mask=kv_ok, other=0.0)
+        v = tl.load(V + k_pos[:, None] * svn + d[None, :] * svd, mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # see _prefill_kernel
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G, num_splits, g, d, D)
+
+
+@triton.jit
+def _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G, num_splits, g, d, D: tl.constexpr):
+    """Write one split's normalized (o, lse) into OP (B, Hq, splits, D) and LP (B, Hq, splits) fp32."""
+    has_keys = l > 0
+    l_safe = tl.where(has_keys, l, 1.0)
+    row = (b * Hkv + hk) * G + g  # index of (b, query head) in B * Hq
+    tl.store(OP + (row[:, None] * num_splits + split) * D + d[None, :], acc / l_safe[:, None],
+             mask=(g[:, None] < G) & (d[None, :] < D))
+    tl.store(LP + row * num_splits + split, tl.where(has_keys, m * LN2_C + tl.log(l_safe), float("-inf")),
+             mask=g < G)
+
+
+def _splits(n_blocks, batch_heads, device, num_splits):
+    """Enough programs to fill the GPU about four times over, never more splits than tiles of work."""
+    if num_splits is None:
+        num_splits = triton.cdiv(4 * _num_sms(device), batch_heads)
+    return max(1, min(num_splits, n_blocks, MAX_SPLITS))
+
+
+DECODE_BLOCK_N = 64  # keys per tile; 64 x 128 bf16 = 16 KB per K (or V) tile, wide coalesced loads
+
+
+def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
+    """Flash-decoding, same contract as attention.decode_ref.
+    q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D); keys [0, seq_len) -> o (B, Hq, D), lse (B, Hq) fp32.
+    num_splits: how many chunks the keys are cut into (default: from seq_len and the SM count)."""
+    G = _check(q, k_cache, v_cache, 3)
+    B, Hq, D = q.shape
+    Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
+    seq_len = int(seq_len)
+    if not 0 <= seq_len <= Nmax:
+        raise ValueError(f"seq_len {seq_len} must lie in [0, {Nmax}] (the cache length)")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    splits = _splits(triton.cdiv(seq_len, 16), B * Hkv, q.device, num_splits)
+    # chunk: a multiple of the tile when the defaults choose it, of 16 at least when a caller forces many splits
+    unit = DECODE_BLOCK_N if num_splits is None else 16
+    chunk = max(unit, triton.cdiv(triton.cdiv(seq_len, splits), unit) * unit)
+    splits = max(1, triton.cdiv(seq_len, chunk))
+    o_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(splits, B * Hkv)](q, k_cache, v_cache, o_part, lse_part,
+                                      *q.stride(), *k_cache.stride(), *v_cache.stride(),
+                                      Hkv, G, seq_len, chunk, splits, scale * LOG2E,
+                                      PRECISION=_dot_precision(q.dtype), BLOCK_G=max(16, triton.next_power_of_2(G)),
+                                      BLOCK_N=DECODE_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+                                      num_warps=4, num_stages=3 if q.device.type == "cuda" else 1)
+    return merge_partials(o_part, lse_part, out_dtype=q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quest page scores: one program per (block of pages, batch * KV head)
+
+@triton.jit
+def _page_scores_kernel(Q, KMIN, KMAX, OUT,
+                        sqb, sqh, sqd, sab, sah, sap, sad, sbb, sbh, sbp, sbd,
+                        Hkv, G, num_pages, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    d = tl.arange(0, BLOCK_D)
+    ok = (p[:, None] < num_pages) & (d[None, :] < D)
+    kmin = tl.load(KMIN + b * sab + hk * sah + p[:, None] * sap + d[None, :] * sad, mask=ok, other=0.0).to(tl.float32)
+    kmax = tl.load(KMAX + b * sbb + hk * sbh + p[:, None] * sbp + d[None, :] * sbd, mask=ok, other=0.0).to(tl.float32)
+    score = tl.zeros([BLOCK_P], tl.float32)
+    for g in range(G):  # the metadata tile is loaded once for the whole group
+        q = tl.load(Q + b * sqb + (hk * G + g) * sqh + d * sqd, mask=d < D, other=0.0).to(tl.float32)
+        # q_d * k_d is largest at one end of [kmin_d, kmax_d], whatever the sign of q_d
+        score += tl.sum(tl.maximum(q[None, :] * kmin, q[None, :] * kmax), 1)
+    tl.store(OUT + pid_bh.to(tl.int64) * num_pages + p, score, mask=p < num_pages)
+
+
+def page_scores(q, kmin, kmax, num_pages):
+    """Quest's upper bound on each page's score, summed over the G query heads of each KV head.
+    q (B, Hq, D); kmin, kmax (B, Hkv, Pmax, D) -> (B, Hkv, num_pages) fp32 (reference: kvcache.page_scores_ref)."""
+    G = _check(q, kmin, kmax, 3)
+    B, Hq, D = q.shape
+    Hkv, Pmax = kmin.shape[1], kmin.shape[2]
+    if not 0 <= num_pages <= Pmax:
+        raise ValueError(f"num_pages {num_pages} must lie in [0, {Pmax}] (pages in the metadata)")
+    out = torch.empty(B, Hkv, num_pages, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    BLOCK_P = 64
+    _page_scores_kernel[(triton.cdiv(num_pages, BLOCK_P), B * Hkv)](
+        q, kmin, kmax, out, *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, G, num_pages,
+        BLOCK_P=BLOCK_P, BLOCK_D=triton.next_power_of_2(D), D=D, num_warps=4)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Paged decode: flash decode over a list of pages, split along the list
+
+@triton.jit
+def _paged_decode_kernel(Q, K, V, PAGES, BIAS, OP, LP,
+                         sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         spb, sph, spk, sbb, sbh, sbn,
+                         Hkv, G, n_slots, seq_len, page_size, chunk, num_splits, qk_scale,
+                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PAGE_PAD: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    g = tl.arange(0, BLOCK_G)
+    cols = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + d[None, :] * sqd,
+                mask=(g[:, None] < G) & d_ok[None, :], other=0.0)
+    K += b * skb + hk * skh
+    V += b * svb + hk * svh
+    PAGES += b * spb + hk * sph
+    BIAS += b * sbb + hk * sbh
+
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # Tile rows walk a virtual sequence in which every listed page is padded to PAGE_PAD (a power of
+    # two) rows: row r is row r % PAGE_PAD of the page in slot r // PAGE_PAD. A tile then holds
+    # several small pages or a piece of a large one, and any page_size works (padding rows masked).
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_slots * PAGE_PAD)
+    for start in range(lo, hi, BLOCK_N):
+        r = start + cols
+        slot = r // PAGE_PAD
+        in_page = r % PAGE_PAD
+        page = tl.load(PAGES + slot * spk, mask=r < hi, other=-1)
+        k_pos = page * page_size + in_page
+        k_ok = (page >= 0) & (in_page < page_size) & (k_pos < seq_len) & (r < hi)
+        kv_ok = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + k_pos[:, None] * skn + d[None, :] * skd, mask=kv_ok, other=0.0)
+        v = tl.load(V + k_pos[:, None] * svn + d[None, :] * svd, mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_BIAS:  # bias is added to the natural-log scores: convert it to base 2 like them
+            s += tl.load(BIAS + k_pos * sbn, mask=k_ok, other=0.0)[None, :] * LOG2E_C
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # see _prefill_kernel
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G, num_splits, g, d, D)
+
+
+PAGED_BLOCK_N = 64
+
+
+def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, scale=None, num_splits=None):
+    """Decode attention over a list of pages per KV head, same contract as attention.paged_decode_ref.
+    q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D); page_idx (B, Hkv, K) int, -1 = unused slot, pages in
+    any order but each listed once; bias (B, Hkv, Nmax) fp32 or None -> o (B, Hq, D), lse (B, Hq) fp32.
+    num_splits: how many chunks the page list is cut into (default: from its length and the SM count)."""
+    G = _check(q, k_cache, v_cache, 3)
+    B, Hq, D = q.shape
+    Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
+    seq_len = int(seq_len)
+    if page_idx.dim() != 3 or tuple(page_idx.shape[:2]) != (B, Hkv):
+        raise ValueError(f"page_idx must be (B, Hkv, K) = ({B}, {Hkv}, K), got {tuple(page_idx.shape)}")
+    if not 0 <= seq_len <= Nmax or page_size < 1:
+        raise ValueError(f"need 0 <= seq_len <= {Nmax} (cache length) and page_size >= 1; "
+                         f"got seq_len {seq_len}, page_size {page_size}")
+    if bias is not None and tuple(bias.shape) != (B, Hkv, Nmax):
+        raise ValueError(f"bias must be (B, Hkv, Nmax) = ({B}, {Hkv}, {Nmax}), got {tuple(bias.shape)}")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    page_idx = page_idx.to(torch.int32)
+    n_slots = page_idx.shape[2]
+    page_pad = triton.next_power_of_2(page_size)
+    rows = n_slots * page_pad
+    splits = _splits(triton.cdiv(rows, 16), B * Hkv, q.device, num_splits)
+    unit = PAGED_BLOCK_N if num_splits is None else 16  # as in flash_decode
+    chunk = max(unit, triton.cdiv(triton.cdiv(rows, splits), unit) * unit)
+    splits = max(1, triton.cdiv(rows, chunk))
+    o_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    bias_t = bias if bias is not None else lse_part  # any tensor: never read when HAS_BIAS is False
+    bias_strides = bias.stride() if bias is not None else (0, 0, 0)
+    _paged_decode_kernel[(splits, B * Hkv)](
+        q, k_cache, v_cache, page_idx, bias_t, o_part, lse_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *bias_strides,
+        Hkv, G, n_slots, seq_len, page_size, chunk, splits, scale * LOG2E,
+        HAS_BIAS=bias is not None, PRECISION=_dot_precision(q.dtype), BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_N=PAGED_BLOCK_N, PAGE_PAD=page_pad, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+        num_warps=4, num_stages=3 if q.device.type == "cuda" else 1)
+    return merge_partials(o_part, lse_part, out_dtype=q.dtype)

@@ -1,0 +1,430 @@
+"""
+Token Sparse Attention: per-head token selection for prefill (Jo et al., arXiv 2602.03216, ICML 2026).
+
+At a sparse layer every query head h keeps its own subset S_h of the L prompt tokens, gathers the
+Q, K, V rows of those tokens into short dense tensors, runs ordinary causal attention on them and
+scatters the output back to full length, with zeros in the skipped rows ("compress, then
+decompress"). Nothing is evicted: the full K/V go into the cache, the residual stream carries the
+skipped tokens on, and the next sparse layer chooses again. Positions keep their order inside S_h,
+so causality in the compressed sequence is causality in the original one.
+
+    score_h(j) = avgpool_7( sum_{i in last W queries} softmax_j(q_i . k_j / sqrt(D)) )   (j < L - W)
+    mass(j)    = mean_h score_h(j) / sum_j' score_h(j')                    (head-averaged, normalized)
+    dropped    = the most tokens whose sorted-ascending mass sums to < tau  ("Dynamic Token Coverage")
+    |S_h|      = max(min_tokens, L - W - dropped) top tokens of score_h, plus the last W tokens
+
+No sparsity when L <= min_tokens + W. Defaults (paper): tau = 0.005, min_tokens = 1024, W = 128,
+sparse layers = the second half (for Llama-3.1-8B the paper's code uses layers 15..30).
+
+Read top to bottom: the reference (scoring, pooling, coverage, selection, attention on the
+compressed sequence), the Triton kernels with the same signatures, then TokenSparseAttention, the
+method object generate.py uses. Layout is heads first: q (B, Hq, T, D), k, v (B, Hkv, T, D).
+"""
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from attention import attention_ref
+
+POOL_KERNEL = 7  # paper: scores are average-pooled along the tokens with a window of 7
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+
+def window_scores_ref(q_win, k, scale=None):
+    """How much attention the last W queries pay to each key (Sec. 3, the scoring pass).
+    q_win (B, Hq, W, D) are the queries at positions Tk - W .. Tk - 1; k (B, Hkv, Tk, D).
+    Returns (B, Hq, Tk) fp32: sum over the W queries of their exact causal softmax rows."""
+    B, Hq, W, D = q_win.shape
+    Tk = k.shape[2]
+    G = Hq // k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = (q_win.float() @ k.repeat_interleave(G, dim=1).float().transpose(-1, -2)) * scale  # (B, Hq, W, Tk)
+    q_pos = torch.arange(Tk - W, Tk, device=k.device)
+    s = s.masked_fill(torch.arange(Tk, device=k.device)[None, :] > q_pos[:, None], float("-inf"))
+    return torch.softmax(s, dim=-1).sum(dim=2)
+
+
+def pool_scores(scores):
+    """Average-pool (B, Hq, C) scores along the tokens (kernel 7, stride 1, zero padding): a token
+    next to an important one counts as somewhat important too."""
+    B, H, C = scores.shape
+    pooled = F.avg_pool1d(scores.reshape(B * H, 1, C), POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
+    return pooled.view(B, H, C)
+
+
+def coverage_budget(scores, coverage, min_tokens):
+    """Dynamic Token Coverage: how many of the C candidate tokens each head keeps.
+    scores (B, Hq, C) >= 0 (pooled) -> list of B ints. Each head's scores are normalized to a
+    distribution and averaged over heads; sorted ascending, the longest prefix whose cumulative
+    mass stays below `coverage` is dropped; at least min_tokens are kept."""
+    C = scores.shape[-1]
+    mass = (scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)).mean(dim=1)  # (B, C), sums to 1
+    cum = mass.sort(dim=-1).values.cumsum(dim=-1)
+    dropped = (cum < coverage).sum(dim=-1)  # cum is non-decreasing: a prefix of the sorted tokens
+    return [max(min(min_tokens, C), C - int(d)) for d in dropped.tolist()]
+
+
+def fixed_budget(C, keep, min_tokens):
+    """Fixed-budget mode (ours, for speed curves): keep ceil(keep * C) candidates, at least min_tokens."""
+    return min(C, max(min(min_tokens, C), math.ceil(keep * C)))
+
+
+def select_tokens(q, k, coverage=0.005, min_tokens=1024, window=128, keep=None, use_kernels=False, scale=None):
+    """Choose each query head's tokens. q (B, Hq, L, D), k (B, Hkv, L, D).
+    Returns None when the prompt is too short to sparsify (L <= min_tokens + window), else
+    idx (B, Hq, N) int32: kept positions per head, ascending, the last `window` always among them;
+    entries past n_keep are padding; and n_keep (B, Hq) int32 (equal across the heads of a row)."""
+    B, Hq, L, _ = q.shape
+    if L <= min_tokens + window:
+        return None
+    C = L - window  # candidates; the window tokens are kept regardless
+    score_fn = window_scores if use_kernels else window_scores_ref
+    scores = pool_scores(score_fn(q[:, :, C:], k, scale=scale)[:, :, :C])
+    budgets = ([fixed_budget(C, keep, min_tokens)] * B if keep is not None
+               else coverage_budget(scores, coverage, min_tokens))
+    N = max(budgets) + window
+    idx = torch.zeros(B, Hq, N, dtype=torch.int32, device=q.device)
+    tail = torch.arange(C, L, dtype=torch.int32, device=q.device)
+    for b, n in enumerate(budgets):  # rows of a batch may keep different numbers of tokens
+        top = scores[b].topk(n, dim=-1).indices.sort(dim=-1).values  # each head by its own scores
+        idx[b, :, :n] = top
+        idx[b, :, n:n + window] = tail
+    n_keep = torch.tensor(budgets, dtype=torch.int32, device=q.device)[:, None].expand(B, Hq) + window
+    return idx, n_keep.contiguous()
+
+
+def sparse_attention_ref(q, k, v, idx, n_keep, scale=None):
+    """Causal attention of each query head over its own token subset, scattered back.
+    q (B, Hq, T, D); k, v (B, Hkv, T, D); idx (B, Hq, N) ascending positions; n_keep (B, Hq).
+    Returns o (B, Hq, T, D): rows not in a head's subset are 0."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    o = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(Hq):
+            rows = idx[b, h, :int(n_keep[b, h])].long()
+            # rows are ascending, so "compressed key index <= compressed query index" (causal on the
+            # short sequence) is exactly "original key position <= original query position"
+            o_h, _ = attention_ref(q[b, h, rows][None, None], k[b, h // G, rows][None, None],
+                                   v[b, h // G, rows][None, None], causal=True, scale=scale)
+            o[b, h, rows] = o_h[0, 0]
+    return o
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels (same signatures as the references). Scores are kept in base 2, as in kernels.py.
+
+def _dot_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 tests must not round to tf32
+
+
+def _block_d(D):
+    return max(16, triton.next_power_of_2(D))
+
+
+@triton.jit
+def _window_lse_kernel(Q, K, LSE, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
+                       Hq, G, W, Tk, qk_scale, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Pass 1: the base-2 log-sum-exp of each window query's causal score row (FlashAttention without V)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :] * sqd,
+                mask=(rows[:, None] < W) & (d[None, :] < D), other=0.0)
+    K += b * skb + (h // G) * skh
+    q_pos = Tk - W + rows
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, tl.minimum(Tk, Tk - W + pid_m * BLOCK_M + BLOCK_M), BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k = tl.load(K + k_pos[:, None] * skt + d[None, :] * skd,
+                    mask=(k_pos[:, None] < Tk) & (d[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see nothing: no NaN
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        m = m_new
+    tl.store(LSE + pid_bh.to(tl.int64) * W + rows, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=rows < W)
+
+
+@triton.jit
+def _window_scores_kernel(Q, K, LSE, OUT, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
+                          Hkv, G, W, Tk, qk_scale, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Pass 2: one program per (block of keys, KV head) sums the normalized probabilities
+    exp2(s - lse) over the W queries of each of the G query heads; the key tile is loaded once.
+    Every key column is owned by one program, so no atomics are needed."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    k_pos = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    k = tl.load(K + b * skb + hk * skh + k_pos[:, None] * skt + d[None, :] * skd,
+                mask=(k_pos[:, None] < Tk) & (d[None, :] < D), other=0.0)
+    for g in range(G):
+        h = hk * G + g
+        row_bh = b * Hkv * G + h  # index of (b, query head) in B * Hq
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, W, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :] * sqd,
+                        mask=(rows[:, None] < W) & (d[None, :] < D), other=0.0)
+            lse = tl.load(LSE + row_bh * W + rows, mask=rows < W, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            visible = (rows[:, None] < W) & (k_pos[None, :] <= Tk - W + rows[:, None])
+            acc += tl.sum(tl.where(visible, tl.exp2(s - lse[:, None]), 0.0), 0)
+        tl.store(OUT + row_bh * Tk + k_pos, acc, mask=k_pos < Tk)
+
+
+def window_scores(q_win, k, scale=None):
+    """Kernel version of window_scores_ref: q_win (B, Hq, W, D), k (B, Hkv, Tk, D) -> (B, Hq, Tk) fp32.
+    Two passes because a probability needs its row's normalizer before it can be summed."""
+    B, Hq, W, D = q_win.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if Hq % Hkv or W > Tk or q_win.shape[0] != k.shape[0]:
+        raise ValueError(f"window_scores: q_win {tuple(q_win.shape)} does not fit k {tuple(k.shape)}")
+    G = Hq // Hkv
+    qk_scale = (1.0 / math.sqrt(D) if scale is None else scale) * LOG2E
+    lse = torch.empty(B, Hq, W, dtype=torch.float32, device=q_win.device)
+    out = torch.empty(B, Hq, Tk, dtype=torch.float32, device=q_win.device)
+    gpu = q_win.device.type == "cuda"
+    BM, BN, warps = (64, 64, 4) if gpu else (32, 32, 4)
+    common = dict(PRECISION=_dot_precision(q_win.dtype), BLOCK_D=_block_d(D), D=D, num_warps=warps)
+    _window_lse_kernel[(triton.cdiv(W, BM), B * Hq)](q_win, k, lse, *q_win.stride(), *k.stride(),
+                                                     Hq, G, W, Tk, qk_scale, BLOCK_M=BM, BLOCK_N=BN, **common)
+    _window_scores_kernel[(triton.cdiv(Tk, BN), B * Hkv)](q_win, k, lse, out, *q_win.stride(), *k.stride(),
+                                                          Hkv, G, W, Tk, qk_scale, BLOCK_M=BM, BLOCK_N=BN, **common)
+    return out
+
+
+@triton.jit
+def _sparse_attn_kernel(Q, K, V, O, IDX, NKEEP,
+                        sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+                        sib, sih, sit, Hq, G, qk_scale, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    """Varlen causal flash attention over per-head index lists: gather, attend and scatter in one
+    pass. One program per (block of BLOCK_M kept rows, batch * query head)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    n = tl.load(NKEEP + pid_bh)  # this head's kept tokens (NKEEP is contiguous (B, Hq))
+    IDX += b * sib + h * sih
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # indices into the compressed sequence
+    row_ok = rows < n
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q_pos = tl.load(IDX + rows * sit, mask=row_ok, other=0).to(tl.int64)  # original positions
+    q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqt + d[None, :] * sqd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    K += b * skb + (h // G) * skh
+    V += b * svb + (h // G) * svh
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # the list is ascending, so compressed keys past this block's last row are later tokens
+    hi = tl.where(pid_m * BLOCK_M < n, tl.minimum(n, pid_m * BLOCK_M + BLOCK_M), 0)
+    for start in range(0, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < n
+        k_pos = tl.load(IDX + cols * sit, mask=col_ok, other=0).to(tl.int64)
+        kv_ok = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + k_pos[:, None] * skt + d[None, :] * skd, mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see nothing: no NaN
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_pos[:, None] * svt + d[None, :] * svd, mask=kv_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    o = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(O + b * sob + h * soh + q_pos[:, None] * sot + d[None, :] * sod, o.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _zeros_model_layout(q):
+    """A zero (B, Hq, T, D) output whose memory is (B, T, Hq, D): the model's layout, so the
+    attention object hands it back with a free transpose."""
+    B, Hq, T, D = q.shape
+    return torch.zeros(B, T, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def _check_idx(q, k, idx, n_keep):
+    B, Hq = q.shape[:2]
+    if Hq % k.shape[1] or idx.dim() != 3 or tuple(idx.shape[:2]) != (B, Hq) or tuple(n_keep.shape) != (B, Hq):
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, idx {tuple(idx.shape)}, n_keep "
+                         f"{tuple(n_keep.shape)}: expected idx (B, Hq, N) and n_keep (B, Hq), Hq a multiple of Hkv")
+    return Hq // k.shape[1]
+
+
+def sparse_attention(q, k, v, idx, n_keep, scale=None):
+    """Kernel version of sparse_attention_ref (option 1: one varlen kernel, no gathered copies)."""
+    G = _check_idx(q, k, idx, n_keep)
+    B, Hq, T, D = q.shape
+    o = _zeros_model_layout(q)
+    idx = idx.to(torch.int32)
+    n_keep = n_keep.to(torch.int32).contiguous()
+    if idx.shape[2] == 0 or T == 0:
+        return o
+    if q.device.type != "cuda":
+        cfg = (32, 32, 4, 1)
+    elif q.element_size() <= 2 and D <= 128:
+        cfg = (128, 64, 8, 3)  # as kernels.flash_prefill, so the two options compare like for like
+    else:
+        cfg = (64, 32, 4, 2)
+    BLOCK_M, BLOCK_N, warps, stages = cfg
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    grid = (triton.cdiv(idx.shape[2], BLOCK_M), B * Hq)
+    _sparse_attn_kernel[grid](q, k, v, o, idx, n_keep, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                              *idx.stride(), Hq, G, scale * LOG2E, PRECISION=_dot_precision(q.dtype),
+                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D), D=D,
+                              num_warps=warps, num_stages=stages)
+    return o
+
+
+def sparse_attention_gathered(q, k, v, idx, n_keep, scale=None):
+    """Option 2, same result: gather the rows into dense (B, Hq, N, D) tensors (K/V repeated per
+    query head), run kernels.flash_prefill, scatter back. Padding rows (past n_keep) come after every
+    kept row, so causally they never touch a kept row; they are scattered into a dummy row T."""
+    import kernels
+    _check_idx(q, k, idx, n_keep)
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    N = idx.shape[2]
+    pos = idx.long().clamp(0, T - 1)
+    bi = torch.arange(B, device=q.device)[:, None, None]
+    hi = torch.arange(Hq, device=q.device)[None, :, None]
+    og, _ = kernels.flash_prefill(q[bi, hi, pos], k[bi, hi // G, pos], v[bi, hi // G, pos], causal=True, scale=scale)
+    out = torch.zeros(B, T + 1, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
+    kept = torch.arange(N, device=q.device)[None, None, :] < n_keep[:, :, None].to(q.device)
+    out[bi, hi, torch.where(kept, pos, T)] = og
+    return out[:, :, :T]
+
+
+# ----------------------------------------------------------------------------------------------
+# Glue: the whole sparse prefill of one layer, and the method object
+
+def token_sparse_attention(q, k, v, coverage=0.005, min_tokens=1024, window=128, keep=None,
+                           use_kernels=False, attn_kernel="varlen", scale=None):
+    """Causal prefill attention with per-head token selection. q (B, Hq, L, D); k, v (B, Hkv, L, D).
+    Returns (o (B, Hq, L, D), n_keep (B, Hq) or None when the prompt was too short to sparsify)."""
+    sel = select_tokens(q, k, coverage, min_tokens, window, keep, use_kernels, scale)
+    if sel is None:
+        if use_kernels:
+            import kernels
+            return kernels.flash_prefill(q, k, v, causal=True, scale=scale)[0], None
+        return attention_ref(q, k, v, causal=True, scale=scale)[0], None
+    idx, n_keep = sel
+    if not use_kernels:
+        return sparse_attention_ref(q, k, v, idx, n_keep, scale), n_keep
+    fn = sparse_attention if attn_kernel == "varlen" else sparse_attention_gathered
+    return fn(q, k, v, idx, n_keep, scale), n_keep
+
+
+def parse_sparse_layers(spec, n_layers):
+    """None or "half" -> the second half of the layers (paper default); "all"; or "15-30" / "3,5,7"
+    (both ends of a range included). Returns a sorted list of layer indices."""
+    if spec is None or spec == "half":
+        return list(range(n_layers // 2, n_layers))
+    if spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, str):
+        layers = []
+        try:
+            for part in spec.split(","):
+                lo, _, hi = part.partition("-")
+                layers += range(int(lo), int(hi or lo) + 1)
+        except ValueError:
+            raise ValueError(f"--sparse-layers: expected 'half', 'all', a range like 15-30 or a list like "
+                             f"3,5,7; got {spec!r}") from None
+    else:
+        layers = [int(i) for i in spec]
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"--sparse-layers: layers {bad} do not exist (the model has {n_layers} layers)")
+    return sorted(set(layers))
+
+
+class TokenSparseAttention:
+    """Token Sparse Attention in prefill, any method's decoding after it.
+
+    The prefill call (input_pos[0] == 0, T > 1) of a sparse layer writes the full K/V into the
+    cache, then attends sparsely; every other call (dense layers' prefill, chunked prefill, decode)
+    is handed to decode_attn (a DenseAttention, Quest or Retro object sharing the same cache)."""
+
+    def __init__(self, cache, decode_attn, coverage=0.005, min_tokens=1024, window=128, sparse_layers=None,
+                 keep=None, use_kernels=False, attn_kernel="varlen"):
+        if not 0.0 <= coverage < 1.0:
+            raise ValueError(f"--coverage must lie in [0, 1), got {coverage}")
+        if min_tokens < 0 or window < 1:
+            raise ValueError(f"--min-tokens must be >= 0 and --ts-window >= 1, got {min_tokens} and {window}")
+        if keep is not None and not 0.0 < keep <= 1.0:
+            raise ValueError(f"--keep must lie in (0, 1], got {keep}")
+        if attn_kernel not in ("varlen", "gather"):
+            raise ValueError(f"attn_kernel must be 'varlen' or 'gather', got {attn_kernel!r}")
+        self.cache, self.decode_attn = cache, decode_attn
+        self.coverage, self.min_tokens, self.window, self.keep = coverage, min_tokens, window, keep
+        self.sparse_layers = set(parse_sparse_layers(sparse_layers, cache.k.shape[0]))
+        self.use_kernels, self.attn_kernel = use_kernels, attn_kernel
+        self.kept_fraction = {}  # sparse layer -> fraction of tokens kept in the last prefill (mean over rows)
+        self.selection_s = 0.0   # wall time spent choosing tokens (a GPU sync before and after)
+
+    @property
+    def stats(self):
+        kept = list(self.kept_fraction.values())
+        return {**self.decode_attn.stats,
+                "ts_kept_fraction": sum(kept) / len(kept) if kept else 1.0,
+                "ts_kept_fraction_per_layer": dict(sorted(self.kept_fraction.items())),
+                "ts_selection_s": self.selection_s}
+
+    def forward(self, layer_idx, q, k, v, input_pos):
+        L = q.shape[1]
+        if L == 1 or int(input_pos[0]) != 0 or layer_idx not in self.sparse_layers:
+            return self.decode_attn.forward(layer_idx, q, k, v, input_pos)
+        if L <= self.min_tokens + self.window:  # too short to sparsify: exactly the dense prefill
+            self.kept_fraction[layer_idx] = 1.0
+            return self.decode_attn.forward(layer_idx, q, k, v, input_pos)
+        self.cache.write(layer_idx, k, v, input_pos)  # the full K/V: decoding sees every token
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+        _sync(q.device)
+        t0 = time.perf_counter()
+        idx, n_keep = select_tokens(qh, kh, self.coverage, self.min_tokens, self.window, self.keep,
+                                    self.use_kernels)
+        _sync(q.device)
+        self.selection_s += time.perf_counter() - t0
+        self.kept_fraction[layer_idx] = float(n_keep.float().mean()) / L
+
+        if not self.use_kernels:
+            o = sparse_attention_ref(qh, kh, vh, idx, n_keep)
+        elif self.attn_kernel == "varlen":
+            o = sparse_attention(qh, kh, vh, idx, n_keep)
+        else:
+            o = sparse_attention_gathered(qh, kh, vh, idx, n_keep)
+        # Skipped rows are 0 here; the layer adds o_proj(0) = 0 (no bias) to the residual stream,
+        # so a skipped token passes this attention unchanged and a later layer may select it again.
+        return o.transpose(1, 2)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
