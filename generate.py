@@ -10,6 +10,7 @@ At the end we print prefill time, decode speed, peak memory and KV bytes read pe
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -149,6 +150,8 @@ def build_parser():
     t.add_argument("--ts-window", type=int, default=128, help="last queries that score the tokens (always kept)")
     t.add_argument("--sparse-layers", default="half", help="'half' (second half), 'all', 'a-b' or 'a,b,c'")
     t.add_argument("--keep", type=float, default=None, help="fixed budget: keep this fraction of tokens per head")
+    c = p.add_argument_group("KV compaction by attention matching (compact)")
+    c.add_argument("--ratio", type=float, default=10.0, help="compaction ratio: keep prompt_tokens / ratio keys per head")
     return p
 
 
@@ -176,6 +179,8 @@ def main(argv=None):
     ckpt = resolve_checkpoint(opts, parser)
     dtype = DTYPES[opts.dtype or ("bf16" if opts.device == "cuda" else "fp32")]
     use_kernels = opts.kernels == "triton" or (opts.kernels == "auto" and opts.device == "cuda")
+    if use_kernels and opts.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on the CPU runs in its interpreter (slow)
     torch.manual_seed(opts.seed)
 
     try:
@@ -205,12 +210,28 @@ def main(argv=None):
         parser.error(f"prompt ({len(ids)} tokens) + --max-new-tokens ({opts.max_new_tokens}) = {need} exceeds "
                      f"the context ({min(max_seq_len, args.max_seq_len)} tokens)")
 
-    cache = KVCache(args.n_layers, 1, args.n_kv_heads, max_seq_len, args.head_dim, dtype, opts.device,
-                    page_size=opts.page_size)
-    try:
-        attn = make_attention(opts.method, cache, opts, use_kernels)
-    except ValueError as e:
-        parser.error(str(e))
+    prompt = torch.tensor([ids], device=opts.device)
+    start_pos = 0
+    if opts.method == "compact":
+        # prefill + compaction happen in one repeat-prefill pass; decoding continues after the context
+        from compaction import REPEAT_PROMPT, compact_prompt
+        try:
+            res = compact_prompt(model, prompt, opts.ratio, separator_ids=tokenizer.encode(REPEAT_PROMPT),
+                                 max_new_tokens=opts.max_new_tokens, use_kernels=use_kernels,
+                                 page_size=opts.page_size)
+        except ValueError as e:
+            parser.error(str(e))
+        attn, cache, start_pos = res.attn, res.attn.cache, res.start_pos
+        prompt = prompt[:, start_pos:]
+        print(f"[compact] {start_pos} prompt tokens compacted {opts.ratio}x in {res.stats['compaction_s']:.2f} s: "
+              f"KV {res.stats['kv_mib_before']:.2f} -> {res.stats['kv_mib_after']:.2f} MiB", file=sys.stderr)
+    else:
+        cache = KVCache(args.n_layers, 1, args.n_kv_heads, max_seq_len, args.head_dim, dtype, opts.device,
+                        page_size=opts.page_size)
+        try:
+            attn = make_attention(opts.method, cache, opts, use_kernels)
+        except ValueError as e:
+            parser.error(str(e))
     retro_decoding = opts.method == "retro" or (opts.method == "token_sparse" and opts.decode == "retro")
     window = opts.window if retro_decoding else 1
 
@@ -231,13 +252,12 @@ def main(argv=None):
 
     if opts.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    prompt = torch.tensor([ids], device=opts.device)
     if not opts.quiet:
         print(f"[{opts.method}] prompt: {len(ids)} tokens, generating {opts.max_new_tokens}\n", file=sys.stderr)
     gen = torch.Generator(device=opts.device).manual_seed(opts.seed)
     _, t = generate(model, attn, prompt, opts.max_new_tokens, opts.temperature, opts.top_k, window,
                     stop_ids=tokenizer.stop_ids if opts.chat else (), on_token=on_token, generator=gen,
-                    n_vocab=tokenizer.n_words)
+                    start_pos=start_pos, n_vocab=tokenizer.n_words)
     print()
     report(opts, len(ids), t, attn, cache)
 

@@ -68,7 +68,7 @@ class KVCache:
 
 # ----------------------------------------------------------------------------------------------
 # Quest: page-sparse decoding (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context
-# LLM Inference", arXiv 2406.10774, section 3)
+# LLM Inference", arXiv 2406.10774)
 #
 # For a decode query q and a page whose keys lie elementwise in [kmin, kmax], every key k of the page
 # scores at most

@@ -1,0 +1,535 @@
+"""
+KV compaction by attention matching (Zweiger, Fu, Guo, Kim: arXiv 2602.16284), written from the
+paper's description.
+
+Per layer and KV head, the T cached keys/values K, V of a context are replaced by t << T rows: keys
+Ck (a subset of K), a scalar bias beta_j per kept key, and fitted values Cv, chosen so that for
+reference queries q_m the compact attention reproduces both quantities that matter:
+
+    output  softmax(q K^T / sqrt(D)) V          ~=  softmax(q Ck^T / sqrt(D) + beta) Cv
+    mass    sum_i exp(q . K_i / sqrt(D))        ~=  sum_j exp(q . Ck_j / sqrt(D) + beta_j)
+
+Matching the output alone is not enough: once new tokens are appended after the context, each part
+is weighted by its mass (the softmax denominator), so a compact part with the right output but the
+wrong mass takes too much or too little of the attention. The steps (paper):
+  1. reference queries: "repeat-prefill": run `context + "Repeat the previous context." + context`
+     and take the queries of the second copy; layer by layer, so a layer's queries come from a pass
+     in which all earlier layers already attend to their compacted context ("on-policy");
+  2. keys: the t keys with the highest aggregate attention over the reference queries (ours: the
+     RMS of their softmax weights; max, mean and greedy OMP are options);
+  3. biases: w = exp(beta) >= 0 by non-negative least squares A w ~= z, with
+     A[m, j] = exp(q_m . Ck_j / sqrt(D) - s_m),  z_m = sum_i exp(q_m . K_i / sqrt(D) - s_m).
+     Ours: s_m = log of the full mass of query m, so A[m, j] is key j's full-attention weight,
+     z_m = 1, and every query's relative mass error counts alike (the paper shifts by a max);
+  4. values: least squares P Cv ~= softmax(Qr K^T / sqrt(D)) V with P = softmax(Qr Ck^T / sqrt(D) + beta).
+GQA: a KV head is compacted once, with the reference queries of its G query heads pooled.
+
+Decoding then attends to [compact part, bias beta] + [tokens appended after compaction, bias 0]
+in one pass: the paged decode kernel's per-key bias. Positions: the compact keys keep the RoPE of
+the positions they had; a token appended after a compacted context of L tokens gets position L, L+1,
+... (as if the context were still there), while it is stored in cache row t + (position - L).
+"""
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from attention import attention_ref, merge_attention, paged_decode_ref
+from kvcache import KVCache
+
+REPEAT_PROMPT = "\n\nRepeat the previous context.\n\n"  # the separator of the repeat-prefill pass (paper)
+KEY_SCORES = ("rms", "max", "mean")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference attention with a per-key bias
+
+def biased_attention_ref(q, k, v, bias, scale=None, chunk=4096):
+    """Every query attends to every key, with a per-key additive bias (non-causal).
+    q (B, Hq, T, D); k, v (B, Hkv, N, D); bias (B, Hkv, N) fp32 (-inf = key absent)
+    -> o (B, Hq, T, D), lse (B, Hq, T). Queries are processed in chunks to bound memory."""
+    B, Hq, T, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kf, vf, bf = k.float(), v.float(), bias.float()[:, :, None, None, :]
+    qg = q.reshape(B, Hkv, G, T, D)
+    o = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device)
+    for s in range(0, T, chunk):
+        scores = torch.einsum("bhgtd,bhnd->bhgtn", qg[:, :, :, s:s + chunk].float(), kf) * scale + bf
+        l = torch.logsumexp(scores, dim=-1)
+        p = torch.exp(scores - torch.where(torch.isfinite(l), l, 0.0).unsqueeze(-1))
+        o[:, :, :, s:s + chunk] = torch.einsum("bhgtn,bhnd->bhgtd", p, vf).to(q.dtype)
+        lse[:, :, :, s:s + chunk] = l
+    return o.view(B, Hq, T, D), lse.view(B, Hq, T)
+
+
+def pool_gqa_queries(q, n_kv_heads):
+    """q (B, Hq, M, D) -> (B, Hkv, G*M, D): a KV head is compacted once, for all G query heads that read it."""
+    B, Hq, M, D = q.shape
+    return q.reshape(B, n_kv_heads, (Hq // n_kv_heads) * M, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-negative least squares, batched: min_w ||A w - z||^2  s.t.  w >= 0
+
+def nnls(A, z, iters=300, polish_rounds=30):
+    """A (..., M, t), z (..., M) -> w (..., t) >= 0. Works on the normal equations (see nnls_gram)."""
+    A, z = A.float(), z.float()
+    return nnls_gram(A.transpose(-1, -2) @ A, (A.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1),
+                     iters=iters, polish_rounds=polish_rounds)
+
+
+def _matvec(H, x):
+    """H (..., t, t) @ x (..., t). Batched small matmuls are slow on CPU; the broadcast form is not."""
+    return (H @ x.unsqueeze(-1)).squeeze(-1) if H.is_cuda else (H * x.unsqueeze(-2)).sum(-1)
+
+
+def _objective(H, c, w):
+    """0.5 w^T H w - c^T w (= 0.5 ||A w - z||^2 up to a constant)."""
+    return 0.5 * (w * _matvec(H, w)).sum(-1) - (c * w).sum(-1)
+
+
+def nnls_gram(H, c, iters=300, polish_rounds=30):
+    """NNLS given H = A^T A (..., t, t) and c = A^T z (..., t); batched over the leading dims.
+
+    1. Accelerated projected gradient (FISTA) on the Jacobi-scaled problem, step 1/L with L the
+       largest eigenvalue (power iteration, inflated by 10% since it approaches from below); the
+       momentum restarts whenever it points uphill (O'Donoghue & Candes' gradient test). This finds
+       (nearly) the support {w > 0}.
+    2. Active-set polish (Lawson-Hanson) in float64 from that support: solve H_PP w_P = c_P; if some
+       w_P <= 0, step from w towards the solution only until the first weight hits 0 and drop it;
+       otherwise take it and add every weight whose gradient is negative. Each round keeps w >= 0
+       and never raises the objective; it stops when no head changes (at most polish_rounds)."""
+    H, c = H.float(), c.float()
+    # Jacobi scaling w = u / sqrt(H_jj): the columns of A (keys) differ in scale by orders of
+    # magnitude; with a unit diagonal one step size suits every coordinate, and u >= 0 iff w >= 0.
+    # A zero column (a padding slot) has no say in the fit: its weight stays 0.
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    d = torch.where(diag > 0, diag.clamp_min(1e-30).rsqrt(), 0.0)
+    w = _projected_gradient(H * d.unsqueeze(-1) * d.unsqueeze(-2), c * d, iters) * d
+    return _active_set_polish(H, c, w, polish_rounds) if polish_rounds else w
+
+
+def _projected_gradient(H, c, iters):
+    t = H.shape[-1]
+    # start from the best uniform weight w = a * 1 (the right total mass), or 0 when 1^T H 1 ~ 0
+    ones_H_ones = H.sum((-1, -2))
+    usable = ones_H_ones > 1e-6 * H.diagonal(dim1=-2, dim2=-1).sum(-1)
+    a = torch.where(usable, c.sum(-1) / torch.where(usable, ones_H_ones, 1.0), 0.0).clamp_min(0)
+    w = a.unsqueeze(-1).expand_as(c)
+    # power iteration for the Lipschitz constant of the gradient, from a fixed pseudo-random start
+    # (a constant start vector can lie in H's null space)
+    x = torch.randn(t, generator=torch.Generator().manual_seed(0)).to(c.device).expand_as(c)
+    for _ in range(30):
+        x = _matvec(H, x)
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    trace = H.diagonal(dim1=-2, dim2=-1).sum(-1)
+    L = torch.maximum((x * _matvec(H, x)).sum(-1) * 1.1, 1e-6 * trace).clamp_min(1e-30).unsqueeze(-1)
+    y, theta = w, torch.ones_like(L)
+    for _ in range(iters):
+        w_new = (y - (_matvec(H, y) - c) / L).clamp_min(0)
+        theta_new = (1 + torch.sqrt(1 + 4 * theta * theta)) / 2
+        restart = ((y - w_new) * (w_new - w)).sum(-1, keepdim=True) > 0
+        y = torch.where(restart, w_new, w_new + (theta - 1) / theta_new * (w_new - w))
+        theta = torch.where(restart, torch.ones_like(theta), theta_new)
+        w = w_new
+    return w
+
+
+def _active_set_polish(H, c, w, rounds):
+    t = H.shape[-1]
+    H64, c64, w64 = H.double(), c.double(), w.double()
+    eye = torch.eye(t, dtype=torch.float64, device=H.device)
+    jitter = 1e-12 * H64.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
+    tol = 1e-10 * (H64.abs().amax((-1, -2)) * w64.abs().amax(-1) + c64.abs().amax(-1)).unsqueeze(-1)
+    P = w64 > 0  # the support (Lawson-Hanson's passive set)
+    for _ in range(rounds):
+        # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
+        Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
+        sol = torch.where(P, torch.linalg.solve(Hp, torch.where(P, c64, 0.0).unsqueeze(-1)).squeeze(-1), 0.0)
+        feasible = (sol > 0).eq(P).all(-1, keepdim=True)
+        # largest step in [0, 1] from w towards sol that keeps w >= 0 (1 when feasible)
+        shrink = torch.where(P & (sol <= 0), w64 / (w64 - sol).clamp_min(1e-300), torch.ones_like(w64))
+        alpha = shrink.amin(-1, keepdim=True).clamp(0, 1)
+        cand = (w64 + alpha * (sol - w64)).clamp_min(0)
+        cand = torch.where(cand <= 1e-12 * cand.amax(-1, keepdim=True), 0.0, cand)
+        ok = (_objective(H64, c64, cand) <= _objective(H64, c64, w64)).unsqueeze(-1) \
+            & torch.isfinite(cand).all(-1, keepdim=True)
+        w64 = torch.where(ok, cand, w64)
+        g = _matvec(H64, w64) - c64
+        new_P = torch.where(ok & feasible, (w64 > 0) | (g < -tol), w64 > 0)
+        if torch.equal(new_P, P) and bool((ok & feasible).all()):
+            break  # every problem of the batch is at a KKT point (up to tol)
+        P = new_P
+    return w64.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Compacting one layer's cache: K, V and reference queries in, (Ck, beta, Cv) out
+
+@dataclass
+class CompactKV:
+    ck: torch.Tensor        # (B, Hkv, t, D) kept keys (RoPE'd, as they were), in position order
+    cv: torch.Tensor        # (B, Hkv, t, D) fitted values
+    beta: torch.Tensor      # (B, Hkv, t) fp32 log-weights; -inf on slots past a head's budget
+    idx: torch.Tensor       # (B, Hkv, t) int64 positions of the kept keys (0 on unused slots)
+    budget: torch.Tensor    # (B, Hkv) int64 keys kept per head (t = its max)
+    out_err: torch.Tensor   # (B, Hkv) ||o_compact - o||_F / ||o||_F on the reference queries
+    mass_err: torch.Tensor  # (B, Hkv) mean_m |mass_compact / mass - 1| on the reference queries
+
+
+def _reference_pass(k, v, qr, scale, key_score, chunk):
+    """Full attention of the reference queries, streamed over query chunks.
+    k, v (B, Hkv, T, D); qr (B, Hkv, M, D) -> row max and lse of the scores (B, Hkv, M), target
+    outputs y (B, Hkv, M, D) fp32, key importance (B, Hkv, T)."""
+    B, Hkv, T, D = k.shape
+    M = qr.shape[2]
+    kf, vf = k.float(), v.float()
+    row_max = torch.empty(B, Hkv, M, device=k.device)
+    lse = torch.empty_like(row_max)
+    y = torch.empty(B, Hkv, M, D, device=k.device)
+    importance = torch.zeros(B, Hkv, T, device=k.device)
+    for s in range(0, M, chunk):
+        scores = qr[:, :, s:s + chunk].float() @ kf.transpose(-1, -2) * scale
+        mx = scores.amax(-1)
+        e = torch.exp(scores - mx.unsqueeze(-1))
+        den = e.sum(-1)
+        p = e / den.unsqueeze(-1)  # softmax weights (B, Hkv, c, T)
+        y[:, :, s:s + chunk] = p @ vf
+        row_max[:, :, s:s + chunk], lse[:, :, s:s + chunk] = mx, mx + torch.log(den)
+        if key_score == "max":
+            importance = torch.maximum(importance, p.amax(2))
+        elif key_score == "mean":
+            importance += p.sum(2)
+        else:  # rms (the root is monotone: the sum of squares ranks the same)
+            importance += (p * p).sum(2)
+    return row_max, lse, y, importance
+
+
+def _select_top(importance, budget, t):
+    """Top-t keys per head by importance, the first budget[b, h] of them kept, in position order."""
+    T = importance.shape[-1]
+    idx = importance.topk(t, dim=-1).indices
+    valid = torch.arange(t, device=idx.device) < budget.unsqueeze(-1)
+    idx = torch.where(valid, idx, T).sort(-1).values  # position order; unused slots sort last
+    return torch.where(idx < T, idx, 0), valid
+
+
+def _select_omp(k, qr, shift, z, budget, t, scale, keys_per_step):
+    """Greedy selection on the mass residual (orthogonal matching pursuit with a NNLS refit): add the
+    keys whose mass column best correlates with the residual z - A_S w, refit w on the chosen set.
+    Materializes A for all T keys: (B, Hkv, M, T) fp32, so use it for moderate sizes."""
+    B, Hkv, T, D = k.shape
+    A = torch.exp(qr.float() @ k.float().transpose(-1, -2) * scale - shift.unsqueeze(-1))
+    col_norm = A.norm(dim=2).clamp_min(1e-30)  # (B, Hkv, T)
+    chosen = torch.zeros(B, Hkv, T, dtype=torch.bool, device=k.device)
+    order = torch.zeros(B, Hkv, 0, dtype=torch.long, device=k.device)
+    w_all = torch.zeros(B, Hkv, T, device=k.device)
+    while order.shape[-1] < t:
+        residual = z - (A @ w_all.unsqueeze(-1)).squeeze(-1)  # (B, Hkv, M)
+        corr = (A.transpose(-1, -2) @ residual.unsqueeze(-1)).squeeze(-1) / col_norm
+        n = min(keys_per_step, t - order.shape[-1])
+        new = corr.masked_fill(chosen, float("-inf")).topk(n, dim=-1).indices
+        order = torch.cat([order, new], dim=-1)
+        chosen.scatter_(-1, new, True)
+        As = A.gather(-1, order.unsqueeze(2).expand(B, Hkv, A.shape[2], order.shape[-1]))
+        w = nnls(As, z, iters=100, polish_rounds=1)
+        w_all = torch.zeros_like(w_all).scatter(-1, order, w)
+    valid = torch.arange(t, device=k.device) < budget.unsqueeze(-1)  # the first picks of each head
+    idx = torch.where(valid, order, T).sort(-1).values
+    return torch.where(idx < T, idx, 0), valid
+
+
+def _to_budget(budget, B, Hkv, T, device):
+    b = torch.as_tensor(budget, dtype=torch.long, device=device)
+    b = b.expand(B, Hkv) if b.dim() < 2 else b
+    if b.shape != (B, Hkv) or int(b.min()) < 1:
+        raise ValueError(f"budget must be a positive int or a (B, Hkv) = ({B}, {Hkv}) tensor of positive ints, "
+                         f"got {budget!r}")
+    return b.clamp(max=T).contiguous()
+
+
+def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=True, fit_values=True,
+                  ridge=1e-3, nnls_iters=300, budget_mode="uniform", omp_keys_per_step=None,
+                  mass_shift="lse", scale=None, chunk_elems=2**27, w_floor=1e-8):
+    """Compact one layer: k, v (B, Hkv, T, D) (keys after RoPE); q_ref (B, Hq, M, D) reference queries
+    (after RoPE, at positions after the context); budget: keys kept per KV head, an int or (B, Hkv).
+
+    key_score: "rms" (default, ours), "max" or "mean" of the softmax weights a key receives over the
+      reference queries; rms rewards keys that many queries use and keys that few use strongly.
+    select: "top" (highest aggregate attention) or "omp" (greedy on the mass residual; memory M*T).
+    fit_bias=False keeps beta = 0, fit_values=False keeps Cv = V[idx] (with both: plain top-t eviction).
+    ridge: values are fitted by ridge regression towards the original values of the kept keys (ours):
+      Cv = V_S + (P^T P + lam I)^-1 P^T (Y - P V_S), lam = ridge * mean(diag(P^T P)); ill-determined
+      directions stay at the original values instead of blowing up.
+    budget_mode: "uniform" or "error": compact once with the given budget, measure each head's output
+      error, then give each head 1/4 of the average budget plus a share of the rest proportional to
+      its error (the total is unchanged) and compact again.
+    chunk_elems: reference queries are streamed in chunks so that one chunk's score matrix has at
+      most this many fp32 entries (2^27 = 512 MiB)."""
+    B, Hkv, T, D = k.shape
+    if v.shape != k.shape or q_ref.dim() != 4 or q_ref.shape[0] != B or q_ref.shape[-1] != D \
+            or q_ref.shape[1] % Hkv:
+        raise ValueError(f"need k, v (B, Hkv, T, D) and q_ref (B, Hq, M, D) with Hq a multiple of Hkv; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}, q_ref {tuple(q_ref.shape)}")
+    if key_score not in KEY_SCORES or select not in ("top", "omp") or budget_mode not in ("uniform", "error") \
+            or mass_shift not in ("lse", "max"):
+        raise ValueError(f"key_score must be one of {KEY_SCORES}, select 'top' or 'omp', budget_mode 'uniform' or "
+                         f"'error', mass_shift 'lse' or 'max'; got {key_score!r}, {select!r}, {budget_mode!r}, "
+                         f"{mass_shift!r}")
+    budget = _to_budget(budget, B, Hkv, T, k.device)
+    kw = dict(key_score=key_score, select=select, fit_bias=fit_bias, fit_values=fit_values, ridge=ridge,
+              nnls_iters=nnls_iters, omp_keys_per_step=omp_keys_per_step, scale=scale,
+              mass_shift=mass_shift, chunk_elems=chunk_elems, w_floor=w_floor)
+    if budget_mode == "error":
+        first = compact_cache(k, v, q_ref, budget, **kw)
+        budget = _budget_from_error(first.out_err, budget, T)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qr = pool_gqa_queries(q_ref, Hkv)
+    M = qr.shape[2]
+    t = int(budget.max())
+    chunk = max(1, chunk_elems // (B * Hkv * max(T, t)))
+
+    # 1. full attention of the reference queries: the targets, and each key's importance
+    row_max, lse, y, importance = _reference_pass(k, v, qr, scale, key_score, chunk)
+    # The NNLS residual of query m is measured in units of exp(shift_m). Ours: shift = lse, so that
+    # A[m, j] is key j's full-attention weight, z_m = 1 and every query's *relative* mass error
+    # counts the same; "max" (the row max) weights queries by their mass (flat ones dominate).
+    shift = lse if mass_shift == "lse" else row_max
+    z = torch.exp(lse - shift)
+
+    # 2. which keys to keep
+    if select == "omp":
+        step = omp_keys_per_step or max(1, t // 16)
+        idx, valid = _select_omp(k, qr, shift, z, budget, t, scale, step)
+    else:
+        idx, valid = _select_top(importance, budget, t)
+    gidx = idx.unsqueeze(-1).expand(B, Hkv, t, D)
+    ck = k.gather(2, gidx) * valid.unsqueeze(-1)
+    v_sel = v.gather(2, gidx).float() * valid.unsqueeze(-1)
+    ckf = ck.float().transpose(-1, -2)
+    pad = torch.zeros(B, Hkv, 1, t, device=k.device).masked_fill(~valid.unsqueeze(2), float("-inf"))
+
+    # 3. biases: NNLS on the mass, w = exp(beta)
+    if fit_bias:
+        H = torch.zeros(B, Hkv, t, t, device=k.device)
+        c = torch.zeros(B, Hkv, t, device=k.device)
+        for s in range(0, M, chunk):
+            A = torch.exp(qr[:, :, s:s + chunk].float() @ ckf * scale - shift[:, :, s:s + chunk, None] + pad)
+            H += A.transpose(-1, -2) @ A
+            c += (A.transpose(-1, -2) @ z[:, :, s:s + chunk, None]).squeeze(-1)
+        w = nnls_gram(H, c, iters=nnls_iters)
+        beta = torch.log(w.clamp_min(w_floor))
+    else:
+        beta = torch.zeros(B, Hkv, t, device=k.device)
+    beta = beta.masked_fill(~valid, float("-inf"))
+
+    # 4. values: ridge least squares on the outputs, P = softmax(q Ck^T * scale + beta)
+    if fit_values:
+        PtP = torch.zeros(B, Hkv, t, t, device=k.device)
+        PtY = torch.zeros(B, Hkv, t, D, device=k.device)
+        for s in range(0, M, chunk):
+            P = torch.softmax(qr[:, :, s:s + chunk].float() @ ckf * scale + beta.unsqueeze(2), dim=-1)
+            PtP += P.transpose(-1, -2) @ P
+            PtY += P.transpose(-1, -2) @ y[:, :, s:s + chunk]
+        lam = ridge * PtP.diagonal(dim1=-2, dim2=-1).sum(-1) / budget + 1e-12
+        eye = torch.eye(t, device=k.device)
+        delta = torch.linalg.solve(PtP + lam[..., None, None] * eye, PtY - PtP @ v_sel)
+        cv = v_sel + delta * valid.unsqueeze(-1)
+    else:
+        cv = v_sel
+    cv = cv.to(v.dtype)
+
+    # 5. how well it matches, on the reference queries (with the values as they will be stored)
+    cvf = cv.float()
+    out_se = torch.zeros(B, Hkv, device=k.device)
+    mass_err = torch.zeros(B, Hkv, device=k.device)
+    for s in range(0, M, chunk):
+        logits = qr[:, :, s:s + chunk].float() @ ckf * scale + beta.unsqueeze(2)
+        lse_c = torch.logsumexp(logits, dim=-1)
+        out_se += ((torch.softmax(logits, dim=-1) @ cvf - y[:, :, s:s + chunk]) ** 2).sum((-1, -2))
+        mass_err += (torch.exp(lse_c - lse[:, :, s:s + chunk]) - 1).abs().sum(-1)
+    out_err = (out_se / (y * y).sum((-1, -2)).clamp_min(1e-30)).sqrt()
+    return CompactKV(ck=ck, cv=cv, beta=beta, idx=idx, budget=budget, out_err=out_err, mass_err=mass_err / M)
+
+
+def _budget_from_error(err, budget, T):
+    """Per-head budgets with the same total: a floor of 1/4 of the mean, the rest shared by error."""
+    Hkv = err.shape[1]
+    total = budget.sum(-1, keepdim=True).float()  # per sequence of the batch
+    floor = (total / Hkv / 4).floor()
+    share = err / err.sum(-1, keepdim=True).clamp_min(1e-30)
+    return (floor + share * (total - floor * Hkv)).floor().long().clamp(1, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding over a compacted cache
+
+class CompactedAttention:
+    """The attention object after compaction: per layer, cache rows [0, t) hold (Ck, Cv) with bias
+    beta, rows t, t+1, ... hold the tokens appended after the compacted context (bias 0). A token at
+    position p >= ctx_len (the original context length) is stored in row t + p - ctx_len.
+
+    layers: one CompactKV per layer (from compact_cache / CompactingAttention)."""
+
+    def __init__(self, layers, ctx_len, max_new_tokens, page_size=16, use_kernels=False):
+        B, Hkv, _, D = layers[0].ck.shape
+        self.t = max(c.ck.shape[2] for c in layers)  # rows of the compact part, the same in every layer
+        self.ctx_len = ctx_len
+        self.use_kernels = use_kernels
+        ref = layers[0].ck
+        self.cache = KVCache(len(layers), B, Hkv, self.t + max_new_tokens, D, ref.dtype, ref.device, page_size)
+        Nmax = self.cache.k.shape[3]
+        self.bias = torch.zeros(len(layers), B, Hkv, Nmax, dtype=torch.float32, device=ref.device)
+        self.bias[:, :, :, :self.t] = float("-inf")  # layers with fewer rows: the rest are padding
+        rows = torch.arange(self.t)
+        for i, c in enumerate(layers):
+            n = c.ck.shape[2]
+            pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, self.t - n))  # noqa: E731
+            self.cache.write(i, pad(c.ck).transpose(1, 2), pad(c.cv).transpose(1, 2), rows)
+            self.bias[i, :, :, :n] = c.beta
+        self.compact_rows = sum(int(c.budget.sum()) for c in layers)  # kept (key, value) rows, all heads
+        self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
+
+    def forward(self, layer_idx, q, k, v, input_pos):
+        """q (B, T, Hq, D) at positions input_pos >= ctx_len; k, v (B, T, Hkv, D) -> (B, T, Hq, D)."""
+        p0, T = int(input_pos[0]), q.shape[1]
+        if p0 < self.ctx_len:
+            raise ValueError(f"position {p0} lies inside the compacted context of {self.ctx_len} tokens; "
+                             f"continue at position {self.ctx_len} or later")
+        rows = input_pos - self.ctx_len + self.t
+        self.cache.write(layer_idx, k, v, rows)
+        kc, vc, bias = self.cache.k[layer_idx], self.cache.v[layer_idx], self.bias[layer_idx]
+        n = int(rows[-1]) + 1  # rows [0, n) are valid
+        qh = q.transpose(1, 2)
+        if T == 1:
+            B, Hkv, S = kc.shape[0], kc.shape[1], self.cache.page_size
+            pages = torch.arange(-(-n // S), device=q.device, dtype=torch.int32).expand(B, Hkv, -1)
+            decode = paged_decode_ref
+            if self.use_kernels:
+                import kernels
+                decode = kernels.paged_decode
+            o, _ = decode(qh[:, :, 0], kc, vc, pages, n, S, bias=bias)
+            self.stats["kv_bytes_read"] += B * Hkv * n * (2 * kc.shape[3] * kc.element_size() + 4)
+            if layer_idx == 0:
+                self.stats["decode_steps"] += 1
+            return o.unsqueeze(1)
+        # several new tokens: [compact part with bias, all visible] merged with [appended rows, causal]
+        t = self.t
+        o1, lse1 = biased_attention_ref(qh, kc[:, :, :t], vc[:, :, :t], bias[:, :, :t])
+        if self.use_kernels:
+            import kernels
+            o2, lse2 = kernels.flash_prefill(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
+        else:
+            o2, lse2 = attention_ref(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
+        o, _ = merge_attention(o1, lse1, o2, lse2)
+        return o.transpose(1, 2)
+
+
+class CompactingAttention:
+    """The attention object for the one repeat-prefill forward of
+    `context (ctx_len tokens) + separator (sep_len) + context again`. At each layer it
+      1. lets the first copy attend causally to itself (the context's true K/V for the next layer),
+      2. compacts the first copy's K/V with the second copy's queries as reference queries,
+      3. lets the separator and the second copy attend to the compacted context (bias beta) and,
+         causally, to themselves: their hidden states at the next layer are those of a model that
+         reads a compacted cache, so the next layer's reference queries are on-policy.
+    Afterwards `decoder(max_new_tokens)` gives the CompactedAttention to decode with.
+
+    budget: keys per KV head (int, or a function of the layer index); ref_queries: use at most this
+    many second-copy positions (evenly spaced) as reference queries; compact_kwargs: compact_cache's."""
+
+    def __init__(self, ctx_len, sep_len, budget, ref_queries=None, use_kernels=False, page_size=16,
+                 **compact_kwargs):
+        self.ctx_len, self.sep_len = ctx_len, sep_len
+        self.budget = budget
+        self.ref_queries = ref_queries
+        self.use_kernels = use_kernels
+        self.page_size = page_size
+        self.compact_kwargs = compact_kwargs
+        self.layers = {}
+        self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
+
+    def forward(self, layer_idx, q, k, v, input_pos):
+        L, S = self.ctx_len, self.sep_len
+        T = q.shape[1]
+        if int(input_pos[0]) != 0 or T != 2 * L + S:
+            raise ValueError(f"CompactingAttention serves one forward of context + separator + context "
+                             f"= {2 * L + S} tokens from position 0; got {T} tokens from {int(input_pos[0])}")
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        prefill = attention_ref
+        if self.use_kernels:
+            import kernels
+            prefill = kernels.flash_prefill
+        o_ctx, _ = prefill(qh[:, :, :L], kh[:, :, :L], vh[:, :, :L], causal=True)
+
+        q_ref = qh[:, :, L + S:]
+        if self.ref_queries is not None and self.ref_queries < L:
+            pick = torch.linspace(0, L - 1, self.ref_queries, device=q.device).round().long()
+            q_ref = q_ref[:, :, pick]
+        budget = self.budget(layer_idx) if callable(self.budget) else self.budget
+        c = compact_cache(kh[:, :, :L], vh[:, :, :L], q_ref, budget, **self.compact_kwargs)
+        self.layers[layer_idx] = c
+
+        o1, lse1 = biased_attention_ref(qh[:, :, L:], c.ck, c.cv, c.beta)
+        o2, lse2 = prefill(qh[:, :, L:], kh[:, :, L:], vh[:, :, L:], causal=True)
+        o_rest, _ = merge_attention(o1, lse1, o2, lse2)
+        return torch.cat([o_ctx, o_rest], dim=2).transpose(1, 2)
+
+    def decoder(self, max_new_tokens):
+        layers = [self.layers[i] for i in sorted(self.layers)]
+        return CompactedAttention(layers, self.ctx_len, max_new_tokens, self.page_size, self.use_kernels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Glue for generate.py
+
+@dataclass
+class CompactedPrompt:
+    attn: CompactedAttention  # ready to decode; attn.stats holds the compaction figures too
+    start_pos: int            # feed prompt[:, start_pos:] next, at positions start_pos, start_pos + 1, ...
+    stats: dict
+
+
+@torch.no_grad()
+def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_tokens=256,
+                   ref_queries=None, use_kernels=False, page_size=16, **compact_kwargs):
+    """Compact a prompt's KV cache by a factor `ratio` (>= 1) with the repeat-prefill pass.
+
+    prompt (B, N) long; the first N - keep_last tokens form the context that is compacted (keep at
+    least the last token out: its logits start generation). separator_ids: token ids of REPEAT_PROMPT.
+    Then: generate(model, res.attn, prompt[:, res.start_pos:], ..., start_pos=res.start_pos).
+    max_new_tokens: room for the suffix and the generated tokens after the compact part."""
+    B, N = prompt.shape
+    L = N - keep_last
+    if ratio < 1 or keep_last < 1 or L < 1:
+        raise ValueError(f"need ratio >= 1 and 1 <= keep_last < prompt length; got ratio {ratio}, "
+                         f"keep_last {keep_last}, prompt of {N} tokens")
+    sep = torch.as_tensor(list(separator_ids), dtype=prompt.dtype, device=prompt.device).expand(B, -1)
+    seq = torch.cat([prompt[:, :L], sep, prompt[:, :L]], dim=1)
+    if seq.shape[1] > model.args.max_seq_len:
+        raise ValueError(f"the repeat-prefill pass needs 2 x {L} + {sep.shape[1]} = {seq.shape[1]} positions, "
+                         f"more than the model's {model.args.max_seq_len} (shorten the prompt)")
+    budget = max(1, round(L / ratio))
+    compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, **compact_kwargs)
+    sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    model(seq, torch.arange(seq.shape[1]), compactor, last_only=True)
+    attn = compactor.decoder(keep_last + max_new_tokens)
+    sync()
+    args = model.args
+    elem = attn.cache.k.element_size()
+    dense_bytes = 2 * args.n_layers * B * args.n_kv_heads * L * args.head_dim * elem
+    compact_bytes = attn.compact_rows * (2 * args.head_dim * elem + 4)  # keys, values, fp32 bias
+    layers = compactor.layers.values()
+    stats = {"compaction_s": time.perf_counter() - t0, "compacted_tokens": L, "keys_per_head": budget,
+             "kv_mib_before": dense_bytes / 2**20, "kv_mib_after": compact_bytes / 2**20,
+             "ref_out_err": sum(float(c.out_err.mean()) for c in layers) / len(layers),
+             "ref_mass_err": sum(float(c.mass_err.mean()) for c in layers) / len(layers)}
+    attn.stats.update(stats)
+    return CompactedPrompt(attn=attn, start_pos=L, stats=stats)

@@ -1,0 +1,362 @@
+"""
+RetroAttention: let later decode steps revise the attention outputs of recent tokens
+(paper: "RetroAttention", arXiv 2508.09001, ICLR 2026; no public code, this file is our reading).
+
+Quest (kvcache.py) lets each decode step read only budget // S pages of the KV cache. A token's
+attention output is then fixed by the pages *its* step happened to pick, though the next steps load
+other pages anyway. RetroAttention reuses those pages to revise the outputs of the previous w - 1
+tokens, whose outputs are kept in a small output cache with their log-sum-exp (lse):
+
+    step t loads S_t (Quest's pages for the current token t); A[p] = last step that loaded page p
+    for each past token tau = t-w+1 .. t-1 (the retrospective window; w counts the current token):
+        new pages  N_tau = { p in S_t : A[p] < tau }        (pages tau has not seen yet)
+        (o_s, lse_s) = attention of tau's (fresh) query over the keys j <= tau of N_tau
+        lse' = logaddexp(lse, lse_s),   o' = exp(lse - lse') o + exp(lse_s - lse') o_s
+    then A[p] = t for every p in S_t.
+
+The merge is FlashAttention's: over disjoint key sets it equals one attention over their union, so
+after the window has passed, tau's output has covered S_tau u ... u S_{tau+w-1} instead of S_tau.
+A revised output changes tau's hidden state, so at the next layer tau is re-embedded: new q, k, v
+come from its revised hidden state, k and v overwrite tau's stale cache rows (later tokens read the
+corrected K/V for free) and the new q is the one its supplement uses. A decode step is therefore a
+forward pass over the last w rows, positions t-w+1 .. t. w = 1 is Quest; the paper uses w = 2 and
+ablates 4 and 8 (gains saturate past 8). The pages are loaded once for all w rows: decoding is
+memory bound, so the extra queries cost little (paper: < 1 ms per token over Quest at w = 2).
+
+Layout of this file: the output cache; the reference of one step's attention (a loop over the window
+rows, each a Quest paged decode over its new pages); the Triton kernel that serves all w rows from
+one pass over S_t; RetroAttention, the attention object generate.py drives.
+
+What generate.py does for --method retro (generate.generate(..., window=w)): prefill the prompt as
+usual; then, with n tokens so far (the newest just sampled, not yet fed), feed the last m = min(w, n)
+tokens at input_pos = arange(n - m, n) and sample from the logits of the last row. model.py knows
+nothing of this: the object tells the rows to overwrite from the new one by input_pos.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels
+from attention import _check_gqa, merge_attention, paged_decode_ref, prefill_decode_attention
+from kvcache import check_budget, count_page_reads, quest_pages
+
+
+# ----------------------------------------------------------------------------------------------
+# Output cache: what the window's past tokens have attended to so far
+
+class OutputCache:
+    """Per layer, the attention outputs (before o_proj) and lse of the last w - 1 tokens, oldest first:
+    o (B, Hq, R, D) and lse (B, Hq, R) fp32, R <= w - 1 rows, with the rows' positions. Its size does
+    not grow with the generation (paper: an output cache of (w-1, B, L, hidden) plus normalizers).
+    Kept in fp32: a row is merged into up to w - 1 times and should not be rounded each time."""
+
+    def __init__(self, n_layers, size):
+        self.size = size
+        self.pos = [[] for _ in range(n_layers)]
+        self.o = [None] * n_layers
+        self.lse = [None] * n_layers
+
+    def push(self, layer, pos, o, lse):
+        """Append rows (positions pos, o (B, Hq, R, D), lse (B, Hq, R)); beyond w - 1 rows the oldest leave."""
+        pos = list(pos)
+        if self.pos[layer]:
+            pos = self.pos[layer] + pos
+            o, lse = torch.cat([self.o[layer], o.float()], 2), torch.cat([self.lse[layer], lse], 2)
+        drop = len(pos) - min(self.size, len(pos))
+        self.pos[layer], self.o[layer], self.lse[layer] = pos[drop:], o[:, :, drop:].float(), lse[:, :, drop:]
+
+    def update(self, layer, o_s, lse_s):
+        """Merge supplements (B, Hq, R, D), (B, Hq, R) into all R rows; returns the revised (o, lse)."""
+        self.o[layer], self.lse[layer] = merge_attention(self.o[layer], self.lse[layer], o_s, lse_s)
+        return self.o[layer], self.lse[layer]
+
+    def pop(self, layer):
+        """Remove the oldest row (its token leaves the window); returns its position."""
+        pos = self.pos[layer].pop(0)
+        self.o[layer], self.lse[layer] = self.o[layer][:, :, 1:], self.lse[layer][:, :, 1:]
+        return pos
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: the attention of one decode step, all window rows
+
+def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None):
+    """One RetroAttention step's attention over the pages loaded for the current token.
+    q (B, Hq, W, D): the window's queries, oldest first; row i sits at position tau = seq_len - W + i,
+        the last row is the current token t = seq_len - 1.
+    k_cache, v_cache (B, Hkv, Nmax, D); page_idx (B, Hkv, K) int: S_t, -1 = unused slot.
+    last_loaded (B, Hkv, Pmax) int: A, the last step that loaded each page, *before* this step.
+    Row tau attends to the keys j <= tau of the pages p in S_t with A[p] < tau. For the current row
+    every page qualifies (A < t), so it gets Quest's attention over S_t; a past row gets its supplement.
+    Returns o (B, Hq, W, D) in q.dtype, lse (B, Hq, W) fp32 (empty rows: o = 0, lse = -inf)."""
+    W = q.shape[2]
+    A = last_loaded.gather(-1, page_idx.clamp(min=0).long())  # (B, Hkv, K): A of each listed page
+    outs, lses = [], []
+    for i in range(W):
+        tau = seq_len - W + i
+        new_pages = torch.where((page_idx >= 0) & (A < tau), page_idx, -1)
+        # seq_len tau + 1 is the causal mask: a listed page may hold keys newer than tau (the page
+        # of the current token always does); they do not exist for tau
+        o, lse = paged_decode_ref(q[:, :, i], k_cache, v_cache, new_pages, tau + 1, page_size, scale=scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.stack(outs, 2), torch.stack(lses, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel: every row of the window from one pass over S_t
+#
+# One program per (split of the page list, batch * KV head). The tile's rows are the G query heads of
+# the KV head times the W window rows (row r = g * W + i), so each K/V tile is loaded once for all
+# G * W queries; each (row, key) pair is masked by the row's own rule (page new to it, key not after
+# it). The page list is walked as in kernels.paged_decode: every page padded to PAGE_PAD rows, so any
+# page size works. Splits are merged by kernels.merge_partials (flash-decoding).
+
+@triton.jit
+def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP,
+                         sqb, sqh, sqw, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         spb, sph, spk, sab, sah, sap,
+                         Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, qk_scale,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         PAGE_PAD: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hkv).to(tl.int64)
+    hk = (pid_bh % Hkv).to(tl.int64)
+    r = tl.arange(0, BLOCK_M)  # rows r >= G * W are padding (tl.dot wants >= 16 rows)
+    g = r // W
+    i = r % W
+    r_ok = r < G * W
+    cols = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqw + d[None, :] * sqd,
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = seq_len - W + i  # absolute position of each row
+    K += b * skb + hk * skh
+    V += b * svb + hk * svh
+    PAGES += b * spb + hk * sph
+    LAST += b * sab + hk * sah
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, n_slots * PAGE_PAD)
+    for start in range(lo, hi, BLOCK_N):
+        c = start + cols
+        slot = c // PAGE_PAD
+        in_page = c % PAGE_PAD
+        page = tl.load(PAGES + slot * spk, mask=c < hi, other=-1)
+        k_pos = page * page_size + in_page
+        k_ok = (page >= 0) & (in_page < page_size) & (k_pos < seq_len) & (c < hi)
+        seen_at = tl.load(LAST + page * sap, mask=page >= 0, other=0)  # A[page] of each key
+        kv_ok = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + k_pos[:, None] * skn + d[None, :] * skd, mask=kv_ok, other=0.0)
+        v = tl.load(V + k_pos[:, None] * svn + d[None, :] * svd, mask=kv_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # row tau sees a key iff its page is new to tau and the key is not after tau
+        visible = k_ok[None, :] & (seen_at[None, :] < q_pos[:, None]) & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp gives 0, not NaN
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+
+    has_keys = l > 0
+    l_safe = tl.where(has_keys, l, 1.0)
+    row = (b * Hkv + hk) * G * W + r  # index of (b, query head, window row) in B * Hq * W
+    tl.store(OP + (row[:, None] * num_splits + split) * D + d[None, :], acc / l_safe[:, None],
+             mask=r_ok[:, None] & d_ok[None, :])
+    lse = tl.where(has_keys, m * 0.6931471805599453 + tl.log(l_safe), float("-inf"))  # base 2 -> natural
+    tl.store(LP + row * num_splits + split, lse, mask=r_ok)
+
+
+RETRO_BLOCK_N = 64
+
+
+def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None):
+    """Triton version of retro_decode_ref (same arguments, same result)."""
+    G = _check_gqa(q, k_cache)
+    B, Hq, W, D = q.shape
+    Hkv = k_cache.shape[1]
+    if page_idx.shape[:2] != (B, Hkv) or last_loaded.shape[:2] != (B, Hkv):
+        raise ValueError(f"page_idx {tuple(page_idx.shape)} and last_loaded {tuple(last_loaded.shape)} "
+                         f"must start with (B, Hkv) = ({B}, {Hkv})")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    seq_len = int(seq_len)
+    page_idx = page_idx.to(torch.int32)
+    last_loaded = last_loaded.to(torch.int32)
+    n_slots = page_idx.shape[2]
+    page_pad = triton.next_power_of_2(page_size)
+    rows = n_slots * page_pad
+    # enough programs to fill the GPU about four times over (as kernels.paged_decode), at least one tile each
+    programs = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count
+                    if q.device.type == "cuda" else 4)
+    splits = max(1, min(triton.cdiv(programs, B * Hkv), triton.cdiv(rows, RETRO_BLOCK_N), kernels.MAX_SPLITS))
+    chunk = max(1, triton.cdiv(triton.cdiv(rows, splits), RETRO_BLOCK_N)) * RETRO_BLOCK_N
+    splits = max(1, triton.cdiv(rows, chunk))
+    o_part = torch.empty(B, Hq, W, splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, W, splits, dtype=torch.float32, device=q.device)
+    BLOCK_M = max(16, triton.next_power_of_2(G * W))
+    _retro_decode_kernel[(splits, B * Hkv)](
+        q, k_cache, v_cache, page_idx, last_loaded, o_part, lse_part,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *last_loaded.stride(),
+        Hkv, G, W, n_slots, seq_len, page_size, chunk, splits, scale * kernels.LOG2E,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 must not be rounded to tf32
+        BLOCK_M=BLOCK_M, BLOCK_N=RETRO_BLOCK_N, PAGE_PAD=page_pad,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+        # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory
+        num_warps=8 if BLOCK_M >= 128 else 4,
+        num_stages=1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else 3)
+    return kernels.merge_partials(o_part, lse_part, out_dtype=q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The attention object
+
+class RetroAttention:
+    """RetroAttention as an attention object. forward(layer_idx, q, k, v, input_pos) takes the rows of
+    input_pos: several new positions = prefill (dense, causal); otherwise a decode step, whose rows are
+    the last min(w, t + 1) positions t-w+1 .. t, all but the last already in the cache.
+    budget, page_size, dense_layers: as QuestAttention. window: w, counting the current token.
+    track_exposure: keep the exposure statistic (a few small GPU ops per sparse layer and step)."""
+
+    def __init__(self, cache, budget, page_size, window=2, dense_layers=2, use_kernels=False, track_exposure=True):
+        if page_size != cache.page_size:
+            raise ValueError(f"--page-size {page_size} differs from the KV cache's page size {cache.page_size}")
+        check_budget(budget, page_size)
+        if window < 1:
+            raise ValueError(f"--window must be >= 1 (1 is Quest), got {window}")
+        if dense_layers < 0:
+            raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
+        self.cache = cache
+        self.budget = budget
+        self.window = window
+        self.dense_layers = dense_layers
+        self.use_kernels = use_kernels
+        n_layers, B, Hkv = cache.k.shape[:3]
+        self.outputs = OutputCache(n_layers, window - 1)
+        # A: per (layer, batch, KV head, page) the last step (= position of its current token) that loaded it
+        self.last_loaded = torch.full((n_layers, B, Hkv, cache.num_pages_max), -1, dtype=torch.int32,
+                                      device=cache.k.device)
+        self.first_decoded = None  # position of the first token decoded (exposure counts decoded tokens)
+        self.track_exposure = track_exposure
+        self._page_start = torch.arange(cache.num_pages_max, device=cache.k.device) * cache.page_size
+        self._exposure_sum = torch.zeros((), dtype=torch.float64, device=cache.k.device)
+        self._exposure_count = 0
+        # kv_bytes_read and pages_read count what Quest counts (K/V of the pages read, page bounds), so
+        # the two compare; retro_aux_bytes is what Retro adds: the output cache (read and written), the
+        # past rows' K/V overwrites, A (read and written).
+        self._stats = {"kv_bytes_read": 0, "pages_read": 0, "decode_steps": 0, "retro_aux_bytes": 0}
+
+    @property
+    def stats(self):
+        """Counters for generate.py. exposure: distinct KV tokens the final output of a decoded token
+        covered / budget, averaged over sparse layers, KV heads and tokens that left the window."""
+        if self._exposure_count:
+            self._stats["exposure"] = float(self._exposure_sum) / self._exposure_count
+        return self._stats
+
+    def forward(self, layer_idx, q, k, v, input_pos):
+        # q (B, T, Hq, D) after RoPE; k, v (B, T, Hkv, D); input_pos (T,) on the CPU -> (B, T, Hq, D)
+        t = int(input_pos[-1])
+        if t + 1 - self.cache.lengths[layer_idx] > 1:  # several new positions
+            return self._prefill(layer_idx, q, k, v, input_pos)
+        self._check_decode_rows(layer_idx, input_pos)
+        self.cache.write(layer_idx, k, v, input_pos)  # overwrite the past rows, append the new one
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        B, Hkv, _, D = kc.shape
+        self._stats["retro_aux_bytes"] += 2 * (len(input_pos) - 1) * B * Hkv * D * kc.element_size()  # overwrites
+        if layer_idx == 0:
+            self._stats["decode_steps"] += 1
+            if self.first_decoded is None:
+                self.first_decoded = t
+        if layer_idx < self.dense_layers:
+            # Dense layers attend every key anyway, so the past rows are simply recomputed, exactly,
+            # with their fresh queries: no output cache, nothing to merge.
+            count_page_reads(self._stats, self.cache, -(-(t + 1) // self.cache.page_size), t + 1, scored=False)
+            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
+        return self._sparse_decode(layer_idx, q, input_pos)
+
+    def _check_decode_rows(self, layer_idx, input_pos):
+        """A decode step's rows are the tokens in the output cache plus one new token."""
+        t, rows = int(input_pos[-1]), input_pos.tolist()
+        sparse = max(layer_idx, self.dense_layers)  # dense layers keep no rows: ask the first sparse one
+        held = self.outputs.pos[sparse] if sparse < len(self.outputs.pos) else rows[:-1]
+        if t + 1 - self.cache.lengths[layer_idx] != 1 or rows[:-1] != held:
+            raise ValueError(f"RetroAttention(window={self.window}): a decode step feeds the last min(w, n) "
+                             f"positions, {held + [self.cache.lengths[layer_idx]]} now, the last one new; "
+                             f"got {rows}")
+
+    def _prefill(self, layer_idx, q, k, v, input_pos):
+        if int(input_pos[0]) != self.cache.lengths[layer_idx]:
+            raise ValueError(f"RetroAttention: a prefill must only append (positions {input_pos.tolist()}, "
+                             f"{self.cache.lengths[layer_idx]} already in the cache)")
+        self.cache.write(layer_idx, k, v, input_pos)
+        o, lse = prefill_decode_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos,
+                                          self.use_kernels)
+        self.record_prefill(layer_idx, input_pos, o, lse)
+        return o
+
+    def record_prefill(self, layer_idx, input_pos, o, lse):
+        """Remember the prompt's last w - 1 rows, which attended densely: every page so far counts as
+        seen by them. o (B, T, Hq, D), lse (B, Hq, T) of the rows at input_pos (the last rows suffice).
+        Also called by a prefill method that wrote the cache itself (token_sparse)."""
+        if layer_idx >= self.dense_layers:
+            n = int(input_pos[-1]) + 1
+            self.last_loaded[layer_idx, :, :, :-(-n // self.cache.page_size)] = n - 1
+            self.outputs.push(layer_idx, input_pos.tolist(), o.transpose(1, 2), lse)
+
+    def _sparse_decode(self, layer_idx, q, input_pos):
+        cache, S, w = self.cache, self.cache.page_size, self.window
+        t = int(input_pos[-1])
+        n = t + 1
+        past = input_pos[:-1].tolist()
+        kc, vc = cache.k[layer_idx], cache.v[layer_idx]
+        A = self.last_loaded[layer_idx]  # (B, Hkv, Pmax)
+
+        # S_t: Quest's pages for the current token (all pages while the budget covers the sequence)
+        page_idx, scored = quest_pages(q[:, -1], cache, layer_idx, self.budget, n, self.use_kernels)
+        attend = retro_decode if self.use_kernels else retro_decode_ref
+        o, lse = attend(q.transpose(1, 2), kc, vc, page_idx, A, n, S)  # (B, Hq, T, D), (B, Hq, T)
+
+        # What a past row's cached (o, lse) is merged with (ours; the paper leaves it open): the
+        # supplement computed now, with the row's fresh query (re-embedded from its revised lower-layer
+        # outputs), over the keys <= tau of the pages new to it, read after this step's overwrite. The
+        # cached part is not recomputed: it keeps the queries and window K/V of the steps that produced
+        # it, since refreshing it would mean reloading every page tau has already seen, the traffic
+        # Quest exists to avoid. The merge is therefore exactly one attention over the union of pages
+        # while tau's lower layers stay unchanged (as with a budget covering the sequence), and an
+        # approximation of it once a lower layer's revision has moved tau's q, k, v.
+        if past:
+            o_past, _ = self.outputs.update(layer_idx, o[:, :, :-1], lse[:, :, :-1])
+        A.scatter_(-1, page_idx.long(), t)
+        if w == 1:
+            self._count_exposure(A, t)
+        else:
+            if len(self.outputs.pos[layer_idx]) == w - 1:
+                self._count_exposure(A, self.outputs.pop(layer_idx))  # its output is final now
+            self.outputs.push(layer_idx, [t], o[:, :, -1:], lse[:, :, -1:])
+
+        count_page_reads(self._stats, cache, page_idx.shape[-1], n, scored)
+        B, Hq, _, D = o.shape
+        rows_moved = 2 * len(past) + (w > 1)  # output cache rows read and written (fp32), the new one pushed
+        self._stats["retro_aux_bytes"] += rows_moved * B * Hq * (D + 1) * 4 + 2 * page_idx.numel() * 4  # + A
+        if past:
+            o = torch.cat([o_past.to(o.dtype), o[:, :, -1:]], dim=2)
+        return o.transpose(1, 2)
+
+    def _count_exposure(self, A, tau):
+        """tau's output is final: count the keys <= tau of every page it has seen (A[p] >= tau)."""
+        if not self.track_exposure or tau < self.first_decoded:
+            return  # (a prompt token attended densely in prefill)
+        keys_upto_tau = (tau + 1 - self._page_start).clamp_(0, self.cache.page_size)  # (Pmax,) keys j <= tau per page
+        self._exposure_sum += torch.where(A >= tau, keys_upto_tau, 0).sum() / self.budget
+        self._exposure_count += A.shape[0] * A.shape[1]

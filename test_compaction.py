@@ -1,0 +1,181 @@
+"""KV compaction by attention matching: the invariants of compaction.py (DESIGN.md, "KV compaction")."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from attention import attention_ref, paged_decode_ref
+from compaction import CompactedAttention, biased_attention_ref, compact_cache, compact_prompt, nnls
+from conftest import DEVICE, gqa_heads, rand, tiny_model
+
+
+def _errors(c, k, v, q):
+    """Relative output error and mean relative mass error of a compaction on queries q (B, Hq, M, D)."""
+    o, lse = attention_ref(q, k, v, causal=False)
+    oc, lse_c = biased_attention_ref(q, c.ck, c.cv, c.beta)
+    return float((oc - o).norm() / o.norm()), float((torch.exp(lse_c - lse) - 1).abs().mean())
+
+
+@settings(max_examples=4)
+@given(T=st.integers(1, 40), heads=gqa_heads(), select=st.sampled_from(["top", "omp"]), seed=st.integers(0, 99))
+def test_full_size_reproduces_cache(T, heads, select, seed):
+    Hq, Hkv = heads
+    D = 16
+    k, v = rand(1, Hkv, T, D, seed=seed), rand(1, Hkv, T, D, seed=seed + 1)
+    q_ref = rand(1, Hq, T + 4, D, seed=seed + 2)  # >= T pooled queries per KV head: a determined fit
+    c = compact_cache(k, v, q_ref, budget=T, select=select)
+    assert torch.equal(c.idx, torch.arange(T, device=DEVICE).expand(1, Hkv, T))
+    assert c.beta.abs().max() < 1e-2  # every key keeps its own mass
+    torch.testing.assert_close(c.cv, v, atol=3e-2, rtol=0)  # up to ill-determined directions
+    q = rand(1, Hq, 5, D, seed=seed + 3)  # queries the fit never saw
+    o, lse = attention_ref(q, k, v, causal=False)
+    oc, lse_c = biased_attention_ref(q, c.ck, c.cv, c.beta)
+    torch.testing.assert_close(oc, o, atol=1e-3, rtol=0)
+    torch.testing.assert_close(lse_c, lse, atol=1e-3, rtol=0)
+
+
+@settings(max_examples=25)
+@given(M=st.integers(1, 30), t=st.integers(1, 12), kind=st.sampled_from(["exp", "gauss", "exp_low_rank"]),
+       positive_z=st.booleans(), seed=st.integers(0, 10**6))
+def test_nnls_nonnegative_and_kkt(M, t, kind, positive_z, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "exp":  # like ours: exponentiated scores, columns of very different scale
+        A = torch.exp(2 * torch.randn(M, t, generator=g))
+    elif kind == "gauss":
+        A = torch.randn(M, t, generator=g)
+    else:  # exp of a rank-2 score matrix: nearly collinear columns, badly conditioned
+        A = torch.exp(torch.randn(M, 2, generator=g) @ torch.randn(2, t, generator=g))
+    z = torch.randn(M, generator=g)
+    z = 3 * z.abs() if positive_z else z
+    w = nnls(A, z)
+    assert (w >= 0).all()
+    # KKT of min ||A w - z||^2, w >= 0: gradient g = A^T (A w - z) is >= 0 where w = 0, 0 where w > 0
+    A64, z64, w64 = A.double(), z.double(), w.double()
+    grad = A64.T @ (A64 @ w64 - z64)
+    eps = 1e-5 * float((A64.abs().T @ (A64.abs() @ w64 + z64.abs())).max() + 1e-12)
+    assert (grad[w64 > 0].abs() <= eps).all(), grad
+    assert (grad[w64 == 0] >= -eps).all(), grad
+
+
+def _clustered(seed, Hkv=2, G=2, T=256, M=192, C=12, D=16):
+    """Keys around C centres (many near-duplicates to merge), queries near the same centres."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(Hkv, C, D, generator=g)
+    pick = torch.randint(0, C, (Hkv, T), generator=g)
+    k = 2 * (centres.gather(1, pick[..., None].expand(Hkv, T, D)) + 0.3 * torch.randn(Hkv, T, D, generator=g))
+    v = torch.randn(Hkv, T, D, generator=g)
+
+    def queries(s):
+        gq = torch.Generator().manual_seed(s)
+        cq = centres.repeat_interleave(G, 0)
+        pq = torch.randint(0, C, (Hkv * G, M), generator=gq)
+        return cq.gather(1, pq[..., None].expand(Hkv * G, M, D)) + 0.5 * torch.randn(Hkv * G, M, D, generator=gq)
+    return k[None], v[None], queries(seed + 1)[None], queries(seed + 2)[None]
+
+
+@pytest.mark.parametrize("t", [16, 32])
+def test_fitted_beats_top_t_on_heldout_queries(t):
+    k, v, q_ref, q_held = _clustered(0)
+    fitted = compact_cache(k, v, q_ref, t)
+    top = compact_cache(k, v, q_ref, t, fit_bias=False, fit_values=False)  # plain top-t eviction
+    out_fit, mass_fit = _errors(fitted, k, v, q_held)
+    out_top, mass_top = _errors(top, k, v, q_held)
+    assert out_fit < 0.5 * out_top and mass_fit < 0.75 * mass_top, (out_fit, out_top, mass_fit, mass_top)
+
+
+def test_error_budgets_keep_the_total_and_help_the_worst_head():
+    k, v, q_ref, _ = _clustered(1)
+    k = torch.cat([k[:, :1], k[:, 1:] * 0.05], dim=1)  # head 1: nearly flat attention, easy to compact
+    uniform = compact_cache(k, v, q_ref, 24)
+    by_error = compact_cache(k, v, q_ref, 24, budget_mode="error")
+    assert int(by_error.budget.sum()) <= 2 * 24 and int(by_error.budget.min()) >= 1
+    worst = int(uniform.out_err.argmax())
+    assert by_error.out_err[0, worst] < uniform.out_err[0, worst]
+    assert torch.isneginf(by_error.beta).sum() == by_error.beta.numel() - int(by_error.budget.sum())
+
+
+def _concat_reference(q, k, v, bias, n_new):
+    """Attention of the last n_new rows of k over [all rows before them] + [new rows, causally], with bias.
+    q (B, Hq, n_new, D); k, v (B, Hkv, N, D); bias (B, Hkv, N)."""
+    B, Hq, _, D = q.shape
+    N, Hkv = k.shape[2], k.shape[1]
+    scores = torch.einsum("bhtd,bhnd->bhtn", q.float(), k.repeat_interleave(Hq // Hkv, 1).float()) / D ** 0.5
+    scores = scores + bias.repeat_interleave(Hq // Hkv, 1)[:, :, None, :]
+    rows = torch.arange(N - n_new, N, device=k.device)[:, None]
+    scores = scores.masked_fill(torch.arange(N, device=k.device)[None, :] > rows, float("-inf"))
+    return torch.softmax(scores, -1) @ v.repeat_interleave(Hq // Hkv, 1).float()
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_append_after_compaction_equals_biased_concatenation(use_kernels):
+    B, Hq, Hkv, T, D, ctx_len = 1, 4, 2, 40, 16, 40
+    k, v = rand(B, Hkv, T, D, seed=0), rand(B, Hkv, T, D, seed=1)
+    budget = torch.tensor([[9, 6]], device=DEVICE)  # per-head budgets: head 1 has 3 padding slots
+    c = compact_cache(k, v, rand(B, Hq, 30, D, seed=2), budget)
+    attn = CompactedAttention([c], ctx_len, max_new_tokens=24, page_size=4, use_kernels=use_kernels)
+    keys, values, bias = c.ck, c.cv, c.beta
+    done = 0
+    for step, n in enumerate([3, 1, 1, 1]):  # a 3-token prefill of new text, then decode steps
+        q, kn, vn = rand(B, n, Hq, D, seed=10 + step), rand(B, n, Hkv, D, seed=20 + step), rand(B, n, Hkv, D, seed=30 + step)
+        o = attn.forward(0, q, kn, vn, torch.arange(ctx_len + done, ctx_len + done + n))  # positions go on after L
+        done += n
+        keys, values = torch.cat([keys, kn.transpose(1, 2)], 2), torch.cat([values, vn.transpose(1, 2)], 2)
+        bias = torch.cat([bias, torch.zeros(B, Hkv, n, device=DEVICE)], 2)
+        expect = _concat_reference(q.transpose(1, 2), keys, values, bias, n)
+        torch.testing.assert_close(o.transpose(1, 2).float(), expect, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("S, n", [(4, 23), (16, 40)])
+def test_biased_decode_kernel_matches_reference(S, n):
+    import kernels
+    B, Hq, Hkv, D = 2, 4, 2, 32
+    Nmax = 48
+    q, k, v = rand(B, Hq, D, seed=0), rand(B, Hkv, Nmax, D, seed=1), rand(B, Hkv, Nmax, D, seed=2)
+    bias = 2 * rand(B, Hkv, Nmax, seed=3)
+    bias[0, 0, :S] = float("-inf")  # a whole page of absent keys (compaction's padding slots)
+    bias[1, 1, 5:7] = float("-inf")
+    pages = torch.arange(-(-n // S), device=DEVICE, dtype=torch.int32).flip(0).expand(B, Hkv, -1).contiguous()
+    o, lse = kernels.paged_decode(q, k, v, pages, n, S, bias=bias)
+    o_ref, lse_ref = paged_decode_ref(q, k, v, pages, n, S, bias=bias)
+    torch.testing.assert_close(o.float(), o_ref.float(), atol=2e-4, rtol=0)
+    torch.testing.assert_close(lse, lse_ref, atol=2e-4, rtol=0)
+
+
+def _greedy(model, prompt, n, compact_ratio=None):
+    from attention import DenseAttention
+    from generate import generate
+    from kvcache import KVCache
+    a = model.args
+    if compact_ratio is None:
+        attn = DenseAttention(KVCache(a.n_layers, 1, a.n_kv_heads, prompt.shape[1] + n, a.head_dim,
+                                      torch.float32, DEVICE))
+        return generate(model, attn, prompt, n)[0]
+    res = compact_prompt(model, prompt, compact_ratio, separator_ids=[1, 2, 3], max_new_tokens=n)
+    return generate(model, res.attn, prompt[:, res.start_pos:], n, start_pos=res.start_pos)[0], res
+
+
+def test_compacted_prompt_decodes_and_ratio_one_matches_dense():
+    model = tiny_model(0)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, model.args.vocab_size, (1, 48), generator=g).to(DEVICE)
+    dense = _greedy(model, prompt, 8)
+    same, res = _greedy(model, prompt, 8, compact_ratio=1)
+    assert torch.equal(same, dense)
+    assert res.stats["ref_out_err"] < 1e-2 and res.stats["ref_mass_err"] < 1e-3
+    small, res = _greedy(model, prompt, 8, compact_ratio=6)
+    assert small.shape == dense.shape and int(small.max()) < model.args.vocab_size
+    assert res.attn.t == round(47 / 6) and res.stats["kv_mib_after"] < res.stats["kv_mib_before"] / 4
+
+
+def test_kernel_path_matches_reference_path():
+    model = tiny_model(1)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(4, model.args.vocab_size, (1, 24), generator=g).to(DEVICE)
+    logits = []
+    for use_kernels in (False, True):
+        res = compact_prompt(model, prompt, 4, separator_ids=[1, 2], keep_last=2, max_new_tokens=2,
+                             use_kernels=use_kernels)
+        with torch.no_grad():
+            model(prompt[:, res.start_pos:], torch.arange(res.start_pos, 24), res.attn)  # 2 new tokens
+            logits.append(model(prompt[:, :1], torch.arange(24, 25), res.attn))  # one decode step
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)

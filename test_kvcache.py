@@ -1,0 +1,234 @@
+"""The KV cache stores what it is given and keeps true page bounds; Quest reads the right pages.
+
+Quest's defining property is checked end to end: with a budget that covers the whole sequence it is
+dense attention, bit for bit, and decodes the same greedy tokens on a tiny model.
+"""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from attention import DenseAttention, attention_ref
+from conftest import DEVICE, gqa_heads, rand, tiny_model
+from kvcache import KVCache, QuestAttention, check_budget, page_scores_ref, select_pages
+
+seeds = st.integers(0, 2**16)
+
+
+def make_cache(n_layers=1, B=1, Hkv=2, N=40, D=8, page_size=4, dtype=torch.float32):
+    return KVCache(n_layers, B, Hkv, N, D, dtype, DEVICE, page_size=page_size)
+
+
+def kv(B, T, Hkv, D, seed):
+    """k, v in the model's layout (B, T, Hkv, D)."""
+    return rand(B, T, Hkv, D, seed=seed), rand(B, T, Hkv, D, seed=seed + 1)
+
+
+def recomputed_bounds(cache, layer):
+    """Page min/max straight from the stored keys, one page at a time."""
+    S, n = cache.page_size, cache.lengths[layer]
+    P = -(-n // S)
+    keys = cache.k[layer]  # (B, Hkv, N, D)
+    kmin = torch.stack([keys[:, :, p * S:min((p + 1) * S, n)].amin(2) for p in range(P)], dim=2)
+    kmax = torch.stack([keys[:, :, p * S:min((p + 1) * S, n)].amax(2) for p in range(P)], dim=2)
+    return kmin, kmax
+
+
+# ------------------------------------------------------------------------------------------------
+# KVCache
+
+def test_write_stores_keys_and_values_heads_first():
+    cache = make_cache(n_layers=2)
+    k, v = kv(1, 7, 2, 8, seed=1)
+    cache.write(1, k, v, torch.arange(3, 10))
+    assert torch.equal(cache.k[1, :, :, 3:10], k.transpose(1, 2))
+    assert torch.equal(cache.v[1, :, :, 3:10], v.transpose(1, 2))
+    assert cache.lengths == [0, 10]
+    assert not cache.k[0].any()  # the other layer is untouched
+
+
+def test_overwrite_replaces_rows_and_keeps_length():
+    cache = make_cache()
+    k, v = kv(1, 10, 2, 8, seed=1)
+    cache.write(0, k, v, torch.arange(10))
+    k2, v2 = kv(1, 3, 2, 8, seed=5)
+    cache.write(0, k2, v2, torch.arange(4, 7))
+    assert torch.equal(cache.k[0, :, :, 4:7], k2.transpose(1, 2))
+    assert torch.equal(cache.v[0, :, :, 7:10], v[:, 7:10].transpose(1, 2))
+    assert cache.lengths[0] == 10
+
+
+def test_write_past_the_end_raises():
+    cache = make_cache(N=10)
+    k, v = kv(1, 3, 2, 8, seed=1)
+    cache.write(0, k, v, torch.arange(7, 10))  # exactly full is fine
+    with pytest.raises(ValueError, match="does not fit the KV cache of 10"):
+        cache.write(0, k, v, torch.arange(8, 11))
+
+
+def test_page_bounds_match_recompute_after_appends_and_overwrite():
+    """Token-by-token appends, a prefill-sized write, then overwriting rows that span a page border
+    (as RetroAttention does): the bounds always equal a recomputation from the stored keys, and the
+    unfilled tail of the last page never widens them."""
+    cache = make_cache(B=2, N=40, page_size=4)
+    k, v = kv(2, 9, 2, 8, seed=1)
+    cache.write(0, k, v, torch.arange(9))
+    for t in range(9, 23):
+        k1, v1 = kv(2, 1, 2, 8, seed=10 + t)
+        cache.write(0, k1 * 3, v1, torch.tensor([t]))
+        kmin, kmax = recomputed_bounds(cache, 0)
+        assert torch.equal(cache.kmin[0, :, :, :kmin.shape[2]], kmin)
+        assert torch.equal(cache.kmax[0, :, :, :kmax.shape[2]], kmax)
+    k2, v2 = kv(2, 3, 2, 8, seed=99)
+    cache.write(0, k2 * 0.01, v2, torch.arange(19, 22))  # shrinks the bounds of pages 4 and 5
+    kmin, kmax = recomputed_bounds(cache, 0)
+    assert torch.equal(cache.kmin[0, :, :, :6], kmin) and torch.equal(cache.kmax[0, :, :, :6], kmax)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quest page scores and selection
+
+@given(n=st.integers(1, 45), page_size=st.sampled_from([1, 3, 4, 16]), heads=gqa_heads(), seed=seeds)
+def test_page_bound_holds_for_every_key(n, page_size, heads, seed):
+    """For keys written through the cache (last page partial), no key's score, summed over the query
+    heads of its KV head, exceeds its page's bound."""
+    Hq, Hkv = heads
+    D = 8
+    cache = make_cache(Hkv=Hkv, N=48, D=D, page_size=page_size)
+    k, v = kv(1, n, Hkv, D, seed=seed)
+    cache.write(0, k, v, torch.arange(n))
+    q = rand(1, Hq, D, seed=seed + 7)
+    P = -(-n // page_size)
+    bound = page_scores_ref(q, cache.kmin[0], cache.kmax[0], P)  # (1, Hkv, P)
+    assert bound.shape == (1, Hkv, P) and bound.dtype == torch.float32
+    key_scores = torch.einsum("bhgd,bhnd->bhn", q.view(1, Hkv, Hq // Hkv, D), cache.k[0, :, :, :n])
+    page_of_key = torch.arange(n) // page_size
+    assert (key_scores <= bound[:, :, page_of_key] + 1e-5).all()
+
+
+@given(num_pages=st.integers(1, 30), budget_pages=st.integers(1, 12), newest_back=st.integers(0, 2), seed=seeds)
+def test_select_pages_includes_newest_and_has_budget_count(num_pages, budget_pages, newest_back, seed):
+    newest = max(0, num_pages - 1 - newest_back)
+    scores = rand(2, 3, num_pages + 2, seed=seed)  # columns past num_pages must be ignored
+    scores[..., num_pages:] = 1e9
+    scores[..., newest] = -1e9  # the newest page is kept even when it scores worst
+    page_idx = select_pages(scores, num_pages, budget_pages, newest)
+    K = min(budget_pages, num_pages)
+    assert page_idx.shape == (2, 3, K) and page_idx.dtype == torch.int32
+    assert (page_idx == newest).any(-1).all()
+    assert ((page_idx >= 0) & (page_idx < num_pages)).all()
+    assert (page_idx.diff(dim=-1) > 0).all()  # distinct, ascending
+    # the others are the best-scoring pages
+    others = scores[..., :num_pages].clone()
+    others[..., newest] = float("-inf")
+    best = others.topk(K - 1, dim=-1).values.amin(-1, keepdim=True) if K > 1 else None
+    for b in range(2):
+        for h in range(3):
+            chosen = [p for p in page_idx[b, h].tolist() if p != newest]
+            if best is not None:
+                assert (others[b, h, chosen] >= best[b, h]).all()
+
+
+def test_bad_budgets_raise_naming_the_flags():
+    cache = make_cache(page_size=16)
+    with pytest.raises(ValueError, match="--budget 8 is smaller than one page.*--page-size 16"):
+        QuestAttention(cache, 8, 16)
+    with pytest.raises(ValueError, match="--budget 40 is not a multiple of --page-size 16"):
+        QuestAttention(cache, 40, 16)
+    with pytest.raises(ValueError, match="--page-size 8 differs"):
+        QuestAttention(cache, 32, 8)
+    check_budget(32, 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# QuestAttention
+
+def quest_and_dense_decode(budget, n_prompt=21, steps=5, Hq=4, Hkv=2, D=16, page_size=4, dense_layers=0,
+                           use_kernels=False, seed=0):
+    """Drive QuestAttention and DenseAttention with the same q/k/v (one layer, B = 2): prefill, then
+    decode steps. Returns the decode outputs of both, (steps, B, 1, Hq, D) each, and the Quest object."""
+    N = n_prompt + steps
+    quest = QuestAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size), budget, page_size,
+                           dense_layers=dense_layers, use_kernels=use_kernels)
+    dense = DenseAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size))
+    q, k, v = rand(2, N, Hq, D, seed=seed), *kv(2, N, Hkv, D, seed=seed + 1)
+    pos = torch.arange(n_prompt)
+    torch.testing.assert_close(quest.forward(0, q[:, pos], k[:, pos], v[:, pos], pos),
+                               dense.forward(0, q[:, pos], k[:, pos], v[:, pos], pos))
+    outs_q, outs_d = [], []
+    for t in range(n_prompt, N):
+        pos = torch.tensor([t])
+        outs_q.append(quest.forward(0, q[:, pos], k[:, pos], v[:, pos], pos))
+        outs_d.append(dense.forward(0, q[:, pos], k[:, pos], v[:, pos], pos))
+    return torch.stack(outs_q), torch.stack(outs_d), quest
+
+
+def test_full_budget_equals_dense_exactly():
+    o_quest, o_dense, quest = quest_and_dense_decode(budget=28)
+    assert torch.equal(o_quest, o_dense)
+    assert quest.stats["decode_steps"] == 5
+
+
+def test_small_budget_attends_to_exactly_the_selected_pages():
+    """Decode output = exact attention over the keys of the pages Quest selects (recomputed here
+    from the bound), and it differs from dense."""
+    n_prompt, S, budget = 21, 4, 8
+    o_quest, o_dense, quest = quest_and_dense_decode(budget=budget, n_prompt=n_prompt, steps=1)
+    cache = quest.cache
+    N = n_prompt + 1
+    q = rand(2, N, 4, 16, seed=0)[:, -1]  # (B, Hq, D) of the decode step
+    P = -(-N // S)
+    page_idx = select_pages(page_scores_ref(q, cache.kmin[0], cache.kmax[0], P), P, budget // S, (N - 1) // S)
+    for b in range(2):
+        for hk in range(2):
+            keys = torch.cat([torch.arange(p * S, min((p + 1) * S, N)) for p in page_idx[b, hk].tolist()])
+            o, _ = attention_ref(q[b:b + 1, 2 * hk:2 * hk + 2, None], cache.k[0, b:b + 1, hk:hk + 1, keys],
+                                 cache.v[0, b:b + 1, hk:hk + 1, keys], causal=False)
+            torch.testing.assert_close(o_quest[0, b, 0, 2 * hk:2 * hk + 2], o[0, :, 0])
+    assert not torch.allclose(o_quest, o_dense)
+    # pages read: 2 per (b, hk); bytes: 7 full rows + 2 rows of the newest page, plus the bounds of 6 pages
+    assert quest.stats["pages_read"] == 2 * 2 * 2
+    assert quest.stats["kv_bytes_read"] == 2 * 2 * 2 * (4 + 2 + 6) * 16 * 4
+
+
+def test_dense_layers_stay_dense():
+    o_quest, o_dense, _ = quest_and_dense_decode(budget=4, dense_layers=1)
+    assert torch.equal(o_quest, o_dense)
+
+
+def test_kernel_path_matches_reference_path():
+    o_ref, _, s_ref = quest_and_dense_decode(budget=8, steps=3, use_kernels=False, seed=3)
+    o_ker, _, s_ker = quest_and_dense_decode(budget=8, steps=3, use_kernels=True, seed=3)
+    torch.testing.assert_close(o_ker, o_ref, atol=2e-4, rtol=0)
+    assert s_ker.stats == s_ref.stats
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end on a tiny model
+
+def greedy(model, attn, prompt, n_new):
+    from generate import generate
+    tokens, _ = generate(model, attn, prompt, n_new)
+    return tokens
+
+
+def tiny_cache(model, n, page_size=4):
+    a = model.args
+    return KVCache(a.n_layers, 1, a.n_kv_heads, n, a.head_dim, torch.float32, DEVICE, page_size=page_size)
+
+
+def test_full_budget_decodes_the_same_greedy_tokens_as_dense():
+    model = tiny_model(seed=1)
+    prompt = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    n = 30 + 12
+    dense = greedy(model, DenseAttention(tiny_cache(model, n)), prompt, 12)
+    quest = greedy(model, QuestAttention(tiny_cache(model, n), 44, 4, dense_layers=0), prompt, 12)
+    assert torch.equal(quest, dense)
+
+
+def test_kernel_path_decodes_the_same_greedy_tokens():
+    model = tiny_model(seed=2)
+    prompt = torch.randint(0, 300, (1, 26), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ref = greedy(model, QuestAttention(tiny_cache(model, 32), 8, 4, dense_layers=1), prompt, 6)
+    ker = greedy(model, QuestAttention(tiny_cache(model, 32), 8, 4, dense_layers=1, use_kernels=True), prompt, 6)
+    assert torch.equal(ker, ref)
