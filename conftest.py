@@ -28,6 +28,10 @@ settings.register_profile("dev", max_examples=15, **_common)
 settings.register_profile("gpu", max_examples=40, **_common)      # compiled kernels are fast
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "gpu" if ON_GPU else "ci"))
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: uses the real SmolLM2-135M model (PyPI download, CPU)")
+
+
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (too slow for the CPU interpreter)")
 
 

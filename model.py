@@ -420,7 +420,7 @@ def _llama3_specials(n_base):
     return {name: n_base + i for i, name in enumerate(names)}
 
 
-def _bytes_to_unicode():
+def bytes_to_unicode():
     """GPT-2's reversible map from bytes to printable characters (how byte-level BPE vocabs are spelled)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -514,7 +514,7 @@ def _hf_tokenizer_json(file):
     m = tj.get("model", {})
     if m.get("type") != "BPE":
         raise ValueError(f"{file}: only byte-level BPE tokenizers are supported, got model type {m.get('type')!r}")
-    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
     added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     ranks = {}
     for tok, i in m["vocab"].items():
