@@ -52,7 +52,8 @@ def sdpa_decode(q, k, v):
 def table(rows, cols):
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        cells = [r.get(c, "") for c in cols]
+        out.append("| " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in cells) + " |")
     return "\n".join(out)
 
 
@@ -265,25 +266,35 @@ def main():
     print(f"# {info['device']}  {info['date']}  torch {info['torch']}  triton {info['triton']}  "
           f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)\n")
     results = {"info": info}
-    if "decode" in a.sections:
-        results["decode"] = bench_decode(a.contexts, a.batches, a.budgets, bw)
-        print("## Decode attention step (one layer, Hq=32, Hkv=8, D=128, bf16)\n")
-        print(table(results["decode"], ["batch", "context", "method", "budget", "ms", "bytes_MB", "GBps",
-                                        "frac_copy_bw", "speedup_vs_sdpa"]) + "\n")
-    if "prefill" in a.sections:
-        results["prefill"] = bench_prefill(a.prefill_lengths)
-        print("## Token Sparse prefill attention (one layer, batch 1)\n")
-        print(table(results["prefill"], ["L", "mode", "kept", "sdpa_ms", "flash_prefill_ms", "select_ms",
-                                         "attend_ms", "total_ms", "speedup_vs_sdpa"]) + "\n")
-    if "compaction" in a.sections:
-        results["compaction"] = bench_compaction()
-        print("## KV compaction time (32 layers, 32K context)\n")
-        print(table(results["compaction"], ["ratio", "keys_per_head", "seconds", "s_per_layer", "peak_extra_mib",
-                                            "kv_mib_before", "kv_mib_after", "out_err", "mass_err"]) + "\n")
-    if "e2e" in a.sections:
-        results["e2e"] = bench_e2e()
-        print("## End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 32K prompt, 256 new tokens)\n")
-        print(table(results["e2e"], ["method", "budget", "prefill_s", "tok_per_s", "peak_GiB", "mode"]) + "\n")
+    sections = {
+        "decode": ("Decode attention step (one layer, Hq=32, Hkv=8, D=128, bf16)",
+                   lambda: bench_decode(a.contexts, a.batches, a.budgets, bw),
+                   ["batch", "context", "method", "budget", "ms", "bytes_MB", "GBps", "frac_copy_bw", "speedup_vs_sdpa"]),
+        "prefill": ("Token Sparse prefill attention (one layer, batch 1)",
+                    lambda: bench_prefill(a.prefill_lengths),
+                    ["L", "mode", "kept", "sdpa_ms", "flash_prefill_ms", "select_ms", "attend_ms", "total_ms",
+                     "speedup_vs_sdpa"]),
+        "compaction": ("KV compaction time (32 layers x (Hq 32, Hkv 8, D 128), 32K context, 4K reference queries, bf16)",
+                       bench_compaction,
+                       ["ratio", "keys_per_head", "seconds", "s_per_layer", "peak_extra_mib", "kv_mib_before",
+                        "kv_mib_after", "out_err", "mass_err"]),
+        "e2e": ("End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 32K prompt, 256 new tokens, batch 1)",
+                bench_e2e, ["method", "budget", "prefill_s", "tok_per_s", "peak_GiB", "mode"]),
+    }
+    for name in a.sections:
+        title, run, cols = sections[name]
+        try:
+            results[name] = run()
+        except Exception as e:  # one broken section must not cost the others' figures
+            import traceback
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"## {title}: FAILED ({type(e).__name__}: {e})\n", flush=True)
+            continue
+        print(f"## {title}\n\n{table(results[name], cols)}\n", flush=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results, indent=1))  # after each section: a later crash keeps these
+        torch.cuda.empty_cache()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {a.out}")

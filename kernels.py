@@ -56,7 +56,8 @@ def _check(q, k, v, q_dims):
 # ----------------------------------------------------------------------------------------------
 # Flash prefill: one program per (block of BLOCK_M queries, batch * query head)
 
-@triton.jit
+# lengths vary per call: no specialisation on their value (saves a JIT compile per new length class)
+@triton.jit(do_not_specialize=["Tq", "Tk", "q_offset"])
 def _prefill_kernel(Q, K, V, O, LSE,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                     sob, soh, sot, sod,
@@ -145,7 +146,7 @@ def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None):
 # ----------------------------------------------------------------------------------------------
 # Merging split partials: one program per output row
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _merge_kernel(OP, LP, O, LSE, S, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
@@ -182,7 +183,7 @@ def merge_partials(o_parts, lse_parts, out_dtype=None):
 # ----------------------------------------------------------------------------------------------
 # Flash decode: one program per (split, batch * KV head); the G query heads are the rows of a tile
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len", "chunk", "num_splits"])
 def _decode_kernel(Q, K, V, OP, LP,
                    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    Hkv, G, seq_len, chunk, num_splits, qk_scale,
@@ -277,7 +278,7 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
 # ----------------------------------------------------------------------------------------------
 # Quest page scores: one program per (block of pages, batch * KV head)
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pages"])
 def _page_scores_kernel(Q, KMIN, KMAX, OUT,
                         sqb, sqh, sqd, sab, sah, sap, sad, sbb, sbh, sbp, sbd,
                         Hkv, G, num_pages, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
@@ -319,7 +320,7 @@ def page_scores(q, kmin, kmax, num_pages):
 # ----------------------------------------------------------------------------------------------
 # Paged decode: flash decode over a list of pages, split along the list
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
 def _paged_decode_kernel(Q, K, V, PAGES, BIAS, OP, LP,
                          sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                          spb, sph, spk, sbb, sbh, sbn,

@@ -115,7 +115,7 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
 # it). The page list is walked as in kernels.paged_decode: every page padded to PAGE_PAD rows, so any
 # page size works. Splits are merged by kernels.merge_partials (flash-decoding).
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
 def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP,
                          sqb, sqh, sqw, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                          spb, sph, spk, sab, sah, sap,

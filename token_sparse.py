@@ -130,7 +130,7 @@ def _block_d(D):
     return max(16, triton.next_power_of_2(D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["W", "Tk"])
 def _window_lse_kernel(Q, K, LSE, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
                        Hq, G, W, Tk, qk_scale, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
@@ -160,7 +160,7 @@ def _window_lse_kernel(Q, K, LSE, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
     tl.store(LSE + pid_bh.to(tl.int64) * W + rows, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=rows < W)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["W", "Tk"])
 def _window_scores_kernel(Q, K, LSE, OUT, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
                           Hkv, G, W, Tk, qk_scale, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
