@@ -226,8 +226,9 @@ def main(argv=None):
         print(f"[compact] {start_pos} prompt tokens compacted {opts.ratio}x in {res.stats['compaction_s']:.2f} s: "
               f"KV {res.stats['kv_mib_before']:.2f} -> {res.stats['kv_mib_after']:.2f} MiB", file=sys.stderr)
     else:
+        paged = opts.method in ("quest", "retro") or (opts.method == "token_sparse" and opts.decode != "dense")
         cache = KVCache(args.n_layers, 1, args.n_kv_heads, max_seq_len, args.head_dim, dtype, opts.device,
-                        page_size=opts.page_size)
+                        page_size=opts.page_size, page_meta=paged)
         try:
             attn = make_attention(opts.method, cache, opts, use_kernels)
         except ValueError as e:

@@ -17,7 +17,8 @@ from attention import paged_decode_ref, prefill_decode_attention
 
 
 class KVCache:
-    def __init__(self, n_layers, batch, n_kv_heads, max_seq_len, head_dim, dtype, device, page_size=16):
+    def __init__(self, n_layers, batch, n_kv_heads, max_seq_len, head_dim, dtype, device, page_size=16,
+                 page_meta=True):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.page_size = page_size
@@ -28,8 +29,10 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         meta = (n_layers, batch, n_kv_heads, self.num_pages_max, head_dim)
-        self.kmin = torch.zeros(meta, dtype=dtype, device=device)
-        self.kmax = torch.zeros(meta, dtype=dtype, device=device)
+        # page_meta=False (dense decoding reads no bounds) skips their upkeep: ~10 small ops per layer and step
+        self.page_meta = page_meta
+        self.kmin = torch.zeros(meta if page_meta else (0,), dtype=dtype, device=device)
+        self.kmax = torch.zeros(meta if page_meta else (0,), dtype=dtype, device=device)
         self.lengths = [0] * n_layers  # per layer: positions [0, length) have been written
 
     def nbytes(self):
@@ -46,7 +49,8 @@ class KVCache:
         self.k[layer, :, :, start:end] = k.transpose(1, 2)
         self.v[layer, :, :, start:end] = v.transpose(1, 2)
         self.lengths[layer] = max(self.lengths[layer], end)
-        self.refresh_pages(layer, start // self.page_size, (end - 1) // self.page_size + 1)
+        if self.page_meta:
+            self.refresh_pages(layer, start // self.page_size, (end - 1) // self.page_size + 1)
 
     @property
     def length(self):
