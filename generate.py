@@ -103,6 +103,21 @@ def make_attention(method, cache, opts, use_kernels):
     raise ValueError(f"unknown method {method!r}")
 
 
+def default_prompt(max_bytes=14000):
+    """The first held-out file (train.py's split: never trained on) of this interpreter's standard
+    library that is long enough to show long-context decoding: -> (text, path)."""
+    import train
+    files = sorted(p for p in Path(train.stdlib_dir()).rglob("*.py")
+                   if "site-packages" not in p.parts and train.is_heldout(p.relative_to(train.stdlib_dir()).as_posix()))
+    # real code, not a codec table or a test
+    code = [p for p in files if not ({"encodings"} & set(p.parts) or any(s.startswith("test") for s in p.parts[-3:]))]
+    sized = [p for p in code if 8000 <= p.stat().st_size <= max_bytes] or files
+    if not sized:
+        return "def fibonacci(n):\n", None
+    path = sized[0]
+    return path.read_text(errors="replace"), path
+
+
 def check_budget(opts, parser):
     if opts.budget < opts.page_size:
         parser.error(f"--budget {opts.budget} is smaller than one page (--page-size {opts.page_size})")
@@ -190,16 +205,24 @@ def main(argv=None):
         raise SystemExit(f"error: cannot load checkpoint {ckpt}: {e}")
     args = model.args
 
+    default = opts.prompt is None and opts.prompt_file is None
     if opts.prompt_file is not None:
         if not opts.prompt_file.is_file():
             parser.error(f"--prompt-file {opts.prompt_file}: no such file")
         text = opts.prompt_file.read_text(errors="replace")
+    elif default:
+        text, path = default_prompt()
+        if not opts.quiet:
+            print(f"[prompt] held-out standard library file {path} (pass --prompt or --prompt-file for your own)",
+                  file=sys.stderr)
     else:
-        text = opts.prompt if opts.prompt is not None else "def fibonacci(n):\n"
+        text = opts.prompt
     try:
         ids = tokenizer.chat_prompt(text) if opts.chat else tokenizer.encode(text, bos=True)
     except ValueError as e:
         parser.error(str(e))
+    if default:  # the default prompt is cut to leave room for the new tokens
+        ids = ids[:max(1, min(opts.max_seq_len or args.max_seq_len, args.max_seq_len) - opts.max_new_tokens)]
     if not ids:
         parser.error("the prompt is empty")
     need = len(ids) + opts.max_new_tokens
