@@ -176,6 +176,7 @@ def teacher_forced_agreement(model, attn, prompt, forced, start_pos=0, window=1)
     return hits / forced.shape[1]
 
 
+@torch.no_grad()
 def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt_len, gen_new, dtype, device,
           use_kernels, log=print):
     """Loss, recall and long-generation agreement with dense for every run. -> list of result rows."""
@@ -378,9 +379,9 @@ def main(argv=None):
 def run_sweep(opts, model, tokenizer, dtype, use_kernels):
     t0 = time.time()
     stream, files = heldout_stream(tokenizer, opts.data)
-    contexts = opts.contexts if opts.full else [2048]
+    contexts = opts.contexts if opts.full else [1024]
     n_windows = opts.n_windows or (4 if opts.full else 1)
-    n_recall = opts.n_recall or (16 if opts.full else 4)
+    n_recall = opts.n_recall or (16 if opts.full else 2)
     gen_new = opts.gen_new or (1024 if opts.full else 256)
     n_pairs = min(16, train.max_pairs(model.args.max_seq_len))
     suite = train.recall_suite(stream, tokenizer.enc.encode_ordinary, opts.distances, n_recall, n_pairs, seed=opts.seed)
