@@ -145,15 +145,17 @@ def method_runs(budgets, windows, coverages, ratios):
     return runs
 
 
-def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kernels, separator_ids):
+def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kernels, separator_ids, keep_last=1):
     """Prefill-ready state for one sequence: -> (attention object, start_pos, decode window).
-    For compact the prompt's context is compacted first; feed prompt[:, start_pos:] next."""
+    For compact the prompt's context is compacted first, all but its last keep_last tokens (the
+    question, when the prompt ends with one); feed prompt[:, start_pos:] next."""
     a = model.args
     if method == "compact":
         from compaction import compact_prompt
         fit = {} if not getattr(mopts, "no_fit", False) else {"fit_bias": False, "fit_values": False}
-        res = compact_prompt(model, prompt, mopts.ratio, separator_ids=separator_ids, max_new_tokens=max_new + 8,
-                             use_kernels=use_kernels, page_size=mopts.page_size, **fit)
+        res = compact_prompt(model, prompt, mopts.ratio, separator_ids=separator_ids, keep_last=keep_last,
+                             max_new_tokens=max_new + keep_last + 8, use_kernels=use_kernels,
+                             page_size=mopts.page_size, **fit)
         return res.attn, res.start_pos, 1
     cache = KVCache(a.n_layers, prompt.shape[0], a.n_kv_heads, prompt.shape[1] + max_new + 8, a.head_dim, dtype,
                     device, page_size=mopts.page_size)
@@ -176,6 +178,9 @@ def teacher_forced_agreement(model, attn, prompt, forced, start_pos=0, window=1)
     return hits / forced.shape[1]
 
 
+LOOKUP_TOKENS = 16  # covers `\nassert TABLE["key"] == "` (about 10 tokens)
+
+
 @torch.no_grad()
 def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt_len, gen_new, dtype, device,
           use_kernels, log=print):
@@ -192,7 +197,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
         p = gen.build_parser()
         p.add_argument("--no-fit", action="store_true")
         mopts = p.parse_args(flags + ["--method", method])
-        start = lambda x, n: start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep)  # noqa: E731
+        def start(x, n, keep_last=1):
+            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last)
         row = {"run": label, "method": method, "flags": flags}
         # held-out loss: prefill the first half of each window through the method, decode-score the second
         for c in contexts:
@@ -213,8 +219,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
         hits = {}
         for d, ids, lk in suite:
             x = torch.from_numpy(ids[:lk.pos].astype(np.int64)).to(device)[None]
-            try:
-                attn, s0, win = start(x, lk.n_tokens + 2)
+            try:  # the context (table + code) is compacted; the lookup line, the question, stays whole
+                attn, s0, win = start(x, lk.n_tokens + 2, keep_last=LOOKUP_TOKENS)
             except ValueError:  # compaction's repeat-prefill needs 2x the prompt: beyond the context, not measured
                 continue
             new, _ = generate(model, attn, x[:, s0:], lk.n_tokens + 2, window=win, start_pos=s0, n_vocab=tokenizer.n_words)
