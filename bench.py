@@ -21,7 +21,6 @@ Timings: triton.testing.do_bench (warm-up excluded, L2 flushed between runs), mi
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -71,7 +70,7 @@ def table(rows, cols):
 
 def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), ratios=(10, 50), S=16):
     import kernels
-    from kvcache import page_scores_ref, select_pages  # noqa: F401  (select_pages runs on the GPU)
+    from kvcache import select_pages
     from retro import retro_decode
     rows = []
     for B in batches:

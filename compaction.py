@@ -51,7 +51,7 @@ def biased_attention_ref(q, k, v, bias, scale=None, chunk=4096):
     q (B, Hq, T, D); k, v (B, Hkv, N, D); bias (B, Hkv, N) fp32 (-inf = key absent)
     -> o (B, Hq, T, D), lse (B, Hq, T). Queries are processed in chunks to bound memory."""
     B, Hq, T, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     kf, vf, bf = k.float(), v.float(), bias.float()[:, :, None, None, :]

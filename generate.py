@@ -294,7 +294,6 @@ def peak_memory_bytes(device):
 
 
 def report(opts, n_prompt, t, attn, cache):
-    steps = max(t["decode_steps"], 1)
     lines = [f"method {opts.method}  device {opts.device}  kernels {'triton' if attn.use_kernels else 'torch'}",
              f"prefill: {n_prompt} tokens in {t['prefill_s']:.3f} s ({n_prompt / t['prefill_s']:.1f} tok/s)",
              f"decode: {t['decode_steps']} steps in {t['decode_s']:.3f} s ({t['decode_steps'] / max(t['decode_s'], 1e-9):.1f} tok/s)",

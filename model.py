@@ -22,7 +22,7 @@ import json
 import math
 import mmap
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

@@ -191,7 +191,7 @@ def test_tokenizer_config_file_and_missing_files(tmp_path):
 
 
 def test_hf_tokenizer_json_matches_huggingface(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers", reason="tokenizers (test-only oracle) is not installed")
+    pytest.importorskip("tokenizers", reason="tokenizers (test-only oracle) is not installed")
     from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, decoders, trainers
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import compaction
 from attention import DenseAttention
 from convert_gguf import DownloadError, fetch_smollm2
 from generate import generate
-from kvcache import KVCache
+from kvcache import KVCache, QuestAttention
 from model import Tokenizer, Transformer
+from retro import RetroAttention
+from token_sparse import TokenSparseAttention
 
 pytestmark = pytest.mark.slow
 
@@ -111,25 +114,20 @@ N_PROMPT, N_NEW, PAGE = 96, 8, 16
 
 
 def _method(name, model, tokenizer, prompt_ids):
-    """(attention object, window, start_pos, prompt ids to feed) for a method at full budget; skip the
-    method if its module does not import yet."""
+    """(attention object, window, start_pos, prompt ids to feed) for a method at full budget."""
     n = len(prompt_ids) + N_NEW
     budget = -(-n // PAGE) * PAGE  # every page of the cache
     if name == "quest":
-        QuestAttention = pytest.importorskip("kvcache").QuestAttention
         return QuestAttention(dense_cache(model, n), budget, PAGE, dense_layers=0), 1, 0, prompt_ids
     if name == "retro":
-        RetroAttention = pytest.importorskip("retro").RetroAttention
         return RetroAttention(dense_cache(model, n), budget, PAGE, window=2, dense_layers=0), 2, 0, prompt_ids
     if name == "token_sparse":
-        TokenSparseAttention = pytest.importorskip("token_sparse").TokenSparseAttention
         cache = dense_cache(model, n)
         # coverage 0 drops nothing, but with min_tokens + window < prompt the selection path runs
         attn = TokenSparseAttention(cache, DenseAttention(cache), coverage=0.0, min_tokens=16, window=16,
                                     sparse_layers=None)
         return attn, 1, 0, prompt_ids
     if name == "compact":
-        compaction = pytest.importorskip("compaction")
         res = compaction.compact_prompt(model, torch.tensor([prompt_ids]), ratio=1.0,
                                         separator_ids=tokenizer.encode(compaction.REPEAT_PROMPT),
                                         max_new_tokens=N_NEW)

@@ -693,7 +693,6 @@ def main(argv=None):
     # -- final evaluation, checkpoint, model card
     final_train_loss = last_loss  # mean over the last logging interval
     last_hl, _ = evaluate(n_windows=4)
-    last_step = step
     if not keep_if_best(last_hl, step):
         model.load_state_dict(best["state"])
         log(f"last step {step}: held-out loss {last_hl:.4f} (4 windows) is worse than step {best['step']}'s "
