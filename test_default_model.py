@@ -72,7 +72,8 @@ def test_recall_accuracy_is_above_the_floor(model, tokenizer):
     assert hits >= 7, f"recall {hits}/8 at 1K tokens (floor 7/8)"
 
 
-@pytest.mark.parametrize("method", ["quest", "retro w=2", "retro w=4", "token_sparse", "compact"])
+@pytest.mark.parametrize("method", ["quest", "retro w=2", "retro w=4", "token_sparse", "token_sparse+retro",
+                                    "compact"])
 def test_full_budget_gives_the_dense_greedy_tokens(model, tokenizer, prompt, method):
     n = prompt.shape[1] + N_NEW
     dense, _ = generate(model, DenseAttention(new_cache(model, n)), prompt, N_NEW)
@@ -87,6 +88,11 @@ def test_full_budget_gives_the_dense_greedy_tokens(model, tokenizer, prompt, met
         cache = new_cache(model, n)
         attn, window = TokenSparseAttention(cache, DenseAttention(cache), coverage=0.0, min_tokens=64, window=32,
                                             sparse_layers="all"), 1
+    elif method == "token_sparse+retro":  # sparse prefill hands its last rows to RetroAttention
+        cache = new_cache(model, n)
+        retro = RetroAttention(cache, budget, 16, window=3, dense_layers=0)
+        attn, window = TokenSparseAttention(cache, retro, coverage=0.0, min_tokens=64, window=32,
+                                            sparse_layers="all"), 3
     else:  # ratio 1 keeps every key: fitted biases ~ 0, values ~ V
         res = compact_prompt(model, prompt, 1.0, separator_ids=tokenizer.encode(REPEAT_PROMPT), max_new_tokens=N_NEW)
         attn, window, start = res.attn, 1, res.start_pos

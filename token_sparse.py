@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import attention_ref
+from attention import attention_ref, prefill_decode_attention
 
 POOL_KERNEL = 7  # paper: scores are average-pooled along the tokens with a window of 7
 LOG2E = 1.4426950408889634
@@ -422,7 +422,17 @@ class TokenSparseAttention:
             o = sparse_attention_gathered(qh, kh, vh, idx, n_keep)
         # Skipped rows are 0 here; the layer adds o_proj(0) = 0 (no bias) to the residual stream,
         # so a skipped token passes this attention unchanged and a later layer may select it again.
-        return o.transpose(1, 2)
+        o = o.transpose(1, 2)
+        rows = getattr(getattr(self.decode_attn, "outputs", None), "size", 0)
+        if rows and hasattr(self.decode_attn, "record_prefill"):
+            # RetroAttention decodes next and keeps the prompt's last w-1 outputs with their lse, to
+            # revise them. Ours: those few rows attend densely, so the kept (o, lse) are exact.
+            o_rows, lse_rows = prefill_decode_attention(q[:, -rows:], self.cache.k[layer_idx], self.cache.v[layer_idx],
+                                                        input_pos[-rows:], self.use_kernels)
+            o = o.clone()
+            o[:, -rows:] = o_rows
+            self.decode_attn.record_prefill(layer_idx, input_pos[-rows:], o_rows, lse_rows)
+        return o
 
 
 def _sync(device):
