@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from attention import DenseAttention
+import kvcache
 from kvcache import KVCache
 from model import Tokenizer, Transformer
 
@@ -119,10 +120,10 @@ def default_prompt(max_bytes=14000):
 
 
 def check_budget(opts, parser):
-    if opts.budget < opts.page_size:
-        parser.error(f"--budget {opts.budget} is smaller than one page (--page-size {opts.page_size})")
-    if opts.budget % opts.page_size:
-        parser.error(f"--budget {opts.budget} is not a multiple of --page-size {opts.page_size}")
+    try:
+        kvcache.check_budget(opts.budget, opts.page_size)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -114,6 +114,15 @@ def check_budget(budget, page_size):
         raise ValueError(f"--budget {budget} is not a multiple of --page-size {page_size}")
 
 
+def check_sparse_args(cache, budget, page_size, dense_layers):
+    """The arguments Quest and RetroAttention share: the cache's page size, a whole-page budget, dense_layers >= 0."""
+    if page_size != cache.page_size:
+        raise ValueError(f"--page-size {page_size} differs from the KV cache's page size {cache.page_size}")
+    check_budget(budget, page_size)
+    if dense_layers < 0:
+        raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
+
+
 def quest_pages(q, cache, layer_idx, budget, n, use_kernels):
     """The pages one decode step attends to: Quest's top budget // S pages for q (B, Hq, D), or all
     pages when the budget covers the n valid keys (then the step is dense, exactly).
@@ -150,11 +159,7 @@ class QuestAttention:
     budget // S pages whose bound is highest, per KV head. The first dense_layers layers stay dense."""
 
     def __init__(self, cache, budget, page_size, dense_layers=2, use_kernels=False):
-        if page_size != cache.page_size:
-            raise ValueError(f"--page-size {page_size} differs from the KV cache's page size {cache.page_size}")
-        check_budget(budget, page_size)
-        if dense_layers < 0:
-            raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
+        check_sparse_args(cache, budget, page_size, dense_layers)
         self.cache = cache
         self.budget = budget
         self.dense_layers = dense_layers

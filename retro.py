@@ -41,7 +41,7 @@ import triton.language as tl
 
 import kernels
 from attention import _check_gqa, merge_attention, paged_decode_ref, prefill_decode_attention
-from kvcache import check_budget, count_page_reads, quest_pages
+from kvcache import check_sparse_args, count_page_reads, quest_pages
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,13 +229,9 @@ class RetroAttention:
     track_exposure: keep the exposure statistic (a few small GPU ops per sparse layer and step)."""
 
     def __init__(self, cache, budget, page_size, window=2, dense_layers=2, use_kernels=False, track_exposure=True):
-        if page_size != cache.page_size:
-            raise ValueError(f"--page-size {page_size} differs from the KV cache's page size {cache.page_size}")
-        check_budget(budget, page_size)
+        check_sparse_args(cache, budget, page_size, dense_layers)
         if window < 1:
             raise ValueError(f"--window must be >= 1 (1 is Quest), got {window}")
-        if dense_layers < 0:
-            raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
         self.cache = cache
         self.budget = budget
         self.window = window

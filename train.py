@@ -64,6 +64,17 @@ def is_heldout(relpath, percent=HELDOUT_PERCENT):
     return h % 10000 < percent * 100
 
 
+def read_source(path, max_file_bytes):
+    """A .py file's text, or None for a file that is too large, unreadable, not UTF-8 or blank."""
+    try:
+        if path.stat().st_size > max_file_bytes:
+            return None
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text.strip() else None
+
+
 def load_source_files(root, max_file_bytes=1_000_000):
     """[(relative path, text)] of the .py files under root, sorted by path. Installed packages
     (site-packages, dist-packages) are not the standard library; files that are not UTF-8 (a few
@@ -78,13 +89,8 @@ def load_source_files(root, max_file_bytes=1_000_000):
             if not name.endswith(".py"):
                 continue
             path = Path(dirpath) / name
-            try:
-                if path.stat().st_size > max_file_bytes:
-                    continue
-                text = path.read_bytes().decode("utf-8")
-            except (OSError, UnicodeDecodeError):
-                continue
-            if text.strip():
+            text = read_source(path, max_file_bytes)
+            if text is not None:
                 files.append((path.relative_to(root).as_posix(), text))
     if not files:
         raise ValueError(f"--data {root}: found no readable .py files")
@@ -116,13 +122,8 @@ def load_data_dirs(dirs, max_mb=None, max_file_bytes=1_000_000):
     for _, rel, path in cands:
         if size >= max_mb * 1e6:
             break
-        try:
-            if path.stat().st_size > max_file_bytes:
-                continue
-            text = path.read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        if text.strip():
+        text = read_source(path, max_file_bytes)
+        if text is not None:
             files.append((rel, text))
             size += len(text)
     if not files:
