@@ -11,8 +11,9 @@ GB/s that makes, and its ratio to the device's copy bandwidth, measured in the s
 
 Sections:
   decode      one layer's attention step at 8K/32K/128K: SDPA dense, our flash-decoding kernel,
-              Quest (page scoring + top-k + paged decode), Retro (W rows from one pass), and a
-              compacted cache (ratio 10 / 50: biased paged decode over N / ratio keys)
+              Quest (page scoring + top-k + paged decode, and each part alone), Retro (W rows from
+              one pass), and a compacted cache (ratio 10 / 50: biased paged decode over N / ratio keys).
+              Three copies of every input are used in turn, so no call reads the last one's bytes from L2.
   prefill     Token Sparse prefill vs SDPA causal and our flash prefill at 32K/128K
   compaction  compacting a 32K context of a Llama-3-8B-shaped layer stack, ratios 10 and 50
   e2e         a decode loop on a Llama-3.1-8B-shaped model with random weights (bf16, 32K prompt)
@@ -20,6 +21,7 @@ Timings: triton.testing.do_bench (warm-up excluded, L2 flushed between runs), mi
 """
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -68,24 +70,34 @@ def table(rows, cols):
 
 # ----------------------------------------------------------------------------------------------
 
-def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), ratios=(10, 50), S=16):
+def rotating(fn, n):
+    """A call that runs fn(0), fn(1), ..., fn(n - 1), fn(0), ... in turn. Each i reads its own copy of
+    the inputs, so a CUDA-graph replay of many calls does not find the previous call's bytes in L2
+    (50 MB on an H100, more than a batch-1 sparse step reads)."""
+    it = itertools.cycle(range(n))
+    return lambda: fn(next(it))
+
+
+def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), ratios=(10, 50), S=16, copies=3):
     import kernels
-    from kvcache import select_pages
+    from kernels import select_pages
     from retro import retro_decode
     rows = []
     for B in batches:
         for N in contexts:
             g = torch.Generator(device="cuda").manual_seed(0)
-            k = torch.randn(B, HKV, N, D, generator=g, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn_like(k)
-            q = torch.randn(B, HQ, D, generator=g, device="cuda", dtype=torch.bfloat16)
             P = N // S
-            kmin = k.view(B, HKV, P, S, D).amin(3)
-            kmax = k.view(B, HKV, P, S, D).amax(3)
-            esz = k.element_size()
+            # `copies` independent caches (K, V, page bounds, queries), see rotating()
+            ks = [torch.randn(B, HKV, N, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            vs = [torch.randn_like(k) for k in ks]
+            qs = [torch.randn(B, HQ, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            kmins = [k.view(B, HKV, P, S, D).amin(3) for k in ks]
+            kmaxs = [k.view(B, HKV, P, S, D).amax(3) for k in ks]
+            esz = 2
             dense_bytes = 2 * B * HKV * N * D * esz
 
             def add(method, budget, fn, nbytes):
+                fn = rotating(fn, copies)
                 t, tg = ms(fn), ms_graph(fn)
                 gbps = nbytes / (t / 1e3) / 1e9
                 row = dict(batch=B, context=N, method=method, budget=budget, ms=t, bytes_MB=nbytes / 1e6,
@@ -96,30 +108,33 @@ def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), rati
                 return t
 
             first = len(rows)  # this (batch, context)'s rows start here; the first is SDPA's
-            t_sdpa = add("sdpa dense", N, lambda: sdpa_decode(q, k, v), dense_bytes)
-            add("ours dense (flash_decode)", N, lambda: kernels.flash_decode(q, k, v, N), dense_bytes)
+            t_sdpa = add("sdpa dense", N, lambda i: sdpa_decode(qs[i], ks[i], vs[i]), dense_bytes)
+            add("ours dense (flash_decode)", N, lambda i: kernels.flash_decode(qs[i], ks[i], vs[i], N), dense_bytes)
             meta_bytes = 2 * B * HKV * P * D * esz
             for budget in budgets:
                 K = budget // S
                 sel_bytes = 2 * B * HKV * budget * D * esz
 
-                def quest_step():
-                    s = kernels.page_scores(q, kmin, kmax, P)
-                    idx = select_pages(s, P, K, P - 1)
-                    return kernels.paged_decode(q, k, v, idx, N, S)
+                def quest_step(i):
+                    s = kernels.page_scores(qs[i], kmins[i], kmaxs[i], P)
+                    return kernels.paged_decode(qs[i], ks[i], vs[i], select_pages(s, P, K, P - 1), N, S)
                 add("quest", budget, quest_step, sel_bytes + meta_bytes)
-                idx = select_pages(kernels.page_scores(q, kmin, kmax, P), P, K, P - 1)
-                add("quest: paged_decode only", budget, lambda: kernels.paged_decode(q, k, v, idx, N, S), sel_bytes)
+                idx = [select_pages(kernels.page_scores(qs[i], kmins[i], kmaxs[i], P), P, K, P - 1) for i in range(copies)]
+                add("quest: page_scores only", budget, lambda i: kernels.page_scores(qs[i], kmins[i], kmaxs[i], P),
+                    meta_bytes)
+                scores = [kernels.page_scores(qs[i], kmins[i], kmaxs[i], P) for i in range(copies)]
+                add("quest: select_pages only", budget, lambda i: select_pages(scores[i], P, K, P - 1), B * HKV * P * 4)
+                add("quest: paged_decode only", budget, lambda i: kernels.paged_decode(qs[i], ks[i], vs[i], idx[i], N, S),
+                    sel_bytes)
                 for w in retro_windows:
-                    qw = torch.randn(B, HQ, w, D, generator=g, device="cuda", dtype=torch.bfloat16)
-                    A = torch.randint(N - 64, N, (B, HKV, P), generator=g, device="cuda", dtype=torch.int32)
+                    qw = [torch.randn(B, HQ, w, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+                    A = [torch.randint(N - 64, N, (B, HKV, P), generator=g, device="cuda", dtype=torch.int32)
+                         for _ in range(copies)]
 
-                    def retro_step():
-                        s = kernels.page_scores(qw[:, :, -1], kmin, kmax, P)
-                        idx = select_pages(s, P, K, P - 1)
-                        out = retro_decode(qw, k, v, idx, A, N, S)
-                        A.scatter_(-1, idx.long(), N - 1)  # the step's A update belongs to its cost
-                        return out
+                    def retro_step(i):
+                        s = kernels.page_scores(qw[i][:, :, -1], kmins[i], kmaxs[i], P)
+                        pages = select_pages(s, P, K, P - 1)  # A = t is set in the kernel, after A is read
+                        return retro_decode(qw[i], ks[i], vs[i], pages, A[i], N, S, update_last_loaded=True)
                     # output cache rows read + written in fp32 and A read/written come on top of Quest's bytes
                     aux = 2 * (w - 1) * B * HQ * (D + 1) * 4 + 2 * B * HKV * K * 4
                     add(f"retro w={w}", budget, retro_step, sel_bytes + meta_bytes + aux)
@@ -127,14 +142,15 @@ def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), rati
                 n_c = N // r
                 bias = torch.zeros(B, HKV, N, device="cuda")
                 all_pages = torch.arange(-(-n_c // S), dtype=torch.int32, device="cuda").expand(B, HKV, -1).contiguous()
-                add(f"compacted ratio {r}", n_c, lambda: kernels.paged_decode(q, k, v, all_pages, n_c, S, bias=bias),
+                add(f"compacted ratio {r}", n_c,
+                    lambda i: kernels.paged_decode(qs[i], ks[i], vs[i], all_pages, n_c, S, bias=bias),
                     2 * B * HKV * n_c * D * esz + B * HKV * n_c * 4)
             t_sdpa_graph = rows[first]["ms_graph"]
             for r in rows[first:]:
                 r["speedup_vs_sdpa"] = t_sdpa / r["ms"]
                 if r["ms_graph"] and t_sdpa_graph:
                     r["speedup_vs_sdpa_graph"] = t_sdpa_graph / r["ms_graph"]
-            del k, v, kmin, kmax
+            ks = vs = kmins = kmaxs = qs = None  # free this configuration's copies
             torch.cuda.empty_cache()
     return rows
 

@@ -299,6 +299,9 @@ def _page_scores_kernel(Q, KMIN, KMAX, OUT,
     tl.store(OUT + pid_bh.to(tl.int64) * num_pages + p, score, mask=p < num_pages)
 
 
+SCORES_TUNING = dict(block_p=32, num_warps=4)  # pages per program and warps (GPU)
+
+
 def page_scores(q, kmin, kmax, num_pages):
     """Quest's upper bound on each page's score, summed over the G query heads of each KV head.
     q (B, Hq, D); kmin, kmax (B, Hkv, Pmax, D) -> (B, Hkv, num_pages) fp32 (reference: kvcache.page_scores_ref)."""
@@ -310,11 +313,68 @@ def page_scores(q, kmin, kmax, num_pages):
     out = torch.empty(B, Hkv, num_pages, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    BLOCK_P = 64
+    BLOCK_P = SCORES_TUNING["block_p"]
     _page_scores_kernel[(triton.cdiv(num_pages, BLOCK_P), B * Hkv)](
         q, kmin, kmax, out, *q.stride(), *kmin.stride(), *kmax.stride(), Hkv, G, num_pages,
-        BLOCK_P=BLOCK_P, BLOCK_D=triton.next_power_of_2(D), D=D, num_warps=4)
+        BLOCK_P=BLOCK_P, BLOCK_D=triton.next_power_of_2(D), D=D, num_warps=SCORES_TUNING["num_warps"])
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Quest page selection: one program per (batch, KV head) finds the top-k pages of its score row
+#
+# torch.topk + sort on a row of 8K scores costs more than reading the selected pages. Here the k-th
+# largest score is found by bisection instead: each score is mapped to an int32 key in the same order
+# (flip the magnitude bits of negative floats), and 32 halvings of the int32 range find the largest
+# T with at least k keys >= T, that is the k-th largest key. Pages above T are kept, then pages equal
+# to T, lowest first, until k are kept; a running sum over the kept flags gives each kept page its
+# slot, so the output comes out in ascending page order without a sort.
+
+@triton.jit(do_not_specialize=["num_pages", "k", "newest"])
+def _select_pages_kernel(SCORES, OUT, ss_row, ss_p, so_row, num_pages, k, newest, BLOCK_P: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)
+    ok = p < num_pages
+    s = tl.load(SCORES + row * ss_row + p * ss_p, mask=ok, other=0.0)
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are one score (their bits differ)
+    bits = s.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order (NaN above +inf)
+    key = tl.where(p == newest, 0x7FFFFFFF, key)  # the newest page ranks above every score
+    key = tl.where(ok, key, -2147483648)  # padding ranks last (and is never kept: see `ok` below)
+    lo = tl.full([], -2147483648, tl.int64)  # count(key >= lo) = BLOCK_P >= k
+    hi = tl.full([], 2147483648, tl.int64)   # count(key >= hi) = 0 < k
+    for _ in range(32):
+        mid = (lo + hi) // 2
+        enough = tl.sum((key >= mid).to(tl.int32), 0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = ok & (key > lo)
+    tie = ok & (key == lo)
+    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(OUT + row * so_row + slot, p, mask=keep)
+
+
+SELECT_TUNING = dict(max_warps=8)  # warps for a row of 8K pages (GPU)
+SELECT_MAX_PAGES = 16384  # one program holds a whole score row in registers; longer rows use torch
+
+
+def select_pages(scores, num_pages, budget_pages, newest_page):
+    """Triton version of kvcache.select_pages (same arguments, same result, ties included)."""
+    K = min(budget_pages, num_pages)
+    if num_pages > SELECT_MAX_PAGES or K < 1:
+        from kvcache import select_pages as select_pages_ref
+        return select_pages_ref(scores, num_pages, budget_pages, newest_page)
+    *lead, P = scores.shape
+    if P < num_pages or not 0 <= newest_page < num_pages:
+        raise ValueError(f"scores {tuple(scores.shape)} must hold num_pages {num_pages} pages and newest_page "
+                         f"{newest_page} must be one of them")
+    s = scores.reshape(-1, P)
+    out = torch.empty(s.shape[0], K, dtype=torch.int32, device=scores.device)
+    BLOCK_P = max(16, triton.next_power_of_2(num_pages))
+    _select_pages_kernel[(s.shape[0],)](s, out, s.stride(0), s.stride(1), out.stride(0), num_pages, K, newest_page,
+                                        BLOCK_P=BLOCK_P, num_warps=min(SELECT_TUNING["max_warps"], max(4, BLOCK_P // 1024)))
+    return out.view(*lead, K)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,7 +435,8 @@ def _paged_decode_kernel(Q, K, V, PAGES, BIAS, OP, LP,
     _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G, num_splits, g, d, D)
 
 
-PAGED_BLOCK_N = 64
+PAGED_BLOCK_N = 128
+PAGED_TUNING = dict(waves=2, num_warps=4, num_stages=2)  # programs per SM, and the launch options on a GPU
 
 
 def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, scale=None, num_splits=None):
@@ -399,8 +460,10 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     n_slots = page_idx.shape[2]
     page_pad = triton.next_power_of_2(page_size)
     rows = n_slots * page_pad
-    splits = _splits(triton.cdiv(rows, 16), B * Hkv, q.device, num_splits)
     unit = PAGED_BLOCK_N if num_splits is None else 16  # as in flash_decode
+    if num_splits is None:
+        num_splits = triton.cdiv(PAGED_TUNING["waves"] * _num_sms(q.device), B * Hkv)
+    splits = _splits(triton.cdiv(rows, 16), B * Hkv, q.device, num_splits)
     chunk = max(unit, triton.cdiv(triton.cdiv(rows, splits), unit) * unit)
     splits = max(1, triton.cdiv(rows, chunk))
     o_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
@@ -413,5 +476,5 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
         Hkv, G, n_slots, seq_len, page_size, chunk, splits, scale * LOG2E,
         HAS_BIAS=bias is not None, PRECISION=_dot_precision(q.dtype), BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=PAGED_BLOCK_N, PAGE_PAD=page_pad, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
-        num_warps=4, num_stages=3 if q.device.type == "cuda" else 1)
+        num_warps=PAGED_TUNING["num_warps"], num_stages=PAGED_TUNING["num_stages"] if q.device.type == "cuda" else 1)
     return merge_partials(o_part, lse_part, out_dtype=q.dtype)

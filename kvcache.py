@@ -99,10 +99,13 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
     """Top budget_pages pages by score, always including newest_page (the page of the token being
     decoded: the paper keeps the most recent tokens). scores (B, Hkv, >= num_pages) ->
     page_idx (B, Hkv, K) int32 in ascending page order, K = min(budget_pages, num_pages)."""
-    scores = scores[..., :num_pages].clone()
-    scores[..., newest_page] = float("inf")
+    scores = scores[..., :num_pages].float()
     K = min(budget_pages, num_pages)
-    page_idx = scores.topk(K, dim=-1).indices
+    # the newest page, then the K - 1 best others; a stable sort settles ties: the lower page wins
+    # (kernels.select_pages does the same)
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    others = order[order != newest_page].view(*scores.shape[:-1], num_pages - 1)
+    page_idx = torch.cat([others[..., :K - 1], torch.full_like(order[..., :1], newest_page)], dim=-1)
     return page_idx.sort(dim=-1).values.to(torch.int32)
 
 
@@ -135,8 +138,8 @@ def quest_pages(q, cache, layer_idx, budget, n, use_kernels):
     if use_kernels:
         import kernels
         scores = kernels.page_scores(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
-    else:
-        scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
+        return kernels.select_pages(scores, num_pages, budget // S, (n - 1) // S), True
+    scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
     return select_pages(scores, num_pages, budget // S, (n - 1) // S), True
 
 

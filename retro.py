@@ -83,7 +83,8 @@ class OutputCache:
 # ----------------------------------------------------------------------------------------------
 # Reference: the attention of one decode step, all window rows
 
-def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None):
+def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None,
+                     update_last_loaded=False):
     """One RetroAttention step's attention over the pages loaded for the current token.
     q (B, Hq, W, D): the window's queries, oldest first; row i sits at position tau = seq_len - W + i,
         the last row is the current token t = seq_len - 1.
@@ -91,7 +92,8 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
     last_loaded (B, Hkv, Pmax) int: A, the last step that loaded each page, *before* this step.
     Row tau attends to the keys j <= tau of the pages p in S_t with A[p] < tau. For the current row
     every page qualifies (A < t), so it gets Quest's attention over S_t; a past row gets its supplement.
-    Returns o (B, Hq, W, D) in q.dtype, lse (B, Hq, W) fp32 (empty rows: o = 0, lse = -inf)."""
+    Returns o (B, Hq, W, D) in q.dtype, lse (B, Hq, W) fp32 (empty rows: o = 0, lse = -inf).
+    update_last_loaded: then also set A[p] = t (= seq_len - 1) for every listed page p."""
     W = q.shape[2]
     A = last_loaded.gather(-1, page_idx.clamp(min=0).long())  # (B, Hkv, K): A of each listed page
     outs, lses = [], []
@@ -103,6 +105,9 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
         o, lse = paged_decode_ref(q[:, :, i], k_cache, v_cache, new_pages, tau + 1, page_size, scale=scale)
         outs.append(o)
         lses.append(lse)
+    if update_last_loaded:
+        b, h, slot = (page_idx >= 0).nonzero(as_tuple=True)
+        last_loaded[b, h, page_idx[b, h, slot].long()] = seq_len - 1
     return torch.stack(outs, 2), torch.stack(lses, 2)
 
 
@@ -113,15 +118,16 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
 # the KV head times the W window rows (row r = g * W + i), so each K/V tile is loaded once for all
 # G * W queries; each (row, key) pair is masked by the row's own rule (page new to it, key not after
 # it). The page list is walked as in kernels.paged_decode: every page padded to PAGE_PAD rows, so any
-# page size works. Splits are merged by kernels.merge_partials (flash-decoding).
+# page size works. Splits are merged by kernels.merge_partials (flash-decoding). With
+# update_last_loaded each program then sets A = t for its own pages, once it has read their A.
 
 @triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
 def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP,
                          sqb, sqh, sqw, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                          spb, sph, spk, sab, sah, sap,
                          Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, qk_scale,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         PAGE_PAD: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+                         UPDATE_LAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, PAGE_PAD: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -177,11 +183,20 @@ def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP,
     lse = tl.where(has_keys, m * 0.6931471805599453 + tl.log(l_safe), float("-inf"))  # base 2 -> natural
     tl.store(LP + row * num_splits + split, lse, mask=r_ok)
 
+    if UPDATE_LAST:  # A[p] = t for this program's pages (a chunk holds whole pages: no other program reads them)
+        tl.debug_barrier()  # every thread has read A
+        for start in range(lo, hi, BLOCK_N * PAGE_PAD):
+            slot = start // PAGE_PAD + cols
+            page = tl.load(PAGES + slot * spk, mask=slot * PAGE_PAD < hi, other=-1)
+            tl.store(LAST + page * sap, seq_len - 1, mask=page >= 0)
 
-RETRO_BLOCK_N = 64
+
+RETRO_BLOCK_N = 128
+RETRO_TUNING = dict(waves=2, num_stages=2)  # programs per SM; pipeline stages for 2-byte inputs (GPU)
 
 
-def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None):
+def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None,
+                 update_last_loaded=False):
     """Triton version of retro_decode_ref (same arguments, same result)."""
     G = _check_gqa(q, k_cache)
     B, Hq, W, D = q.shape
@@ -192,15 +207,18 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     seq_len = int(seq_len)
     page_idx = page_idx.to(torch.int32)
+    if update_last_loaded and last_loaded.dtype != torch.int32:
+        raise ValueError(f"update_last_loaded needs last_loaded in int32 (updated in place), got {last_loaded.dtype}")
     last_loaded = last_loaded.to(torch.int32)
     n_slots = page_idx.shape[2]
     page_pad = triton.next_power_of_2(page_size)
     rows = n_slots * page_pad
     # enough programs to fill the GPU about four times over (as kernels.paged_decode), at least one tile each
-    programs = 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count
-                    if q.device.type == "cuda" else 4)
+    programs = RETRO_TUNING["waves"] * (torch.cuda.get_device_properties(q.device).multi_processor_count
+                                        if q.device.type == "cuda" else 4)
     splits = max(1, min(triton.cdiv(programs, B * Hkv), triton.cdiv(rows, RETRO_BLOCK_N), kernels.MAX_SPLITS))
-    chunk = max(1, triton.cdiv(triton.cdiv(rows, splits), RETRO_BLOCK_N)) * RETRO_BLOCK_N
+    unit = max(RETRO_BLOCK_N, page_pad)  # a chunk holds whole tiles and whole pages
+    chunk = max(1, triton.cdiv(triton.cdiv(rows, splits), unit)) * unit
     splits = max(1, triton.cdiv(rows, chunk))
     o_part = torch.empty(B, Hq, W, splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, W, splits, dtype=torch.float32, device=q.device)
@@ -210,11 +228,11 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *last_loaded.stride(),
         Hkv, G, W, n_slots, seq_len, page_size, chunk, splits, scale * kernels.LOG2E,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 must not be rounded to tf32
-        BLOCK_M=BLOCK_M, BLOCK_N=RETRO_BLOCK_N, PAGE_PAD=page_pad,
+        UPDATE_LAST=update_last_loaded, BLOCK_M=BLOCK_M, BLOCK_N=RETRO_BLOCK_N, PAGE_PAD=page_pad,
         BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
         # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory
         num_warps=8 if BLOCK_M >= 128 else 4,
-        num_stages=1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else 3)
+        num_stages=1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else RETRO_TUNING["num_stages"])
     return kernels.merge_partials(o_part, lse_part, out_dtype=q.dtype)
 
 
@@ -321,7 +339,8 @@ class RetroAttention:
         # S_t: Quest's pages for the current token (all pages while the budget covers the sequence)
         page_idx, scored = quest_pages(q[:, -1], cache, layer_idx, self.budget, n, self.use_kernels)
         attend = retro_decode if self.use_kernels else retro_decode_ref
-        o, lse = attend(q.transpose(1, 2), kc, vc, page_idx, A, n, S)  # (B, Hq, T, D), (B, Hq, T)
+        # (B, Hq, T, D), (B, Hq, T); then A[p] = t for the pages of S_t
+        o, lse = attend(q.transpose(1, 2), kc, vc, page_idx, A, n, S, update_last_loaded=True)
 
         # What a past row's cached (o, lse) is merged with (ours; the paper leaves it open): the
         # supplement computed now, with the row's fresh query (re-embedded from its revised lower-layer
@@ -333,7 +352,6 @@ class RetroAttention:
         # approximation of it once a lower layer's revision has moved tau's q, k, v.
         if past:
             o_past, _ = self.outputs.update(layer_idx, o[:, :, :-1], lse[:, :, :-1])
-        A.scatter_(-1, page_idx.long(), t)
         if w == 1:
             self._count_exposure(A, t)
         else:

@@ -174,6 +174,32 @@ def test_page_score_bounds_every_key_score():
     assert (key_scores <= bound[..., None] + 1e-4).all()
 
 
+@given(num_pages=st.integers(1, 300), spare=st.integers(0, 3), budget_pages=st.integers(1, 320),
+       newest_back=st.integers(0, 3), kind=st.sampled_from(["normal", "ties", "signed zeros", "-inf"]),
+       batch=st.integers(1, 2), seed=seeds)
+def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, newest_back, kind, batch, seed):
+    """The bisection top-k picks exactly the reference's pages, ties (lower page first) included."""
+    from kvcache import select_pages
+    newest = max(0, num_pages - 1 - newest_back)
+    scores = rand(batch, 3, num_pages + spare, seed=seed)
+    if kind == "ties":
+        scores = scores.mul(2).round()
+    elif kind == "signed zeros":
+        scores = torch.zeros_like(scores)
+        scores[..., ::2] = -0.0
+    elif kind == "-inf":
+        scores[..., : num_pages // 2] = float("-inf")
+    got = kernels.select_pages(scores, num_pages, budget_pages, newest)
+    assert got.dtype == torch.int32 and got.shape == (batch, 3, min(budget_pages, num_pages))
+    assert torch.equal(got, select_pages(scores, num_pages, budget_pages, newest))
+
+
+def test_select_pages_kernel_on_a_128k_context():  # 8192 pages of 16 tokens: one program per row, 8 warps
+    from kvcache import select_pages
+    scores = rand(2, 8, 8192, seed=3)
+    assert torch.equal(kernels.select_pages(scores, 8192, 256, 8191), select_pages(scores, 8192, 256, 8191))
+
+
 # ------------------------------------------------------------------------------------------------
 # Paged decode
 

@@ -136,7 +136,7 @@ def test_supplement_merge_equals_union_attention():
     assert torch.equal(o_s2[:, :, :3], o_s[:, :, :3]) and torch.equal(lse_s2[:, :, :3], lse_s[:, :, :3])
 
 
-@given(W=st.integers(1, 16), extra=st.integers(0, 40), page_size=st.sampled_from([1, 4, 5, 16]),
+@given(W=st.integers(1, 16), extra=st.integers(0, 40), page_size=st.sampled_from([1, 4, 5, 16, 80]),
        n_listed=st.integers(0, 6), n_pad=st.integers(0, 2), heads=gqa_heads(), D=head_dims(), dtype=dtypes(),
        batch=st.integers(1, 2), seed=seeds)
 def test_kernel_matches_reference(W, extra, page_size, n_listed, n_pad, heads, D, dtype, batch, seed):
@@ -157,8 +157,11 @@ def test_kernel_matches_reference(W, extra, page_size, n_listed, n_pad, heads, D
         slots = torch.randperm(n_listed + n_pad, generator=g)[:k]
         page_idx[b, h, slots] = torch.randperm(n_pages, generator=g)[:k].int()
     page_idx, A = page_idx.to(DEVICE), A.to(DEVICE)
-    o, lse = retro_decode(q, kc, vc, page_idx, A, n, page_size)
-    o_ref, lse_ref = retro_decode_ref(q.float(), kc.float(), vc.float(), page_idx, A, n, page_size)
+    A_ref = A.clone()
+    o_ref, lse_ref = retro_decode_ref(q.float(), kc.float(), vc.float(), page_idx, A_ref, n, page_size,
+                                      update_last_loaded=True)
+    o, lse = retro_decode(q, kc, vc, page_idx, A, n, page_size, update_last_loaded=True)
+    assert torch.equal(A, A_ref)  # A = t for exactly the listed pages, updated after they were read
     assert o.dtype == dtype and o.shape == q.shape and lse.shape == q.shape[:3]
     assert not o.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(o.float(), o_ref, atol=ATOL[dtype], rtol=0)
