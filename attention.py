@@ -124,7 +124,11 @@ class DenseAttention:
         self.use_kernels = use_kernels
         self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
 
+    graph_mode = False  # see forward_on_device
+
     def forward(self, layer_idx, q, k, v, input_pos):
+        if self.graph_mode:
+            return self.forward_on_device(layer_idx, q, k, v, input_pos)
         self.cache.write(layer_idx, k, v, input_pos)
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
         if q.shape[1] == 1:  # one decode step reads the whole valid cache of this layer
@@ -134,3 +138,17 @@ class DenseAttention:
                 self.stats["decode_steps"] += 1
         o, _ = prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)
         return o
+
+    def forward_on_device(self, layer_idx, q, k, v, input_pos):
+        """A decode step with its position on the device (input_pos (1,) int64): no host sync, so
+        generate.py can capture it in a CUDA graph (see QuestAttention.forward_on_device)."""
+        import kernels
+        self.cache.write_on_device(layer_idx, k, v, input_pos)
+        if layer_idx == 0:
+            self.seq_len = (input_pos + 1).to(torch.int32)
+        o, _ = kernels.flash_decode(q[:, 0], self.cache.k[layer_idx], self.cache.v[layer_idx], self.seq_len)
+        return o.unsqueeze(1)
+
+    def after_device_step(self, n):
+        """Host-side bookkeeping after a device step that made the sequence n tokens long."""
+        self.cache.lengths = [n] * len(self.cache.lengths)

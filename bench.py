@@ -239,7 +239,9 @@ def bench_compaction(ctx_len=32768, ref_queries=4096, ratios=(10, 50), n_layers=
 
 
 def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_window=2):
-    """tokens/s of generate.generate on a Llama-3.1-8B-shaped model with random weights (eager mode)."""
+    """tokens/s of generate.generate on a Llama-3.1-8B-shaped model with random weights: every method
+    eagerly, then with the decode step replayed from a CUDA graph (--cuda-graph; the
+    decode time includes the first step's capture). A short warm-up run compiles the kernels first."""
     from attention import DenseAttention
     from generate import generate
     from kvcache import KVCache, QuestAttention
@@ -257,24 +259,31 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_window=2):
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
-    rows = []
-    for name in ["dense", "quest", "retro"]:
+    rows, tokens = [], {}  # tokens: (method, mode) -> greedy tokens
+    def method(name):
         cache = KVCache(args.n_layers, 1, args.n_kv_heads, args.max_seq_len, args.head_dim, torch.bfloat16, "cuda",
                         page_meta=name != "dense")
         if name == "dense":
-            attn, w = DenseAttention(cache, use_kernels=True), 1
-        elif name == "quest":
-            attn, w = QuestAttention(cache, budget, 16, use_kernels=True), 1
-        else:
-            attn, w = RetroAttention(cache, budget, 16, window=retro_window, use_kernels=True,
-                                     track_exposure=False), retro_window
+            return DenseAttention(cache, use_kernels=True), 1
+        if name == "quest":
+            return QuestAttention(cache, budget, 16, use_kernels=True), 1
+        return RetroAttention(cache, budget, 16, window=retro_window, use_kernels=True, track_exposure=False), retro_window
+
+    for name, graph in [("dense", False), ("quest", False), ("retro", False), ("dense", True), ("quest", True), ("retro", True)]:
+        attn, w = method(name)  # warm-up: Triton compiles this configuration's kernels (not timed)
+        generate(model, attn, prompt[:, :2 * budget], 4, window=w, cuda_graph=graph)
+        attn, w = method(name)
         torch.cuda.reset_peak_memory_stats()
-        _, t = generate(model, attn, prompt, new_tokens, window=w)
+        out, t = generate(model, attn, prompt, new_tokens, window=w, cuda_graph=graph)
         rows.append(dict(method=name if name != "retro" else f"retro w={w}", budget=budget if name != "dense" else prompt_len,
                          prefill_s=t["prefill_s"], tok_per_s=t["decode_steps"] / t["decode_s"],
-                         peak_GiB=torch.cuda.max_memory_allocated() / 2**30, mode="eager"))
-        del cache, attn
+                         peak_GiB=torch.cuda.max_memory_allocated() / 2**30, mode="CUDA graph" if graph else "eager"))
+        tokens[rows[-1]["method"], rows[-1]["mode"]] = out[0].tolist()
+        del attn
         torch.cuda.empty_cache()
+    for r in rows:  # a replay computes what the eager loop computes (split plans differ: bf16 rounding may)
+        eager = tokens[r["method"], "eager"]
+        r["same_tokens_as_eager"] = sum(x == y for x, y in zip(tokens[r["method"], r["mode"]], eager)) / len(eager)
     return rows
 
 
@@ -312,7 +321,7 @@ def main():
                        ["ratio", "keys_per_head", "seconds", "s_per_layer", "peak_extra_mib", "kv_mib_before",
                         "kv_mib_after", "out_err", "mass_err"]),
         "e2e": ("End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 32K prompt, 256 new tokens, batch 1)",
-                bench_e2e, ["method", "budget", "prefill_s", "tok_per_s", "peak_GiB", "mode"]),
+                bench_e2e, ["method", "budget", "mode", "prefill_s", "tok_per_s", "peak_GiB", "same_tokens_as_eager"]),
     }
     for name in a.sections:
         title, run, cols = sections[name]

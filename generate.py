@@ -46,13 +46,82 @@ def sample(logits, temperature, top_k, generator=None, n_vocab=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class GraphDecodeStep:
+    """One decode step, captured in a CUDA graph on its first call and replayed on every later one.
+    Eagerly, Python launches ~60 kernels per layer and token, and at a small batch that launch time,
+    not the memory traffic, sets the speed (bench.py: 29 tok/s for an 8B-shaped model at 32K). A
+    replay re-runs the recorded kernels with their recorded arguments, so nothing in the step may
+    depend on a host value that changes: the tokens and their positions live in device tensors, and
+    the attention object runs its forward_on_device (kernels that read the length from the device,
+    state updated in place). The first call runs the step eagerly in graph mode (its real work, and
+    the warm-up: Triton compiles, cuBLAS picks kernels), then captures it."""
+
+    def __init__(self, model, attn):
+        self.model, self.attn, self.graph = model, attn, None
+
+    def _step(self):
+        return self.model(self.tokens, self.pos, self.attn, last_only=True)[:, -1]
+
+    def __call__(self, tokens, first_pos):
+        """tokens (B, w) long on the GPU at positions first_pos .. first_pos + w - 1 (the last one
+        new) -> the last row's next-token logits (B, V) fp32."""
+        w = tokens.shape[1]
+        if self.graph is None:
+            self.tokens = tokens.clone()
+            self.pos = torch.arange(first_pos, first_pos + w, device=tokens.device)
+            self.attn.graph_mode = True
+            side = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graphs asks
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, does not run
+                self.logits = self._step()
+        else:
+            self.tokens.copy_(tokens)
+            self.pos.copy_(torch.arange(first_pos, first_pos + w))
+            self.graph.replay()
+            logits = self.logits
+        self.attn.after_device_step(first_pos + w)
+        return logits
+
+    def close(self):
+        self.attn.graph_mode = False
+
+
+def graph_unsupported(attn, window, device, first_len):
+    """Why a decode step of attn cannot be captured in a CUDA graph (None if it can).
+    first_len: the sequence length at the first decode step."""
+    if device.type != "cuda":
+        return "CUDA graphs need --device cuda"
+    if not hasattr(attn, "forward_on_device"):
+        return f"{type(attn).__name__} has no device-side decode step (dense, quest and retro have one)"
+    if not attn.use_kernels:
+        return "the device-side decode step runs the Triton kernels (--kernels triton or auto)"
+    budget = getattr(attn, "budget", None)
+    if budget is not None and budget >= first_len:
+        return (f"--budget {budget} covers the first decode step's {first_len} tokens (then the step is dense); "
+                f"a captured step must be sparse throughout")
+    if window > 1 and first_len < window:
+        return f"the prompt must hold at least --window {window} - 1 tokens (a full RetroAttention window)"
+    return None
+
+
 @torch.no_grad()
 def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, window=1,
-             stop_ids=(), on_token=None, generator=None, start_pos=0, n_vocab=None):
+             stop_ids=(), on_token=None, generator=None, start_pos=0, n_vocab=None, cuda_graph=False):
     """prompt (B, T) long on the model's device -> (new tokens (B, n), timings dict).
     window: rows fed per decode step (1; RetroAttention's w). start_pos: position of prompt[0]
-    (non-zero only when the cache already holds a prefix, e.g. after KV compaction)."""
+    (non-zero only when the cache already holds a prefix, e.g. after KV compaction).
+    cuda_graph: decode through a GraphDecodeStep (dense, quest, retro; ValueError naming why not)."""
     device = prompt.device
+    step = None
+    if cuda_graph:
+        why = graph_unsupported(attn, window, device, start_pos + prompt.shape[1] + 1)
+        if why:
+            raise ValueError(f"--cuda-graph: {why}")
+        step = GraphDecodeStep(model, attn)
     B, T = prompt.shape
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -72,13 +141,18 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         n = start_pos + tokens.shape[1]  # positions [start_pos, n) exist; the newest is n - 1
         w = min(window, tokens.shape[1])
-        logits = model(tokens[:, -w:], torch.arange(n - w, n), attn, last_only=True)
-        nxt = sample(logits[:, -1], temperature, top_k, generator, n_vocab)
+        if step is not None:
+            logits = step(tokens[:, -w:], n - w)
+        else:
+            logits = model(tokens[:, -w:], torch.arange(n - w, n), attn, last_only=True)[:, -1]
+        nxt = sample(logits, temperature, top_k, generator, n_vocab)
         out.append(nxt)
     if on_token is not None:
         on_token(nxt)
     sync()
     t_decode = time.perf_counter() - t0
+    if step is not None:
+        step.close()
     return torch.stack(out, dim=1), {"prefill_s": t_prefill, "decode_s": t_decode, "decode_steps": len(out) - 1}
 
 
@@ -149,6 +223,9 @@ def build_parser():
     p.add_argument("--method", default="dense",
                    help=f"attention method, one of: {', '.join(METHODS)}")
     p.add_argument("--quiet", action="store_true", help="do not stream the text, print only the statistics")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the decode step in a CUDA graph and replay it (dense, quest, retro; on a GPU); "
+                        "statistics of KV bytes read are not counted then")
     q = p.add_argument_group("page-sparse decoding (quest, retro)")
     q.add_argument("--budget", type=int, default=512,
                    help="KV tokens read per decode step, a multiple of --page-size (default 512)")
@@ -259,6 +336,10 @@ def main(argv=None):
             parser.error(str(e))
     retro_decoding = opts.method == "retro" or (opts.method == "token_sparse" and opts.decode == "retro")
     window = opts.window if retro_decoding else 1
+    if opts.cuda_graph:
+        why = graph_unsupported(attn, window, torch.device(opts.device), start_pos + prompt.shape[1] + 1)
+        if why:
+            parser.error(f"--cuda-graph: {why}")
 
     printed = [b""]
     new_ids = []
@@ -282,7 +363,7 @@ def main(argv=None):
     gen = torch.Generator(device=opts.device).manual_seed(opts.seed)
     _, t = generate(model, attn, prompt, opts.max_new_tokens, opts.temperature, opts.top_k, window,
                     stop_ids=tokenizer.stop_ids if opts.chat else (), on_token=on_token, generator=gen,
-                    start_pos=start_pos, n_vocab=tokenizer.n_words)
+                    start_pos=start_pos, n_vocab=tokenizer.n_words, cuda_graph=opts.cuda_graph)
     print()
     report(opts, len(ids), t, attn, cache)
 
@@ -300,6 +381,10 @@ def report(opts, n_prompt, t, attn, cache):
              f"decode: {t['decode_steps']} steps in {t['decode_s']:.3f} s ({t['decode_steps'] / max(t['decode_s'], 1e-9):.1f} tok/s)",
              f"peak memory: {peak_memory_bytes(opts.device) / 2**20:.1f} MiB ({'GPU allocated' if opts.device == 'cuda' else 'process RSS'}); "
              f"KV cache {cache.nbytes() / 2**20:.1f} MiB"]
+    if opts.cuda_graph:
+        lines.append("KV statistics: not counted under --cuda-graph")
+        print("\n".join("# " + line for line in lines), file=sys.stderr)
+        return
     s = attn.stats
     if s.get("decode_steps"):
         lines.append(f"KV bytes read per decoded token: {s['kv_bytes_read'] / s['decode_steps'] / 2**20:.3f} MiB")

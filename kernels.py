@@ -58,12 +58,15 @@ def _check(q, k, v, q_dims):
 
 # lengths vary per call: no specialisation on their value (saves a JIT compile per new length class)
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset"])
-def _prefill_kernel(Q, K, V, O, LSE,
+def _prefill_kernel(Q, K, V, O, LSE, SEQ_LEN,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                     sob, soh, sot, sod,
                     Hq, G, Tq, Tk, q_offset, qk_scale,
-                    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                    LEN_ON_DEVICE: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    if LEN_ON_DEVICE:  # keys [0, Tk) with Tk on the device; the queries are the last Tq of them
+        Tk = tl.load(SEQ_LEN)
+        q_offset = Tk - Tq
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)  # int64: batch offsets of a long cache overflow int32
@@ -113,13 +116,21 @@ def _prefill_kernel(Q, K, V, O, LSE,
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + rows, lse, mask=rows < Tq)
 
 
-def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None):
+def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None, seq_len=None):
     """FlashAttention forward, same contract as attention.attention_ref.
-    q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D), any strides -> o (B, Hq, Tq, D) q.dtype, lse (B, Hq, Tq) fp32."""
+    q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D), any strides -> o (B, Hq, Tq, D) q.dtype, lse (B, Hq, Tq) fp32.
+    seq_len: a device length (see device_length): then only keys [0, seq_len) of k, v exist and the
+    queries are the last Tq of them (q_offset = seq_len - Tq)."""
     G = _check(q, k, v, 4)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if seq_len is not None:
+        Tk, len_t = device_length(seq_len, Tk)
+        if len_t is None:
+            raise ValueError("flash_prefill: seq_len is for a device length; slice k, v for a host one")
+    else:
+        len_t = None
     q_offset = Tk - Tq if q_offset is None else int(q_offset)
     o = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
@@ -135,9 +146,10 @@ def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None):
         cfg = (64, 32, 4, 2)
     BLOCK_M, BLOCK_N, warps, stages = cfg
     grid = (triton.cdiv(Tq, BLOCK_M), B * Hq)
-    _prefill_kernel[grid](q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+    _prefill_kernel[grid](q, k, v, o, lse, len_t if len_t is not None else lse,
+                          *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                           Hq, G, Tq, Tk, q_offset, scale * LOG2E,
-                          CAUSAL=causal, PRECISION=_dot_precision(q.dtype),
+                          LEN_ON_DEVICE=len_t is not None, CAUSAL=causal, PRECISION=_dot_precision(q.dtype),
                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
                           num_warps=warps, num_stages=stages)
     return o, lse
@@ -184,11 +196,13 @@ def merge_partials(o_parts, lse_parts, out_dtype=None):
 # Flash decode: one program per (split, batch * KV head); the G query heads are the rows of a tile
 
 @triton.jit(do_not_specialize=["seq_len", "chunk", "num_splits"])
-def _decode_kernel(Q, K, V, OP, LP,
+def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
                    sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    Hkv, G, seq_len, chunk, num_splits, qk_scale,
-                   PRECISION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, D: tl.constexpr):
+                   LEN_ON_DEVICE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    if LEN_ON_DEVICE:  # see device_length()
+        seq_len = tl.load(SEQ_LEN)
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -248,16 +262,30 @@ def _splits(n_blocks, batch_heads, device, num_splits):
 DECODE_BLOCK_N = 64  # keys per tile; 64 x 128 bf16 = 16 KB per K (or V) tile, wide coalesced loads
 
 
+def device_length(seq_len, Nmax):
+    """A kernel's key count: an int, or a (1,) int32 tensor on the device that the kernel reads
+    itself. The second needs no host sync, so the call can be captured in a CUDA graph and replayed
+    as the sequence grows; the work is then planned for the largest length, Nmax (programs past the
+    real length find no keys). -> (length to plan for, tensor or None)."""
+    if torch.is_tensor(seq_len):
+        if seq_len.dtype != torch.int32 or seq_len.numel() != 1:
+            raise ValueError(f"a device length must be one int32 value, got {seq_len.dtype} {tuple(seq_len.shape)}")
+        return Nmax, seq_len
+    seq_len = int(seq_len)
+    if not 0 <= seq_len <= Nmax:
+        raise ValueError(f"seq_len {seq_len} must lie in [0, {Nmax}] (the cache length)")
+    return seq_len, None
+
+
 def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
     """Flash-decoding, same contract as attention.decode_ref.
     q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D); keys [0, seq_len) -> o (B, Hq, D), lse (B, Hq) fp32.
+    seq_len: an int or a device length (see device_length).
     num_splits: how many chunks the keys are cut into (default: from seq_len and the SM count)."""
     G = _check(q, k_cache, v_cache, 3)
     B, Hq, D = q.shape
     Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
-    seq_len = int(seq_len)
-    if not 0 <= seq_len <= Nmax:
-        raise ValueError(f"seq_len {seq_len} must lie in [0, {Nmax}] (the cache length)")
+    seq_len, len_t = device_length(seq_len, Nmax)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     splits = _splits(triton.cdiv(seq_len, 16), B * Hkv, q.device, num_splits)
     # chunk: a multiple of the tile when the defaults choose it, of 16 at least when a caller forces many splits
@@ -266,10 +294,11 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
     splits = max(1, triton.cdiv(seq_len, chunk))
     o_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
-    _decode_kernel[(splits, B * Hkv)](q, k_cache, v_cache, o_part, lse_part,
+    _decode_kernel[(splits, B * Hkv)](q, k_cache, v_cache, o_part, lse_part, len_t if len_t is not None else lse_part,
                                       *q.stride(), *k_cache.stride(), *v_cache.stride(),
                                       Hkv, G, seq_len, chunk, splits, scale * LOG2E,
-                                      PRECISION=_dot_precision(q.dtype), BLOCK_G=max(16, triton.next_power_of_2(G)),
+                                      LEN_ON_DEVICE=len_t is not None, PRECISION=_dot_precision(q.dtype),
+                                      BLOCK_G=max(16, triton.next_power_of_2(G)),
                                       BLOCK_N=DECODE_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
                                       num_warps=4, num_stages=3 if q.device.type == "cuda" else 1)
     return merge_partials(o_part, lse_part, out_dtype=q.dtype)
@@ -332,7 +361,11 @@ def page_scores(q, kmin, kmax, num_pages):
 # slot, so the output comes out in ascending page order without a sort.
 
 @triton.jit(do_not_specialize=["num_pages", "k", "newest"])
-def _select_pages_kernel(SCORES, OUT, ss_row, ss_p, so_row, num_pages, k, newest, BLOCK_P: tl.constexpr):
+def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, k, newest, page_size,
+                         LEN_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr):
+    if LEN_ON_DEVICE:  # the pages of a device length (see kernels.device_length); k <= their number
+        num_pages = tl.cdiv(tl.load(SEQ_LEN), page_size)
+        newest = num_pages - 1
     row = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK_P)
     ok = p < num_pages
@@ -374,24 +407,45 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
     if P < num_pages or not 0 <= newest_page < num_pages:
         raise ValueError(f"scores {tuple(scores.shape)} must hold num_pages {num_pages} pages and newest_page "
                          f"{newest_page} must be one of them")
+    return _select(scores, num_pages, K, newest_page, None, 1)
+
+
+def _select(scores, num_pages, K, newest_page, len_t, page_size):
+    *lead, P = scores.shape
     s = scores.reshape(-1, P)
     out = torch.empty(s.shape[0], K, dtype=torch.int32, device=scores.device)
     BLOCK_P = max(16, triton.next_power_of_2(num_pages))
-    _select_pages_kernel[(s.shape[0],)](s, out, s.stride(0), s.stride(1), out.stride(0), num_pages, K, newest_page,
-                                        BLOCK_P=BLOCK_P, num_warps=min(SELECT_TUNING["max_warps"], max(4, BLOCK_P // 1024)))
+    _select_pages_kernel[(s.shape[0],)](s, out, len_t if len_t is not None else out, s.stride(0), s.stride(1),
+                                        out.stride(0), num_pages, K, newest_page, page_size,
+                                        LEN_ON_DEVICE=len_t is not None, BLOCK_P=BLOCK_P,
+                                        num_warps=min(SELECT_TUNING["max_warps"], max(4, BLOCK_P // 1024)))
     return out.view(*lead, K)
+
+
+def select_pages_device(scores, seq_len, page_size, budget_pages):
+    """select_pages for the pages of a device length seq_len (see device_length): num_pages =
+    ceil(seq_len / page_size), the newest page is the last. The caller guarantees budget_pages <=
+    num_pages (no sync here to check it). scores (B, Hkv, Pmax) -> (B, Hkv, budget_pages) int32."""
+    P = scores.shape[-1]
+    if P > SELECT_MAX_PAGES:
+        raise ValueError(f"select_pages_device handles up to {SELECT_MAX_PAGES} pages, got {P}")
+    _, len_t = device_length(seq_len, P * page_size)
+    return _select(scores, P, budget_pages, 0, len_t, page_size)
 
 
 # ----------------------------------------------------------------------------------------------
 # Paged decode: flash decode over a list of pages, split along the list
 
 @triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
-def _paged_decode_kernel(Q, K, V, PAGES, BIAS, OP, LP,
+def _paged_decode_kernel(Q, K, V, PAGES, BIAS, OP, LP, SEQ_LEN,
                          sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                          spb, sph, spk, sbb, sbh, sbn,
                          Hkv, G, n_slots, seq_len, page_size, chunk, num_splits, qk_scale,
-                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PAGE_PAD: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_PAD: tl.constexpr,
+                         BLOCK_D: tl.constexpr, D: tl.constexpr):
+    if LEN_ON_DEVICE:  # see device_length()
+        seq_len = tl.load(SEQ_LEN)
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -448,16 +502,16 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     """Decode attention over a list of pages per KV head, same contract as attention.paged_decode_ref.
     q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D); page_idx (B, Hkv, K) int, -1 = unused slot, pages in
     any order but each listed once; bias (B, Hkv, Nmax) fp32 or None -> o (B, Hq, D), lse (B, Hq) fp32.
+    seq_len: an int or a device length (see device_length).
     num_splits: how many chunks the page list is cut into (default: from its length and the SM count)."""
     G = _check(q, k_cache, v_cache, 3)
     B, Hq, D = q.shape
     Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
-    seq_len = int(seq_len)
+    seq_len, len_t = device_length(seq_len, Nmax)
     if page_idx.dim() != 3 or tuple(page_idx.shape[:2]) != (B, Hkv):
         raise ValueError(f"page_idx must be (B, Hkv, K) = ({B}, {Hkv}, K), got {tuple(page_idx.shape)}")
-    if not 0 <= seq_len <= Nmax or page_size < 1:
-        raise ValueError(f"need 0 <= seq_len <= {Nmax} (cache length) and page_size >= 1; "
-                         f"got seq_len {seq_len}, page_size {page_size}")
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
     if bias is not None and tuple(bias.shape) != (B, Hkv, Nmax):
         raise ValueError(f"bias must be (B, Hkv, Nmax) = ({B}, {Hkv}, {Nmax}), got {tuple(bias.shape)}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -476,10 +530,11 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     bias_t = bias if bias is not None else lse_part  # any tensor: never read when HAS_BIAS is False
     bias_strides = bias.stride() if bias is not None else (0, 0, 0)
     _paged_decode_kernel[(splits, B * Hkv)](
-        q, k_cache, v_cache, page_idx, bias_t, o_part, lse_part,
+        q, k_cache, v_cache, page_idx, bias_t, o_part, lse_part, len_t if len_t is not None else lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *bias_strides,
         Hkv, G, n_slots, seq_len, page_size, chunk, splits, scale * LOG2E,
-        HAS_BIAS=bias is not None, PRECISION=_dot_precision(q.dtype), BLOCK_G=max(16, triton.next_power_of_2(G)),
+        HAS_BIAS=bias is not None, LEN_ON_DEVICE=len_t is not None, PRECISION=_dot_precision(q.dtype),
+        BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=PAGED_BLOCK_N, PAGE_PAD=page_pad, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
         num_warps=PAGED_TUNING["num_warps"], num_stages=PAGED_TUNING["num_stages"] if q.device.type == "cuda" else 1)
     return merge_partials(o_part, lse_part, out_dtype=q.dtype)

@@ -52,6 +52,23 @@ class KVCache:
         if self.page_meta:
             self.refresh_pages(layer, start // self.page_size, (end - 1) // self.page_size + 1)
 
+    def write_on_device(self, layer, k, v, pos):
+        """write() for the rows k, v (B, T, Hkv, D) whose positions are a device tensor pos (T,) int64,
+        consecutive and ending at the newest position: no host sync, so a CUDA graph can capture it.
+        The keys after pos[-1] are not written yet and stay out of the page bounds. The caller keeps
+        self.lengths (host-side bookkeeping) up to date."""
+        self.k[layer].index_copy_(2, pos, k.transpose(1, 2))
+        self.v[layer].index_copy_(2, pos, v.transpose(1, 2))
+        if self.page_meta:
+            S = self.page_size
+            pages = torch.div(pos, S, rounding_mode="floor")  # (T,): a page may repeat, with equal bounds
+            rows = pages[:, None] * S + torch.arange(S, device=pos.device)  # (T, S)
+            keys = self.k[layer].index_select(2, rows.flatten()).unflatten(2, rows.shape)  # (B, Hkv, T, S, D)
+            valid = (rows <= pos[-1])[..., None]
+            inf = torch.finfo(keys.dtype).max
+            self.kmin[layer].index_copy_(2, pages, torch.where(valid, keys, inf).amin(3))
+            self.kmax[layer].index_copy_(2, pages, torch.where(valid, keys, -inf).amax(3))
+
     @property
     def length(self):
         return self.lengths[0]
@@ -169,8 +186,12 @@ class QuestAttention:
         self.use_kernels = use_kernels
         self.stats = {"kv_bytes_read": 0, "pages_read": 0, "decode_steps": 0}
 
+    graph_mode = False  # see forward_on_device
+
     def forward(self, layer_idx, q, k, v, input_pos):
         # q (B, T, Hq, D) after RoPE; k, v (B, T, Hkv, D) -> (B, T, Hq, D)
+        if self.graph_mode:
+            return self.forward_on_device(layer_idx, q, k, v, input_pos)
         self.cache.write(layer_idx, k, v, input_pos)
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
         if q.shape[1] > 1:  # prefill: dense causal
@@ -190,3 +211,26 @@ class QuestAttention:
         else:
             o, _ = paged_decode_ref(qh, kc, vc, page_idx, n, self.cache.page_size)
         return o.unsqueeze(1)
+
+    def forward_on_device(self, layer_idx, q, k, v, input_pos):
+        """A decode step with its position on the device (input_pos (1,) int64), in kernels that read
+        the length there: no host sync, so generate.py can capture the step in a CUDA graph. The
+        caller guarantees that the budget is below the length at every step (every step is sparse)
+        and calls after_device_step. No statistics are counted here (they need the length on the host)."""
+        import kernels
+        cache, S = self.cache, self.cache.page_size
+        cache.write_on_device(layer_idx, k, v, input_pos)
+        if layer_idx == 0:
+            self.seq_len = (input_pos + 1).to(torch.int32)  # keys [0, pos] after this write
+        kc, vc, qh = cache.k[layer_idx], cache.v[layer_idx], q[:, 0]
+        if layer_idx < self.dense_layers:
+            o, _ = kernels.flash_decode(qh, kc, vc, self.seq_len)
+        else:  # all pages are scored (those past the length are never selected)
+            scores = kernels.page_scores(qh, cache.kmin[layer_idx], cache.kmax[layer_idx], cache.num_pages_max)
+            page_idx = kernels.select_pages_device(scores, self.seq_len, S, self.budget // S)
+            o, _ = kernels.paged_decode(qh, kc, vc, page_idx, self.seq_len, S)
+        return o.unsqueeze(1)
+
+    def after_device_step(self, n):
+        """Host-side bookkeeping after a device step that made the sequence n tokens long."""
+        self.cache.lengths = [n] * len(self.cache.lengths)

@@ -250,11 +250,12 @@ class Transformer(nn.Module):
     def forward(self, tokens, input_pos=None, attn=None, last_only=False):
         """tokens (B, T) -> logits (B, T, V) fp32 (or (B, 1, V) with last_only).
         input_pos (T,) int64: absolute positions of the tokens (pass it on the CPU: attention
-        objects read it without a GPU sync). attn: the attention object, or None for plain causal."""
+        objects read it without a GPU sync; on the GPU only for an attention object in graph_mode,
+        see generate.GraphDecodeStep). attn: the attention object, or None for plain causal."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T)
-        if int(input_pos[-1]) >= self.args.max_seq_len:
+        if input_pos.device.type == "cpu" and int(input_pos[-1]) >= self.args.max_seq_len:  # (no sync on a GPU)
             raise ValueError(f"position {int(input_pos[-1])} is beyond the model's context of "
                              f"{self.args.max_seq_len} tokens")
         cos, sin = self.rope(input_pos)

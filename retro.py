@@ -122,12 +122,15 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
 # update_last_loaded each program then sets A = t for its own pages, once it has read their A.
 
 @triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
-def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP,
+def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
                          sqb, sqh, sqw, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                          spb, sph, spk, sab, sah, sap,
                          Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, qk_scale,
-                         UPDATE_LAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, PAGE_PAD: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+                         UPDATE_LAST: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_PAD: tl.constexpr,
+                         BLOCK_D: tl.constexpr, D: tl.constexpr):
+    if LEN_ON_DEVICE:  # see kernels.device_length
+        seq_len = tl.load(SEQ_LEN)
     split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -197,7 +200,8 @@ RETRO_TUNING = dict(waves=2, num_stages=2)  # programs per SM; pipeline stages f
 
 def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None,
                  update_last_loaded=False):
-    """Triton version of retro_decode_ref (same arguments, same result)."""
+    """Triton version of retro_decode_ref (same arguments, same result). seq_len may also be a device
+    length (kernels.device_length), for a step captured in a CUDA graph."""
     G = _check_gqa(q, k_cache)
     B, Hq, W, D = q.shape
     Hkv = k_cache.shape[1]
@@ -205,7 +209,7 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
         raise ValueError(f"page_idx {tuple(page_idx.shape)} and last_loaded {tuple(last_loaded.shape)} "
                          f"must start with (B, Hkv) = ({B}, {Hkv})")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    seq_len = int(seq_len)
+    seq_len, len_t = kernels.device_length(seq_len, k_cache.shape[2])
     page_idx = page_idx.to(torch.int32)
     if update_last_loaded and last_loaded.dtype != torch.int32:
         raise ValueError(f"update_last_loaded needs last_loaded in int32 (updated in place), got {last_loaded.dtype}")
@@ -224,11 +228,11 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     lse_part = torch.empty(B, Hq, W, splits, dtype=torch.float32, device=q.device)
     BLOCK_M = max(16, triton.next_power_of_2(G * W))
     _retro_decode_kernel[(splits, B * Hkv)](
-        q, k_cache, v_cache, page_idx, last_loaded, o_part, lse_part,
+        q, k_cache, v_cache, page_idx, last_loaded, o_part, lse_part, len_t if len_t is not None else lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *last_loaded.stride(),
         Hkv, G, W, n_slots, seq_len, page_size, chunk, splits, scale * kernels.LOG2E,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 must not be rounded to tf32
-        UPDATE_LAST=update_last_loaded, BLOCK_M=BLOCK_M, BLOCK_N=RETRO_BLOCK_N, PAGE_PAD=page_pad,
+        UPDATE_LAST=update_last_loaded, LEN_ON_DEVICE=len_t is not None, BLOCK_M=BLOCK_M, BLOCK_N=RETRO_BLOCK_N, PAGE_PAD=page_pad,
         BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
         # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory
         num_warps=8 if BLOCK_M >= 128 else 4,
@@ -278,8 +282,12 @@ class RetroAttention:
             self._stats["exposure"] = float(self._exposure_sum) / self._exposure_count
         return self._stats
 
+    graph_mode = False  # see forward_on_device
+
     def forward(self, layer_idx, q, k, v, input_pos):
         # q (B, T, Hq, D) after RoPE; k, v (B, T, Hkv, D); input_pos (T,) on the CPU -> (B, T, Hq, D)
+        if self.graph_mode:
+            return self.forward_on_device(layer_idx, q, k, v, input_pos)
         t = int(input_pos[-1])
         if t + 1 - self.cache.lengths[layer_idx] > 1:  # several new positions
             return self._prefill(layer_idx, q, k, v, input_pos)
@@ -366,6 +374,39 @@ class RetroAttention:
         if past:
             o = torch.cat([o_past.to(o.dtype), o[:, :, -1:]], dim=2)
         return o.transpose(1, 2)
+
+    def forward_on_device(self, layer_idx, q, k, v, input_pos):
+        """A decode step whose w rows' positions are on the device (input_pos (w,) int64), with no
+        host sync, for generate.GraphDecodeStep: the same computation as forward, in kernels that read
+        the length from the device. The caller guarantees a full window (w - 1 rows in the output
+        cache) and a budget below the length at every step, and calls after_device_step. The output
+        cache is updated in place (a replayed graph reads and writes the same buffers). No
+        statistics and no exposure are counted here."""
+        cache, S = self.cache, self.cache.page_size
+        cache.write_on_device(layer_idx, k, v, input_pos)
+        if layer_idx == 0:
+            self.seq_len = (input_pos[-1:] + 1).to(torch.int32)
+        kc, vc, qh = cache.k[layer_idx], cache.v[layer_idx], q.transpose(1, 2)  # qh (B, Hq, w, D)
+        if layer_idx < self.dense_layers:
+            o, _ = kernels.flash_prefill(qh, kc, vc, causal=True, seq_len=self.seq_len)
+            return o.transpose(1, 2)
+        scores = kernels.page_scores(qh[:, :, -1], cache.kmin[layer_idx], cache.kmax[layer_idx], cache.num_pages_max)
+        page_idx = kernels.select_pages_device(scores, self.seq_len, S, self.budget // S)
+        o, lse = retro_decode(qh, kc, vc, page_idx, self.last_loaded[layer_idx], self.seq_len, S,
+                              update_last_loaded=True)
+        if self.window == 1:
+            return o.transpose(1, 2)
+        o_cached, lse_cached = self.outputs.o[layer_idx], self.outputs.lse[layer_idx]  # the w - 1 past rows
+        o_past, lse_past = merge_attention(o_cached, lse_cached, o[:, :, :-1], lse[:, :, :-1])
+        o_cached.copy_(torch.cat([o_past[:, :, 1:], o[:, :, -1:].float()], 2))  # the oldest leaves, t enters
+        lse_cached.copy_(torch.cat([lse_past[:, :, 1:], lse[:, :, -1:]], 2))
+        return torch.cat([o_past.to(o.dtype), o[:, :, -1:]], 2).transpose(1, 2)
+
+    def after_device_step(self, n):
+        """Host-side bookkeeping after a device step that made the sequence n tokens long."""
+        self.cache.lengths = [n] * len(self.cache.lengths)
+        for layer in range(self.dense_layers, len(self.outputs.pos)):
+            self.outputs.pos[layer] = list(range(n - self.window + 1, n))  # the w - 1 rows kept
 
     def _count_exposure(self, A, tau):
         """tau's output is final: count the keys <= tau of every page it has seen (A[p] >= tau)."""

@@ -200,6 +200,31 @@ def test_select_pages_kernel_on_a_128k_context():  # 8192 pages of 16 tokens: on
     assert torch.equal(kernels.select_pages(scores, 8192, 256, 8191), select_pages(scores, 8192, 256, 8191))
 
 
+def test_select_pages_device_equals_select_pages():
+    """The length read on the device picks the same pages as the host-side call."""
+    from kvcache import select_pages
+    S, budget_pages = 4, 5
+    scores = rand(2, 3, 40, seed=9)
+    for n in [20, 21, 37, 160]:
+        P = -(-n // S)
+        got = kernels.select_pages_device(scores, torch.tensor([n], dtype=torch.int32, device=DEVICE), S, budget_pages)
+        assert torch.equal(got, select_pages(scores, P, budget_pages, P - 1))
+
+
+@pytest.mark.parametrize("seq_len", [1, 17, 64, 100])
+def test_decode_kernels_read_a_device_length(seq_len):
+    """flash_decode and paged_decode give the same result for an int length and a device length."""
+    q, kc, vc = rand(1, 8, 64, seed=1), rand(1, 2, 112, 64, seed=2), rand(1, 2, 112, 64, seed=3)
+    n_dev = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE)
+    for a, b in zip(kernels.flash_decode(q, kc, vc, seq_len), kernels.flash_decode(q, kc, vc, n_dev)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    pages = torch.tensor([[[0, -1, (seq_len - 1) // 16], [(seq_len - 1) // 16, -1, -1]]], dtype=torch.int32, device=DEVICE)
+    for a, b in zip(kernels.paged_decode(q, kc, vc, pages, seq_len, 16), kernels.paged_decode(q, kc, vc, pages, n_dev, 16)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="one int32 value"):
+        kernels.flash_decode(q, kc, vc, n_dev.long())
+
+
 # ------------------------------------------------------------------------------------------------
 # Paged decode
 

@@ -62,3 +62,42 @@ def test_cli_names_a_bad_checkpoint(tmp_path):
     assert r.returncode != 0 and "config.json" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--checkpoint", tmp_path / "missing", "--device", "cpu")
     assert r.returncode != 0 and "no such directory" in r.stderr
+
+
+def test_cuda_graph_refusals_name_the_reason():
+    from generate import graph_unsupported
+    from kvcache import QuestAttention
+    from retro import RetroAttention
+    from token_sparse import TokenSparseAttention
+    cache = KVCache(1, 1, 2, 64, 8, torch.float32, DEVICE, page_size=4)
+    assert "--device cuda" in graph_unsupported(DenseAttention(cache, use_kernels=True), 1, torch.device("cpu"), 30)
+    cuda = torch.device("cuda")
+    sparse_prefill = TokenSparseAttention(cache, DenseAttention(cache, use_kernels=True), 0.005, 16, 8, "all", None,
+                                          use_kernels=True)
+    assert "no device-side decode step" in graph_unsupported(sparse_prefill, 1, cuda, 30)
+    assert "--window 8 - 1 tokens" in graph_unsupported(RetroAttention(cache, 4, 4, window=8, use_kernels=True), 8, cuda, 6)
+    assert graph_unsupported(RetroAttention(cache, 8, 4, window=4, use_kernels=True), 4, cuda, 30) is None
+    assert "Triton kernels" in graph_unsupported(DenseAttention(cache, use_kernels=False), 1, cuda, 30)
+    assert "--budget 32 covers" in graph_unsupported(QuestAttention(cache, 32, 4, use_kernels=True), 1, cuda, 30)
+    assert graph_unsupported(QuestAttention(cache, 16, 4, use_kernels=True), 1, cuda, 30) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("method", ["dense", "quest", "retro"])
+def test_cuda_graph_decoding_gives_the_eager_tokens(method):
+    """On the default model (fp32): the decode step replayed from a CUDA graph gives eager's greedy tokens."""
+    from generate import DEFAULT_CHECKPOINT
+    from kvcache import QuestAttention
+    from model import Transformer
+    from retro import RetroAttention
+    m = Transformer.from_pretrained(DEFAULT_CHECKPOINT, device="cuda")
+    a = m.args
+    prompt = torch.randint(0, a.vocab_size, (1, 600), generator=torch.Generator().manual_seed(3)).cuda()
+    outs = []
+    for graph in (False, True):
+        cache = KVCache(a.n_layers, 1, a.n_kv_heads, 700, a.head_dim, torch.float32, "cuda", page_meta=method != "dense")
+        attn = {"dense": lambda: DenseAttention(cache, use_kernels=True),
+                "quest": lambda: QuestAttention(cache, 256, 16, use_kernels=True),
+                "retro": lambda: RetroAttention(cache, 256, 16, window=3, use_kernels=True)}[method]()
+        outs.append(generate(m, attn, prompt, 64, window=3 if method == "retro" else 1, cuda_graph=graph)[0])
+    assert torch.equal(outs[1], outs[0])

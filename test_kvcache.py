@@ -232,3 +232,50 @@ def test_kernel_path_decodes_the_same_greedy_tokens():
     ref = greedy(model, QuestAttention(tiny_cache(model, 32), 8, 4, dense_layers=1), prompt, 6)
     ker = greedy(model, QuestAttention(tiny_cache(model, 32), 8, 4, dense_layers=1, use_kernels=True), prompt, 6)
     assert torch.equal(ker, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# Device-side decode steps (what generate.py captures in a CUDA graph)
+
+def test_write_on_device_equals_write():
+    """Appending with the position in a device tensor stores the same K/V and page bounds."""
+    a, b = make_cache(B=2, N=40), make_cache(B=2, N=40)
+    k, v = kv(2, 13, 2, 8, seed=3)
+    a.write(0, k, v, torch.arange(13))
+    b.write(0, k, v, torch.arange(13))
+    for pos in range(13, 22):  # crosses a page boundary (page size 4)
+        k1, v1 = kv(2, 1, 2, 8, seed=pos)
+        a.write(0, k1, v1, torch.tensor([pos]))
+        b.write_on_device(0, k1, v1, torch.tensor([pos], device=DEVICE))
+        b.lengths[0] = pos + 1
+    for name in ("k", "v", "kmin", "kmax"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("retro", 1), ("retro", 3)])
+def test_device_side_decode_step_equals_eager_step(method, w):
+    """forward_on_device (graph_mode) gives the eager decode step's logits, step after step."""
+    from retro import RetroAttention
+    m = tiny_model(seed=4)
+    a = m.args
+    toks = torch.randint(0, a.vocab_size, (1, 37), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    logits = []
+    for graph_mode in (False, True):
+        cache = KVCache(a.n_layers, 1, a.n_kv_heads, 48, a.head_dim, torch.float32, DEVICE, page_size=4)
+        attn = {"dense": lambda: DenseAttention(cache, use_kernels=True),
+                "quest": lambda: QuestAttention(cache, budget=16, page_size=4, dense_layers=1, use_kernels=True),
+                "retro": lambda: RetroAttention(cache, budget=16, page_size=4, window=w, dense_layers=1,
+                                                use_kernels=True)}[method]()
+        seq, steps = toks, []
+        with torch.no_grad():
+            m(seq[:, :-1], torch.arange(36), attn)
+            attn.graph_mode = graph_mode
+            for n in range(37, 44):  # the step that makes the sequence n tokens long feeds its last w
+                pos = torch.arange(n - w, n)
+                out = m(seq[:, -w:], pos.to(DEVICE) if graph_mode else pos, attn)[:, -1]
+                if graph_mode:
+                    attn.after_device_step(n)
+                seq = torch.cat([seq, out.argmax(-1, keepdim=True)], 1)
+                steps.append(out)
+        logits.append(torch.stack(steps))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
