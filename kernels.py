@@ -305,6 +305,58 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Appending to the KV cache at device positions (the CUDA-graph decode step), page bounds included
+
+@triton.jit
+def _append_kv_kernel(KN, VN, POS, KC, VC, KMIN, KMAX,
+                      sknb, sknt, sknh, sknd, svnb, svnt, svnh, svnd,
+                      skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smp, smd,
+                      Hkv, T, page_size,
+                      HAS_META: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // Hkv).to(tl.int64)
+    hk = (pid % Hkv).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    for t in range(T):  # the new rows
+        p = tl.load(POS + t)
+        k = tl.load(KN + b * sknb + t * sknt + hk * sknh + d * sknd, mask=d_ok)
+        v = tl.load(VN + b * svnb + t * svnt + hk * svnh + d * svnd, mask=d_ok)
+        tl.store(KC + b * skb + hk * skh + p * skn + d * skd, k, mask=d_ok)
+        tl.store(VC + b * svb + hk * svh + p * svn + d * svd, v, mask=d_ok)
+    if HAS_META:  # bounds of each new row's page, from its keys up to the newest position
+        tl.debug_barrier()  # the rows stored above are visible to the whole program
+        last = tl.load(POS + T - 1)
+        r = tl.arange(0, BLOCK_S)
+        for t in range(T):
+            page = tl.load(POS + t) // page_size
+            rows = page * page_size + r
+            ok = (r < page_size) & (rows <= last)
+            keys = tl.load(KC + b * skb + hk * skh + rows[:, None] * skn + d[None, :] * skd,
+                           mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            kmin = tl.min(tl.where(ok[:, None], keys, float("inf")), 0)
+            kmax = tl.max(tl.where(ok[:, None], keys, float("-inf")), 0)
+            tl.store(KMIN + b * smb + hk * smh + page * smp + d * smd, kmin.to(KMIN.dtype.element_ty), mask=d_ok)
+            tl.store(KMAX + b * smb + hk * smh + page * smp + d * smd, kmax.to(KMAX.dtype.element_ty), mask=d_ok)
+
+
+def append_kv(k_cache, v_cache, kmin, kmax, k, v, pos, page_size):
+    """Write k, v (B, T, Hkv, D) at the device positions pos (T,) int64 (consecutive, the last one the
+    newest) into k_cache, v_cache (B, Hkv, Nmax, D), and recompute the bounds kmin, kmax (B, Hkv, Pmax, D)
+    of their pages (None: no bounds kept). One launch and no host sync, for a step captured in a CUDA
+    graph; the reference is KVCache.write."""
+    B, T, Hkv, D = k.shape
+    has_meta = kmin is not None
+    meta = kmin if has_meta else k_cache  # any tensor: never read without bounds
+    meta_strides = kmin.stride() if has_meta else (0, 0, 0, 0)
+    _append_kv_kernel[(B * Hkv,)](k, v, pos, k_cache, v_cache, meta, kmax if has_meta else meta,
+                                  *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *meta_strides,
+                                  Hkv, T, page_size, HAS_META=has_meta,
+                                  BLOCK_S=max(16, triton.next_power_of_2(page_size)),
+                                  BLOCK_D=max(16, triton.next_power_of_2(D)), D=D, num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------
 # Quest page scores: one program per (block of pages, batch * KV head)
 
 @triton.jit(do_not_specialize=["num_pages"])

@@ -54,20 +54,11 @@ class KVCache:
 
     def write_on_device(self, layer, k, v, pos):
         """write() for the rows k, v (B, T, Hkv, D) whose positions are a device tensor pos (T,) int64,
-        consecutive and ending at the newest position: no host sync, so a CUDA graph can capture it.
-        The keys after pos[-1] are not written yet and stay out of the page bounds. The caller keeps
-        self.lengths (host-side bookkeeping) up to date."""
-        self.k[layer].index_copy_(2, pos, k.transpose(1, 2))
-        self.v[layer].index_copy_(2, pos, v.transpose(1, 2))
-        if self.page_meta:
-            S = self.page_size
-            pages = torch.div(pos, S, rounding_mode="floor")  # (T,): a page may repeat, with equal bounds
-            rows = pages[:, None] * S + torch.arange(S, device=pos.device)  # (T, S)
-            keys = self.k[layer].index_select(2, rows.flatten()).unflatten(2, rows.shape)  # (B, Hkv, T, S, D)
-            valid = (rows <= pos[-1])[..., None]
-            inf = torch.finfo(keys.dtype).max
-            self.kmin[layer].index_copy_(2, pages, torch.where(valid, keys, inf).amin(3))
-            self.kmax[layer].index_copy_(2, pages, torch.where(valid, keys, -inf).amax(3))
+        consecutive and ending at the newest position: one Triton kernel (kernels.append_kv) and no
+        host sync, so a CUDA graph can capture it. The caller keeps self.lengths up to date."""
+        import kernels
+        meta = (self.kmin[layer], self.kmax[layer]) if self.page_meta else (None, None)
+        kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)
 
     @property
     def length(self):

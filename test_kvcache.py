@@ -248,6 +248,11 @@ def test_write_on_device_equals_write():
         a.write(0, k1, v1, torch.tensor([pos]))
         b.write_on_device(0, k1, v1, torch.tensor([pos], device=DEVICE))
         b.lengths[0] = pos + 1
+    for last in range(22, 27):  # RetroAttention's step: overwrite the last two rows, append one
+        k3, v3 = kv(2, 3, 2, 8, seed=100 + last)
+        a.write(0, k3, v3, torch.arange(last - 2, last + 1))
+        b.write_on_device(0, k3, v3, torch.arange(last - 2, last + 1, device=DEVICE))
+        b.lengths[0] = last + 1
     for name in ("k", "v", "kmin", "kmax"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
