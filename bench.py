@@ -258,6 +258,7 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_window=2):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    model.set_kernels()  # RMSNorm, RoPE, SiLU-mul as one kernel each (as generate.py does on a GPU)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     rows, tokens = [], {}  # tokens: (method, mode) -> greedy tokens
     def method(name):

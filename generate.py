@@ -277,7 +277,8 @@ def main(argv=None):
     torch.manual_seed(opts.seed)
 
     try:
-        model = Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device)
+        # the model's one-launch kernels pay off under a CUDA graph only (eagerly, Python per launch costs more)
+        model = Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device).set_kernels(opts.cuda_graph)
         tokenizer = Tokenizer(ckpt)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(f"error: cannot load checkpoint {ckpt}: {e}")

@@ -305,6 +305,83 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# The model's small elementwise steps, one launch each (references: model.RMSNorm, model.apply_rope,
+# model.MLP). At batch 1 under a CUDA graph a decode step is a chain of ~30 kernels per layer, and
+# each costs microseconds whatever its size: these three replace ~22 of them.
+
+@triton.jit
+def _rms_norm_kernel(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    ok = c < n_cols
+    x = tl.load(X + row * n_cols + c, mask=ok, other=0.0).to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+    y = y.to(Y.dtype.element_ty).to(tl.float32)  # as the reference: normalize in fp32, round, then scale
+    w = tl.load(W + c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + row * n_cols + c, (w * y).to(Y.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x, weight, eps):
+    """model.RMSNorm in one launch: x (..., dim) contiguous -> same shape and dtype."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    _rms_norm_kernel[(x.numel() // n,)](x, weight, y, n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8)
+    return y
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, Y, sxb, sxt, sxh, syb, syt, syh, T, H, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)  # one (batch, token, head) row of D = 2 * HALF values
+    b = (pid // (T * H)).to(tl.int64)
+    t = ((pid // H) % T).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    ok = i < HALF
+    X += b * sxb + t * sxt + h * sxh
+    x1 = tl.load(X + i, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(X + HALF + i, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(COS + t * 2 * HALF + i, mask=ok, other=0.0)
+    c2 = tl.load(COS + t * 2 * HALF + HALF + i, mask=ok, other=0.0)
+    s1 = tl.load(SIN + t * 2 * HALF + i, mask=ok, other=0.0)
+    s2 = tl.load(SIN + t * 2 * HALF + HALF + i, mask=ok, other=0.0)
+    Y += b * syb + t * syt + h * syh
+    tl.store(Y + i, (x1 * c1 - x2 * s1).to(Y.dtype.element_ty), mask=ok)  # dimension i pairs with i + D/2
+    tl.store(Y + HALF + i, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=ok)
+
+
+def rope(x, cos, sin):
+    """model.apply_rope in one launch: x (B, T, H, D) with unit stride along D; cos, sin (T, D) fp32."""
+    B, T, H, D = x.shape
+    if x.stride(-1) != 1 or D % 2:
+        raise ValueError(f"kernels.rope needs an even head dim with unit stride, got {tuple(x.shape)}")
+    y = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
+    if y.numel():
+        _rope_kernel[(B * T * H,)](x, cos.float().contiguous(), sin.float().contiguous(), y,
+                                   x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                                   T, H, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), num_warps=1)
+    return y
+
+
+@triton.jit
+def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    g = tl.load(G + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + i, mask=ok, other=0.0).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)  # silu rounded, as F.silu
+    tl.store(Y + i, (a * u).to(Y.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate, up):
+    """F.silu(gate) * up (the SwiGLU of model.MLP) in one launch; contiguous tensors of one shape."""
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(gate)
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, up, y, gate.numel(), BLOCK=1024, num_warps=4)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
 # Appending to the KV cache at device positions (the CUDA-graph decode step), page bounds included
 
 @triton.jit

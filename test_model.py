@@ -211,3 +211,57 @@ def test_hf_tokenizer_json_matches_huggingface(tmp_path):
 def test_llama3_pattern_is_the_published_one():
     # the split regex is part of the tokenizer: a typo would silently change every id
     assert LLAMA3_PATTERN.startswith(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The model's one-launch kernels (Transformer.set_kernels) against the PyTorch code they replace
+
+@given(rows=st.integers(1, 5), dim=st.sampled_from([8, 48, 64, 576]), dtype=st.sampled_from(["fp32", "bf16"]),
+       seed=st.integers(0, 2**16))
+def test_rms_norm_kernel_matches_module(rows, dim, dtype, seed):
+    import kernels
+    from model import RMSNorm
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(seed)
+    norm = RMSNorm(dim, 1e-5).to(DEVICE, dt)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=g))
+    x = (torch.randn(2, rows, dim, generator=g) * 3).to(DEVICE, dt)
+    ref = norm(x)
+    got = kernels.rms_norm(x, norm.weight, norm.eps)
+    assert got.dtype == dt and got.shape == x.shape
+    tol = dict(atol=1e-5, rtol=1e-5) if dt == torch.float32 else dict(atol=2e-2, rtol=1e-2)  # bf16: one rounding step
+    torch.testing.assert_close(got.float(), ref.float(), **tol)
+
+
+@given(T=st.integers(1, 6), H=st.sampled_from([1, 3]), D=st.sampled_from([8, 64, 80, 128]),
+       dtype=st.sampled_from(["fp32", "bf16"]), seed=st.integers(0, 2**16))
+def test_rope_and_silu_mul_kernels_match_reference(T, H, D, dtype, seed):
+    import kernels
+    import torch.nn.functional as F
+    from model import apply_rope
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, T, H, D, generator=g).to(DEVICE, dt)
+    angle = torch.rand(T, D // 2, generator=g) * 100
+    cos, sin = torch.cat([angle.cos()] * 2, -1).to(DEVICE), torch.cat([angle.sin()] * 2, -1).to(DEVICE)
+    tol = dict(atol=1e-5, rtol=1e-5) if dt == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(kernels.rope(x, cos, sin).float(), apply_rope(x, cos, sin).float(), **tol)
+    gate, up = torch.randn(3, T, D, generator=g).to(DEVICE, dt), torch.randn(3, T, D, generator=g).to(DEVICE, dt)
+    torch.testing.assert_close(kernels.silu_mul(gate, up).float(), (F.silu(gate) * up).float(), **tol)
+
+
+def test_model_kernels_give_the_same_greedy_tokens():
+    m = tiny_model(seed=6)
+    a = m.args
+    prompt = torch.randint(0, a.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    outs, logits = [], []
+    from generate import generate
+    for on in (False, True):
+        m.set_kernels(on)
+        cache = KVCache(a.n_layers, 1, a.n_kv_heads, 40, a.head_dim, torch.float32, DEVICE)
+        outs.append(generate(m, DenseAttention(cache), prompt, 10)[0])
+        logits.append(m(prompt))
+    m.set_kernels(False)
+    assert torch.equal(outs[1], outs[0])
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
