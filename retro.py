@@ -218,8 +218,7 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     page_pad = triton.next_power_of_2(page_size)
     rows = n_slots * page_pad
     # enough programs to fill the GPU about four times over (as kernels.paged_decode), at least one tile each
-    programs = RETRO_TUNING["waves"] * (torch.cuda.get_device_properties(q.device).multi_processor_count
-                                        if q.device.type == "cuda" else 4)
+    programs = RETRO_TUNING["waves"] * kernels._num_sms(q.device)  # (SM count cached per device)
     splits = max(1, min(triton.cdiv(programs, B * Hkv), triton.cdiv(rows, RETRO_BLOCK_N), kernels.MAX_SPLITS))
     unit = max(RETRO_BLOCK_N, page_pad)  # a chunk holds whole tiles and whole pages
     chunk = max(1, triton.cdiv(triton.cdiv(rows, splits), unit)) * unit
