@@ -110,7 +110,10 @@ def prefill_decode_attention(q, k_cache, v_cache, input_pos, use_kernels):
         if T == 1:
             o, lse = kernels.flash_decode(qh[:, :, 0], k_cache, v_cache, n)
             return o.unsqueeze(1), lse.unsqueeze(-1)
-        o, lse = kernels.flash_prefill(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True)
+        if T * (q.shape[2] // k_cache.shape[1]) <= kernels.MAX_DECODE_ROWS:  # a window of decode rows:
+            o, lse = kernels.flash_decode(qh, k_cache, v_cache, n)  # split over the keys, all rows in one tile
+        else:
+            o, lse = kernels.flash_prefill(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True)
     else:
         o, lse = attention_ref(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True)
     return o.transpose(1, 2), lse

@@ -81,7 +81,7 @@ def rotating(fn, n):
 def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), ratios=(10, 50), S=16, copies=3):
     import kernels
     from kernels import select_pages
-    from retro import retro_decode
+    from retro import retro_decode, window_merge
     rows = []
     for B in batches:
         for N in contexts:
@@ -131,10 +131,17 @@ def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), rati
                     A = [torch.randint(N - 64, N, (B, HKV, P), generator=g, device="cuda", dtype=torch.int32)
                          for _ in range(copies)]
 
-                    def retro_step(i):
+                    o_cache = [torch.randn(B, HQ, w - 1, D, generator=g, device="cuda") for _ in range(copies)]
+                    lse_cache = [torch.randn(B, HQ, w - 1, generator=g, device="cuda") for _ in range(copies)]
+
+                    def retro_step(i):  # as RetroAttention.forward_on_device: + the output cache's merge and shift
                         s = kernels.page_scores(qw[i][:, :, -1], kmins[i], kmaxs[i], P)
                         pages = select_pages(s, P, K, P - 1)  # A = t is set in the kernel, after A is read
-                        return retro_decode(qw[i], ks[i], vs[i], pages, A[i], N, S, update_last_loaded=True)
+                        if w == 1:
+                            return retro_decode(qw[i], ks[i], vs[i], pages, A[i], N, S, update_last_loaded=True)
+                        parts = retro_decode(qw[i], ks[i], vs[i], pages, A[i], N, S, update_last_loaded=True,
+                                             partials=True)
+                        return window_merge(*parts, o_cache[i], lse_cache[i], torch.bfloat16)
                     # output cache rows read + written in fp32 and A read/written come on top of Quest's bytes
                     aux = 2 * (w - 1) * B * HQ * (D + 1) * 4 + 2 * B * HKV * K * 4
                     add(f"retro w={w}", budget, retro_step, sel_bytes + meta_bytes + aux)
@@ -238,7 +245,7 @@ def bench_compaction(ctx_len=32768, ref_queries=4096, ratios=(10, 50), n_layers=
     return rows
 
 
-def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_window=2):
+def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8)):
     """tokens/s of generate.generate on a Llama-3.1-8B-shaped model with random weights: every method
     eagerly, then with the decode step replayed from a CUDA graph (--cuda-graph; the
     decode time includes the first step's capture). A short warm-up run compiles the kernels first."""
@@ -261,19 +268,20 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_window=2):
     model.set_kernels()  # RMSNorm, RoPE, SiLU-mul as one kernel each (as generate.py does on a GPU)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     rows, tokens = [], {}  # tokens: (method, mode) -> greedy tokens
-    def method(name):
+    def method(name, w):
         cache = KVCache(args.n_layers, 1, args.n_kv_heads, args.max_seq_len, args.head_dim, torch.bfloat16, "cuda",
                         page_meta=name != "dense")
         if name == "dense":
-            return DenseAttention(cache, use_kernels=True), 1
+            return DenseAttention(cache, use_kernels=True)
         if name == "quest":
-            return QuestAttention(cache, budget, 16, use_kernels=True), 1
-        return RetroAttention(cache, budget, 16, window=retro_window, use_kernels=True, track_exposure=False), retro_window
+            return QuestAttention(cache, budget, 16, use_kernels=True)
+        return RetroAttention(cache, budget, 16, window=w, use_kernels=True, track_exposure=False)
 
-    for name, graph in [("dense", False), ("quest", False), ("retro", False), ("dense", True), ("quest", True), ("retro", True)]:
-        attn, w = method(name)  # warm-up: Triton compiles this configuration's kernels (not timed)
+    runs = [("dense", 1), ("quest", 1)] + [("retro", w) for w in retro_windows]
+    for graph, (name, w) in itertools.product([False, True], runs):
+        attn = method(name, w)  # warm-up: Triton compiles this configuration's kernels (not timed)
         generate(model, attn, prompt[:, :2 * budget], 4, window=w, cuda_graph=graph)
-        attn, w = method(name)
+        attn = method(name, w)
         torch.cuda.reset_peak_memory_stats()
         out, t = generate(model, attn, prompt, new_tokens, window=w, cuda_graph=graph)
         rows.append(dict(method=name if name != "retro" else f"retro w={w}", budget=budget if name != "dense" else prompt_len,

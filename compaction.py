@@ -150,15 +150,19 @@ def _active_set_polish(H, c, w, rounds):
     for _ in range(rounds):
         # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
         Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
-        sol = torch.where(P, torch.linalg.solve(Hp, torch.where(P, c64, 0.0).unsqueeze(-1)).squeeze(-1), 0.0)
-        feasible = (sol > 0).eq(P).all(-1, keepdim=True)
+        # solve_ex: a support block that is singular even with the jitter (keys whose weights underflow
+        # to 0 for every reference query) leaves that problem's w as it is instead of raising
+        sol, info = torch.linalg.solve_ex(Hp, torch.where(P, c64, 0.0).unsqueeze(-1))
+        solved = (info == 0).unsqueeze(-1)
+        sol = torch.where(P & solved, sol.squeeze(-1), 0.0)
+        feasible = (sol > 0).eq(P).all(-1, keepdim=True) & solved
         # largest step in [0, 1] from w towards sol that keeps w >= 0 (1 when feasible)
         shrink = torch.where(P & (sol <= 0), w64 / (w64 - sol).clamp_min(1e-300), torch.ones_like(w64))
         alpha = shrink.amin(-1, keepdim=True).clamp(0, 1)
         cand = (w64 + alpha * (sol - w64)).clamp_min(0)
         cand = torch.where(cand <= 1e-12 * cand.amax(-1, keepdim=True), 0.0, cand)
         ok = (_objective(H64, c64, cand) <= _objective(H64, c64, w64)).unsqueeze(-1) \
-            & torch.isfinite(cand).all(-1, keepdim=True)
+            & torch.isfinite(cand).all(-1, keepdim=True) & solved
         w64 = torch.where(ok, cand, w64)
         g = _matvec(H64, w64) - c64
         new_P = torch.where(ok & feasible, (w64 > 0) | (g < -tol), w64 > 0)

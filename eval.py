@@ -241,8 +241,9 @@ LOOKUP_TOKENS = 16  # covers `\nassert TABLE["key"] == "` (about 10 tokens)
 
 @torch.no_grad()
 def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt_len, gen_new, dtype, device,
-          use_kernels, log=print):
-    """Loss, recall and long-generation agreement with dense for every run. -> list of result rows."""
+          use_kernels, log=print, on_row=None):
+    """Loss, recall and long-generation agreement with dense for every run. -> list of result rows.
+    on_row(rows): called after each run (run_sweep saves the rows so far)."""
     from compaction import REPEAT_PROMPT
     sep = tokenizer.encode(REPEAT_PROMPT)
     prompt = torch.from_numpy(stream[:gen_prompt_len].astype(np.int64)).to(device)[None]
@@ -263,7 +264,11 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
             for i in range(min(n_windows, (len(stream) - 1) // c)):
                 w = torch.from_numpy(stream[i * c:(i + 1) * c + 1].astype(np.int64)).to(device)[None]
                 half = c // 2
-                attn, s0, win = start(w[:, :half], c - half)
+                try:
+                    attn, s0, win = start(w[:, :half], c - half)
+                except ValueError as e:  # compaction's repeat-prefill of half the window beyond the context
+                    row.setdefault("skipped", {})[f"loss@{c}"] = str(e)
+                    break
                 x = w[:, s0:half]
                 logits = [model(x, torch.arange(s0, half), attn, last_only=True)[0, -1:]]
                 for t in range(half, c - 1):  # one decode step per token, as generation would
@@ -271,7 +276,7 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
                     logits.append(model(w[:, lo:t + 1], torch.arange(lo, t + 1), attn, last_only=True)[0, -1:])
                 total += F.cross_entropy(torch.cat(logits).float(), w[0, half:c], reduction="sum").item()
                 count += c - half
-            row[f"loss@{c}"] = total / count
+            row[f"loss@{c}"] = total / count if count else None
         # recall: greedy value after the prompt, exact match
         hits = {}
         for d, ids, lk in suite:
@@ -286,7 +291,16 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
         for d, h in hits.items():
             row[f"recall@{d}"] = sum(h) / len(h)
         # long generation: first greedy divergence from dense, teacher-forced top-1 match rate, exposure
-        attn, s0, win = start(prompt, gen_new)
+        try:
+            attn, s0, win = start(prompt, gen_new)
+        except ValueError as e:  # compaction's repeat-prefill of the prompt beyond the context: --gen-prompt
+            row.setdefault("skipped", {})["long generation"] = str(e)
+            row["seconds"] = time.time() - t0
+            rows.append(row)
+            if on_row:
+                on_row(rows)
+            log(f"  {label:28s} long generation skipped: {e}")
+            continue
         toks, _ = generate(model, attn, prompt[:, s0:], gen_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words)
         diff = (toks[0] != dense_tokens[0]).nonzero()
         row["first_divergence"] = int(diff[0]) if len(diff) else gen_new
@@ -295,6 +309,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
         row["match_rate"] = teacher_forced_agreement(model, attn, prompt[:, s0:], dense_tokens, s0, win)
         row["seconds"] = time.time() - t0
         rows.append(row)
+        if on_row:
+            on_row(rows)
         log(f"  {label:28s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in row.items() if k not in ("run", "method", "flags")))
     return rows
@@ -685,6 +701,11 @@ def build_parser():
                    help="compaction ratios (default 5 10 20 50, each also as top-t; --real: 5 10, fitted only)")
     s.add_argument("--gen-prompt", type=int, default=2048, help="long generation: prompt tokens (held-out code)")
     s.add_argument("--gen-new", type=int, default=None, help="long generation: new tokens (default 256; --full 1024)")
+    s.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only the runs whose index is I mod N (dense is run 0), to spread a --full sweep over "
+                        "processes sharing a GPU (the eager decode loop leaves it mostly idle); then --merge")
+    s.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="combine the --out files of --shard processes: one table, one JSON (--out), the plot")
     r = p.add_argument_group("--real: a pretrained model on prose (perplexity, passkey, agreement with dense); "
                              "runs the --budgets/--windows/--coverages/--ratios settings")
     r.add_argument("--real", action="store_true",
@@ -714,6 +735,16 @@ def main(argv=None):
     opts, rest = parser.parse_known_args(argv)
     if opts.sweep and opts.real:
         parser.error("--sweep and --real are two different modes: pick one")
+    if opts.merge:
+        try:
+            return merge_sweeps(opts.merge, opts.out)
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"--merge: {e}")
+    if opts.shard:
+        try:
+            parse_shard(opts.shard)
+        except ValueError as e:
+            parser.error(str(e))
     if opts.method != "sdpa" and opts.method not in gen.METHODS:
         parser.error(f"--method {opts.method!r}: choose sdpa or one of generate.py's methods: {', '.join(gen.METHODS)}")
     # the method's options are generate.py's: parse them with its parser so both tools agree
@@ -801,10 +832,57 @@ def main(argv=None):
     return results
 
 
+def parse_shard(shard):
+    """'I/N' -> (I, N); ValueError names a bad one."""
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {shard!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {shard}: need 0 <= I < N")
+    return i, n
+
+
+def print_sweep(result, seconds):
+    rows = result["rows"]
+    if not rows:
+        print("\nno runs (an empty --shard)")
+        return
+    cols = [k for k in rows[0] if k not in ("method", "flags", "seconds", "index", "skipped")]
+    print(f"\n{Path(result['model']).name}  {result['device']}  {result['date']}  ({seconds:.0f} s)  "
+          f"long generation: {result['gen_prompt']}-token prompt + {result['gen_new']} greedy tokens")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
+
+
+def merge_sweeps(paths, out=None):
+    """The --out files of --shard processes -> one result (rows in run order), printed, saved to out."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    settings = ("model", "contexts", "windows_per_context", "lookups_per_distance", "gen_prompt", "gen_new")
+    for p, part in zip(paths[1:], parts[1:]):
+        if any(part.get(k) != parts[0].get(k) for k in settings):
+            raise ValueError(f"--merge: {p} was run with other settings than {paths[0]} ({', '.join(settings)})")
+    rows = sorted((r for part in parts for r in part["rows"]), key=lambda r: r["index"])
+    total = parts[0].get("runs_total")  # complete: every shard finished and together they hold every run
+    result = dict(parts[0], rows=rows, shards=[str(p) for p in paths],
+                  complete=all(part.get("complete") for part in parts)
+                  and (total is None or sorted(r["index"] for r in rows) == list(range(total))))
+    result.pop("shard", None)
+    print_sweep(result, max(sum(r["seconds"] for r in part["rows"]) for part in parts))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        if plot_sweep(rows, out.with_suffix(".png")):
+            print(f"plot: {out.with_suffix('.png')}")
+    return result
+
+
 def run_sweep(opts, model, tokenizer, dtype, use_kernels):
     t0 = time.time()
     stream, files = heldout_stream(tokenizer, opts.data)
-    contexts = (opts.contexts or [1024, 2048, 4096]) if opts.full else [1024]
+    contexts = opts.contexts or ([1024, 2048, 4096] if opts.full else [1024])
     n_windows = opts.n_windows or (4 if opts.full else 1)
     n_recall = opts.n_recall or (16 if opts.full else 2)
     gen_new = opts.gen_new or (1024 if opts.full else 256)
@@ -813,23 +891,28 @@ def run_sweep(opts, model, tokenizer, dtype, use_kernels):
     runs = method_runs(opts.budgets, [4, 8, 16] if opts.windows is None else opts.windows,
                        [0.001, 0.005, 0.02] if opts.coverages is None else opts.coverages,
                        [5, 10, 20, 50] if opts.ratios is None else opts.ratios)
+    all_runs = runs
+    runs = [(i, run) for i, run in enumerate(runs)]
+    if opts.shard:
+        k, n = parse_shard(opts.shard)
+        runs = [(i, run) for i, run in runs if i % n == k]
     print(f"sweep: {len(runs)} runs, held-out {len(stream):,} tokens, contexts {contexts} x {n_windows} windows, "
           f"{len(suite)} lookups, long generation {opts.gen_prompt} + {gen_new} tokens", file=sys.stderr)
-    rows = sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, opts.gen_prompt, gen_new, dtype,
-                 opts.device, use_kernels, log=progress)
-    cols = [k for k in rows[0] if k not in ("method", "flags", "seconds")]
-    print(f"\n{opts.model.name}  {opts.device}  {time.strftime('%Y-%m-%d')}  ({time.time() - t0:.0f} s)  "
-          f"long generation: {opts.gen_prompt}-token prompt + {gen_new} greedy tokens")
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
     result = {"model": str(opts.model), "device": opts.device, "date": time.strftime("%Y-%m-%d"),
               "contexts": contexts, "windows_per_context": n_windows, "lookups_per_distance": n_recall,
-              "gen_prompt": opts.gen_prompt, "gen_new": gen_new, "rows": rows}
+              "gen_prompt": opts.gen_prompt, "gen_new": gen_new, "shard": opts.shard, "runs_total": len(all_runs),
+              "rows": []}
+
+    def save(rows):  # after every run: a long sweep that is stopped keeps what it measured
+        if opts.out:
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text(json.dumps(dict(result, rows=rows, complete=len(rows) == len(runs)), indent=1) + "\n")
+    rows = sweep(model, tokenizer, stream, [run for _, run in runs], contexts, n_windows, suite, opts.gen_prompt,
+                 gen_new, dtype, opts.device, use_kernels, log=progress,
+                 on_row=lambda rows: save([dict(r, index=i) for (i, _), r in zip(runs, rows)]))
+    result["rows"] = [dict(r, index=i) for (i, _), r in zip(runs, rows)]
+    print_sweep(result, time.time() - t0)
     if opts.out:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(json.dumps(result, indent=1) + "\n")
         if plot_sweep(rows, opts.out.with_suffix(".png")):
             print(f"plot: {opts.out.with_suffix('.png')}")
     return result

@@ -197,9 +197,9 @@ def merge_partials(o_parts, lse_parts, out_dtype=None):
 
 @triton.jit(do_not_specialize=["seq_len", "chunk", "num_splits"])
 def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
-                   sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   Hkv, G, seq_len, chunk, num_splits, qk_scale,
-                   LEN_ON_DEVICE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_G: tl.constexpr,
+                   sqb, sqh, sqw, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   Hkv, G, W, seq_len, chunk, num_splits, qk_scale,
+                   LEN_ON_DEVICE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
     if LEN_ON_DEVICE:  # see device_length()
         seq_len = tl.load(SEQ_LEN)
@@ -207,18 +207,22 @@ def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)  # query head hk*G + g; rows g >= G are padding (tl.dot wants >= 16 rows)
+    # row r = (query head hk*G + g, window row i); rows r >= G * W are padding (tl.dot wants >= 16 rows)
+    r = tl.arange(0, BLOCK_M)
+    g = r // W
+    i = r % W
     cols = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + d[None, :] * sqd,
-                mask=(g[:, None] < G) & d_ok[None, :], other=0.0)
+    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqw + d[None, :] * sqd,
+                mask=(r[:, None] < G * W) & d_ok[None, :], other=0.0)
+    q_pos = seq_len - W + i  # window row i sits at this position and sees the keys up to it
     K += b * skb + hk * skh
     V += b * svb + hk * svh
 
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
     for start in range(lo, hi, BLOCK_N):
@@ -228,7 +232,7 @@ def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
         k = tl.load(K + k_pos[:, None] * skn + d[None, :] * skd, mask=kv_ok, other=0.0)
         v = tl.load(V + k_pos[:, None] * svn + d[None, :] * svd, mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(k_ok[None, :], s, float("-inf"))
+        s = tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # see _prefill_kernel
         alpha = tl.exp2(m - m_safe)
@@ -237,12 +241,13 @@ def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
 
-    _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G, num_splits, g, d, D)
+    _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G * W, num_splits, r, d, D)
 
 
 @triton.jit
 def _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G, num_splits, g, d, D: tl.constexpr):
-    """Write one split's normalized (o, lse) into OP (B, Hq, splits, D) and LP (B, Hq, splits) fp32."""
+    """Write one split's normalized (o, lse) into OP (B, Hq, splits, D) and LP (B, Hq, splits) fp32;
+    G rows g per KV head (with a window: (B, Hq, W, splits, D), G * W rows)."""
     has_keys = l > 0
     l_safe = tl.where(has_keys, l, 1.0)
     row = (b * Hkv + hk) * G + g  # index of (b, query head) in B * Hq
@@ -260,6 +265,7 @@ def _splits(n_blocks, batch_heads, device, num_splits):
 
 
 DECODE_BLOCK_N = 64  # keys per tile; 64 x 128 bf16 = 16 KB per K (or V) tile, wide coalesced loads
+MAX_DECODE_ROWS = 64  # query rows of a flash_decode tile (G heads x W window rows)
 
 
 def device_length(seq_len, Nmax):
@@ -280,28 +286,43 @@ def device_length(seq_len, Nmax):
 def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
     """Flash-decoding, same contract as attention.decode_ref.
     q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D); keys [0, seq_len) -> o (B, Hq, D), lse (B, Hq) fp32.
+    q may also be (B, Hq, W, D): the last W positions of the sequence (a RetroAttention window, a short
+    chunk), attended causally -> o (B, Hq, W, D), lse (B, Hq, W); each K/V tile still read once.
     seq_len: an int or a device length (see device_length).
     num_splits: how many chunks the keys are cut into (default: from seq_len and the SM count)."""
-    G = _check(q, k_cache, v_cache, 3)
-    B, Hq, D = q.shape
+    window = q.dim() == 4
+    if window:
+        B, Hq, W, D = q.shape
+        G = _check(q[:, :, 0], k_cache, v_cache, 3)
+        if G * W > MAX_DECODE_ROWS:
+            raise ValueError(f"flash_decode: {W} window rows x {G} query heads per KV head exceed "
+                             f"{MAX_DECODE_ROWS} rows of a tile; use flash_prefill")
+    else:
+        G = _check(q, k_cache, v_cache, 3)
+        B, Hq, D = q.shape
+        W = 1
     Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
     seq_len, len_t = device_length(seq_len, Nmax)
+    if len_t is None and W > seq_len:
+        raise ValueError(f"flash_decode: {W} window rows need at least as many keys, got seq_len {seq_len}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     splits = _splits(triton.cdiv(seq_len, 16), B * Hkv, q.device, num_splits)
     # chunk: a multiple of the tile when the defaults choose it, of 16 at least when a caller forces many splits
     unit = DECODE_BLOCK_N if num_splits is None else 16
     chunk = max(unit, triton.cdiv(triton.cdiv(seq_len, splits), unit) * unit)
     splits = max(1, triton.cdiv(seq_len, chunk))
-    o_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    o_part = torch.empty(B, Hq, W, splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, W, splits, dtype=torch.float32, device=q.device)
+    qs = q.stride() if window else (*q.stride()[:2], 0, q.stride(2))
     _decode_kernel[(splits, B * Hkv)](q, k_cache, v_cache, o_part, lse_part, len_t if len_t is not None else lse_part,
-                                      *q.stride(), *k_cache.stride(), *v_cache.stride(),
-                                      Hkv, G, seq_len, chunk, splits, scale * LOG2E,
+                                      *qs, *k_cache.stride(), *v_cache.stride(),
+                                      Hkv, G, W, seq_len, chunk, splits, scale * LOG2E,
                                       LEN_ON_DEVICE=len_t is not None, PRECISION=_dot_precision(q.dtype),
-                                      BLOCK_G=max(16, triton.next_power_of_2(G)),
+                                      BLOCK_M=max(16, triton.next_power_of_2(G * W)),
                                       BLOCK_N=DECODE_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
                                       num_warps=4, num_stages=3 if q.device.type == "cuda" else 1)
-    return merge_partials(o_part, lse_part, out_dtype=q.dtype)
+    o, lse = merge_partials(o_part, lse_part, out_dtype=q.dtype)
+    return (o, lse) if window else (o[:, :, 0], lse[:, :, 0])
 
 
 # ----------------------------------------------------------------------------------------------

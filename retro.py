@@ -199,9 +199,10 @@ RETRO_TUNING = dict(waves=2, num_stages=2)  # programs per SM; pipeline stages f
 
 
 def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None,
-                 update_last_loaded=False):
+                 update_last_loaded=False, partials=False):
     """Triton version of retro_decode_ref (same arguments, same result). seq_len may also be a device
-    length (kernels.device_length), for a step captured in a CUDA graph."""
+    length (kernels.device_length), for a step captured in a CUDA graph. partials: return the splits'
+    unmerged (o (B, Hq, W, S, D), lse (B, Hq, W, S)) fp32, for window_merge."""
     G = _check_gqa(q, k_cache)
     B, Hq, W, D = q.shape
     Hkv = k_cache.shape[1]
@@ -236,7 +237,101 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
         # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory
         num_warps=8 if BLOCK_M >= 128 else 4,
         num_stages=1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else RETRO_TUNING["num_stages"])
+    if partials:
+        return o_part, lse_part
     return kernels.merge_partials(o_part, lse_part, out_dtype=q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The end of a device-side step in one launch: merge the splits, revise the cached rows, shift the
+# output cache, write the layer's output. (Eagerly these are ~20 small PyTorch ops per layer, each a
+# few microseconds of launch under a CUDA graph, more than the attention kernel itself at batch 1.)
+
+def window_merge_ref(o_part, lse_part, o_cache, lse_cache, out_dtype):
+    """o_part (B, Hq, W, S, D), lse_part (B, Hq, W, S): retro_decode's splits for the W window rows;
+    o_cache (B, Hq, W-1, D), lse_cache (B, Hq, W-1) fp32: the past rows' outputs so far.
+    -> out (B, W, Hq, D) in out_dtype: the past rows revised (cache merged with their supplement),
+    then the current row. The cache is updated in place to the last W-1 rows of that (the oldest row
+    leaves, its output is final; the current one enters)."""
+    lse = torch.logsumexp(lse_part, -1)  # the splits merged: (B, Hq, W) ...
+    weight = torch.exp(lse_part - torch.where(torch.isfinite(lse), lse, 0).unsqueeze(-1))  # 0 for an empty split
+    o = (weight.unsqueeze(-1) * o_part).sum(-2)  # ... and (B, Hq, W, D) fp32
+    o_past, lse_past = merge_attention(o_cache, lse_cache, o[:, :, :-1], lse[:, :, :-1])
+    o_all, lse_all = torch.cat([o_past, o[:, :, -1:]], 2), torch.cat([lse_past, lse[:, :, -1:]], 2)
+    o_cache.copy_(o_all[:, :, 1:])
+    lse_cache.copy_(lse_all[:, :, 1:])
+    return o_all.to(out_dtype).transpose(1, 2).contiguous()
+
+
+@triton.jit(do_not_specialize=["S"])
+def _window_merge_kernel(OP, LP, OC, LC, OUT, S, Hq, scb, sch, scw, slb, slh, slw, sob, sow, soh,
+                         W: tl.constexpr, D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one program per (batch, query head), all its W rows at once
+    b = pid // Hq
+    h = pid % Hq
+    i = tl.arange(0, BLOCK_W)  # window row, oldest first
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    i_ok, d_ok = i < W, d < D
+    # the splits of each row merged: (BLOCK_W, BLOCK_S) weights, (BLOCK_W, BLOCK_S, BLOCK_D) partial outputs
+    row = pid * W + i
+    lse_s = tl.load(LP + row[:, None] * S + s[None, :], mask=i_ok[:, None] & (s[None, :] < S), other=float("-inf"))
+    m = tl.max(lse_s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # a row with no key in any split: all weights 0, no NaN
+    w_s = tl.exp(lse_s - m[:, None])
+    total = tl.sum(w_s, 1)
+    o_s = tl.load(OP + (row[:, None, None] * S + s[None, :, None]) * D + d[None, None, :],
+                  mask=i_ok[:, None, None] & (s[None, :, None] < S) & d_ok[None, None, :], other=0.0)
+    total_safe = tl.where(total > 0, total, 1.0)
+    o = tl.sum(w_s[:, :, None] * o_s, 1) / total_safe[:, None]
+    lse = tl.where(total > 0, m + tl.log(total_safe), float("-inf"))
+    # the past rows (all but the last) merged with what they attended to before: a cache row with
+    # lse = -inf (and the current row, which has none) leaves a row unchanged
+    past = i < W - 1
+    oc = tl.load(OC + b * scb + h * sch + i[:, None] * scw + d[None, :], mask=past[:, None] & d_ok[None, :], other=0.0)
+    lc = tl.load(LC + b * slb + h * slh + i * slw, mask=past, other=float("-inf"))
+    mm = tl.maximum(lse, lc)
+    mm = tl.where(mm == float("-inf"), 0.0, mm)
+    w1 = tl.exp(lc - mm)
+    w2 = tl.exp(lse - mm)
+    tot = w1 + w2
+    tot_safe = tl.where(tot > 0, tot, 1.0)
+    o = (w1[:, None] * oc + w2[:, None] * o) / tot_safe[:, None]
+    lse = tl.where(tot > 0, mm + tl.log(tot_safe), float("-inf"))
+    tl.debug_barrier()  # every cache row is read before the shift overwrites one
+    # shift: row i (i >= 1) enters the cache one slot older; row 0 leaves (its output is final)
+    keep = i_ok & (i >= 1)
+    tl.store(OC + b * scb + h * sch + (i[:, None] - 1) * scw + d[None, :], o, mask=keep[:, None] & d_ok[None, :])
+    tl.store(LC + b * slb + h * slh + (i - 1) * slw, lse, mask=keep)
+    tl.store(OUT + b * sob + i[:, None] * sow + h * soh + d[None, :], o.to(OUT.dtype.element_ty),
+             mask=i_ok[:, None] & d_ok[None, :])
+
+
+WINDOW_MERGE_MAX_TILE = 16384  # fp32 partials one window_merge program holds (W x splits x D, padded)
+
+
+def window_merge(o_part, lse_part, o_cache, lse_cache, out_dtype, max_tile=WINDOW_MERGE_MAX_TILE):
+    """Triton version of window_merge_ref (same arguments, same result, the cache updated in place).
+    max_tile: above this many partial-output elements per program (W x splits x D, padded to powers of
+    two), the splits are merged first, in a separate launch of one program per row."""
+    B, Hq, W, S, D = o_part.shape
+    if W < 2 or tuple(o_cache.shape) != (B, Hq, W - 1, D) or tuple(lse_cache.shape) != (B, Hq, W - 1):
+        raise ValueError(f"window_merge: o_part {tuple(o_part.shape)} needs W >= 2 rows and a cache of W - 1: "
+                         f"got o_cache {tuple(o_cache.shape)}, lse_cache {tuple(lse_cache.shape)}")
+    if o_cache.dtype != torch.float32 or lse_cache.dtype != torch.float32 or o_cache.stride(-1) != 1:
+        raise ValueError("window_merge: the output cache must be fp32 with a unit stride along D")
+    pow2 = triton.next_power_of_2
+    if pow2(W) * pow2(S) * pow2(D) > max_tile:
+        o, lse = kernels.merge_partials(o_part, lse_part)
+        o_part, lse_part, S = o.unsqueeze(-2), lse.unsqueeze(-1), 1
+    op, lp = o_part.contiguous(), lse_part.contiguous()
+    out = torch.empty(B, W, Hq, D, dtype=out_dtype, device=o_part.device)
+    _window_merge_kernel[(B * Hq,)](op, lp, o_cache, lse_cache, out, S, Hq,
+                                    *o_cache.stride()[:3], *lse_cache.stride(), out.stride(0), out.stride(1),
+                                    out.stride(2), W=W, D=D, BLOCK_W=pow2(W), BLOCK_S=pow2(S), BLOCK_D=pow2(D),
+                                    num_warps=4)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,15 +431,26 @@ class RetroAttention:
             self.outputs.push(layer_idx, input_pos.tolist(), o.transpose(1, 2), lse)
 
     def _sparse_decode(self, layer_idx, q, input_pos):
-        cache, S, w = self.cache, self.cache.page_size, self.window
-        t = int(input_pos[-1])
-        n = t + 1
+        cache, w = self.cache, self.window
+        n = int(input_pos[-1]) + 1
         past = input_pos[:-1].tolist()
-        kc, vc = cache.k[layer_idx], cache.v[layer_idx]
-        A = self.last_loaded[layer_idx]  # (B, Hkv, Pmax)
 
         # S_t: Quest's pages for the current token (all pages while the budget covers the sequence)
         page_idx, scored = quest_pages(q[:, -1], cache, layer_idx, self.budget, n, self.use_kernels)
+        if self.use_kernels and 0 < len(past) == w - 1:  # a full window: the fused path of forward_on_device
+            out = self._fused_decode(layer_idx, q, page_idx, n, past)
+        else:
+            out = self._decode_and_merge(layer_idx, q, page_idx, n, past)
+        count_page_reads(self._stats, cache, page_idx.shape[-1], n, scored)
+        B, _, Hq, D = out.shape
+        rows_moved = 2 * len(past) + (w > 1)  # output cache rows read and written (fp32), the new one pushed
+        self._stats["retro_aux_bytes"] += rows_moved * B * Hq * (D + 1) * 4 + 2 * page_idx.numel() * 4  # + A
+        return out
+
+    def _decode_and_merge(self, layer_idx, q, page_idx, n, past):
+        cache, S, w, t = self.cache, self.cache.page_size, self.window, n - 1
+        kc, vc = cache.k[layer_idx], cache.v[layer_idx]
+        A = self.last_loaded[layer_idx]  # (B, Hkv, Pmax)
         attend = retro_decode if self.use_kernels else retro_decode_ref
         # (B, Hq, T, D), (B, Hq, T); then A[p] = t for the pages of S_t
         o, lse = attend(q.transpose(1, 2), kc, vc, page_idx, A, n, S, update_last_loaded=True)
@@ -365,14 +471,22 @@ class RetroAttention:
             if len(self.outputs.pos[layer_idx]) == w - 1:
                 self._count_exposure(A, self.outputs.pop(layer_idx))  # its output is final now
             self.outputs.push(layer_idx, [t], o[:, :, -1:], lse[:, :, -1:])
-
-        count_page_reads(self._stats, cache, page_idx.shape[-1], n, scored)
-        B, Hq, _, D = o.shape
-        rows_moved = 2 * len(past) + (w > 1)  # output cache rows read and written (fp32), the new one pushed
-        self._stats["retro_aux_bytes"] += rows_moved * B * Hq * (D + 1) * 4 + 2 * page_idx.numel() * 4  # + A
         if past:
             o = torch.cat([o_past.to(o.dtype), o[:, :, -1:]], dim=2)
         return o.transpose(1, 2)
+
+    def _fused_decode(self, layer_idx, q, page_idx, n, past):
+        """_decode_and_merge for a full window in two launches: retro_decode's splits, then window_merge
+        (the splits merged, the past rows revised, the output cache shifted in place). The same kernels as
+        forward_on_device, so an eager step and a replayed graph round alike; and the supplement
+        stays in fp32 up to the merge (the unfused path rounds it to the model's dtype first)."""
+        A = self.last_loaded[layer_idx]
+        o_part, lse_part = retro_decode(q.transpose(1, 2), self.cache.k[layer_idx], self.cache.v[layer_idx], page_idx,
+                                        A, n, self.cache.page_size, update_last_loaded=True, partials=True)
+        out = window_merge(o_part, lse_part, self.outputs.o[layer_idx], self.outputs.lse[layer_idx], q.dtype)
+        self._count_exposure(A, past[0])  # the oldest row's output is final now
+        self.outputs.pos[layer_idx] = past[1:] + [n - 1]
+        return out
 
     def forward_on_device(self, layer_idx, q, k, v, input_pos):
         """A decode step whose w rows' positions are on the device (input_pos (w,) int64), with no
@@ -387,19 +501,18 @@ class RetroAttention:
             self.seq_len = (input_pos[-1:] + 1).to(torch.int32)
         kc, vc, qh = cache.k[layer_idx], cache.v[layer_idx], q.transpose(1, 2)  # qh (B, Hq, w, D)
         if layer_idx < self.dense_layers:
-            o, _ = kernels.flash_prefill(qh, kc, vc, causal=True, seq_len=self.seq_len)
+            o, _ = kernels.flash_decode(qh, kc, vc, self.seq_len)  # the w rows, causally
             return o.transpose(1, 2)
         scores = kernels.page_scores(qh[:, :, -1], cache.kmin[layer_idx], cache.kmax[layer_idx], cache.num_pages_max)
         page_idx = kernels.select_pages_device(scores, self.seq_len, S, self.budget // S)
-        o, lse = retro_decode(qh, kc, vc, page_idx, self.last_loaded[layer_idx], self.seq_len, S,
-                              update_last_loaded=True)
         if self.window == 1:
+            o, _ = retro_decode(qh, kc, vc, page_idx, self.last_loaded[layer_idx], self.seq_len, S,
+                                update_last_loaded=True)
             return o.transpose(1, 2)
-        o_cached, lse_cached = self.outputs.o[layer_idx], self.outputs.lse[layer_idx]  # the w - 1 past rows
-        o_past, lse_past = merge_attention(o_cached, lse_cached, o[:, :, :-1], lse[:, :, :-1])
-        o_cached.copy_(torch.cat([o_past[:, :, 1:], o[:, :, -1:].float()], 2))  # the oldest leaves, t enters
-        lse_cached.copy_(torch.cat([lse_past[:, :, 1:], lse[:, :, -1:]], 2))
-        return torch.cat([o_past.to(o.dtype), o[:, :, -1:]], 2).transpose(1, 2)
+        o_part, lse_part = retro_decode(qh, kc, vc, page_idx, self.last_loaded[layer_idx], self.seq_len, S,
+                                        update_last_loaded=True, partials=True)
+        # the w - 1 past rows revised, the output cache shifted in place (the oldest leaves, t enters)
+        return window_merge(o_part, lse_part, self.outputs.o[layer_idx], self.outputs.lse[layer_idx], q.dtype)
 
     def after_device_step(self, n):
         """Host-side bookkeeping after a device step that made the sequence n tokens long."""

@@ -121,6 +121,31 @@ def test_flash_decode_matches_reference(seq_len, spare, heads, D, dtype, num_spl
     assert_attention_close(o, lse, *decode_ref(*f32(q, k_cache, v_cache), seq_len), dtype)
 
 
+@given(seq_len=seq_lens(), spare=st.integers(0, 20), heads=gqa_heads(), window=st.integers(1, 8), D=head_dims(),
+       dtype=dtypes(), num_splits=st.sampled_from([None, 1, 3, 1000]), device_len=st.booleans(), seed=seeds)
+def test_flash_decode_window_matches_causal_attention(seq_len, spare, heads, window, D, dtype, num_splits,
+                                                      device_len, seed):
+    """q (B, Hq, W, D): the last W positions attend causally, as the reference with q_offset = seq_len - W."""
+    Hq, Hkv = heads
+    W = min(window, seq_len, kernels.MAX_DECODE_ROWS // (Hq // Hkv))
+    q = rand(1, Hq, W, D, dtype=dtype, seed=seed)
+    k_cache = rand(1, Hkv, seq_len + spare, D, dtype=dtype, seed=seed + 1)
+    v_cache = rand(1, Hkv, seq_len + spare, D, dtype=dtype, seed=seed + 2)
+    n = torch.tensor([seq_len], dtype=torch.int32, device=DEVICE) if device_len else seq_len
+    o, lse = kernels.flash_decode(q, k_cache, v_cache, n, num_splits=num_splits)
+    assert o.dtype == dtype and o.shape == q.shape and lse.shape == q.shape[:3]
+    ref = attention_ref(*f32(q, k_cache[:, :, :seq_len], v_cache[:, :, :seq_len]), causal=True)
+    assert_attention_close(o, lse, *ref, dtype)
+
+
+def test_flash_decode_window_refuses_too_many_rows():
+    q, kc = rand(1, 8, 20, 64, seed=1), rand(1, 1, 32, 64, seed=2)  # 8 heads per KV head x 20 rows
+    with pytest.raises(ValueError, match="window rows"):
+        kernels.flash_decode(q, kc, kc, 32)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        kernels.flash_decode(rand(1, 8, 4, 64, seed=1), kc, kc, 3)
+
+
 @pytest.mark.parametrize("seq_len, num_splits", [(1, None), (1, 4), (65, 5), (200, 13)])
 def test_flash_decode_edge_lengths(seq_len, num_splits):
     q, kc, vc = rand(2, 8, 64, seed=1), rand(2, 2, 256, 64, seed=2), rand(2, 2, 256, 64, seed=3)

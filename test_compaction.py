@@ -35,7 +35,7 @@ def test_full_size_reproduces_cache(T, heads, select, seed):
 
 
 @settings(max_examples=25)
-@given(M=st.integers(1, 30), t=st.integers(1, 12), kind=st.sampled_from(["exp", "gauss", "exp_low_rank"]),
+@given(M=st.integers(1, 30), t=st.integers(1, 12), kind=st.sampled_from(["exp", "gauss", "exp_low_rank", "repeated"]),
        positive_z=st.booleans(), seed=st.integers(0, 10**6))
 def test_nnls_nonnegative_and_kkt(M, t, kind, positive_z, seed):
     g = torch.Generator().manual_seed(seed)
@@ -43,8 +43,12 @@ def test_nnls_nonnegative_and_kkt(M, t, kind, positive_z, seed):
         A = torch.exp(2 * torch.randn(M, t, generator=g))
     elif kind == "gauss":
         A = torch.randn(M, t, generator=g)
-    else:  # exp of a rank-2 score matrix: nearly collinear columns, badly conditioned
+    elif kind == "exp_low_rank":  # exp of a rank-2 score matrix: nearly collinear columns, badly conditioned
         A = torch.exp(torch.randn(M, 2, generator=g) @ torch.randn(2, t, generator=g))
+    else:  # the same key twice, or a key no query sees (weights underflow to 0): H_PP exactly singular
+        A = torch.exp(2 * torch.randn(M, t, generator=g))
+        A[:, t // 2:] = A[:, :t - t // 2][:, :t // 2]
+        A[:, torch.rand(t, generator=g) < 0.2] = 0
     z = torch.randn(M, generator=g)
     z = 3 * z.abs() if positive_z else z
     w = nnls(A, z)

@@ -17,7 +17,7 @@ from attention import DenseAttention, attention_ref, merge_attention
 from conftest import ATOL, DEVICE, dtypes, gqa_heads, head_dims, rand, tiny_model
 from generate import generate
 from kvcache import KVCache, QuestAttention, page_scores_ref, select_pages
-from retro import OutputCache, RetroAttention, retro_decode, retro_decode_ref
+from retro import OutputCache, RetroAttention, retro_decode, retro_decode_ref, window_merge, window_merge_ref
 
 seeds = st.integers(0, 2**16)
 
@@ -166,6 +166,33 @@ def test_kernel_matches_reference(W, extra, page_size, n_listed, n_pad, heads, D
     assert not o.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(o.float(), o_ref, atol=ATOL[dtype], rtol=0)
     torch.testing.assert_close(lse, lse_ref, atol=ATOL[dtype], rtol=0)  # -inf (empty rows) on both sides
+
+
+@given(W=st.integers(2, 9), S=st.integers(1, 9), Hq=st.sampled_from([1, 4]), D=head_dims(), dtype=dtypes(),
+       batch=st.integers(1, 2), seed=seeds)
+def test_window_merge_matches_reference(W, S, Hq, D, dtype, batch, seed):
+    """The fused end of a device step: splits merged, past rows merged with the cache, cache shifted.
+    Empty splits, empty rows (lse = -inf on both sides) and a strided cache (a slice of a longer one)."""
+    g = torch.Generator().manual_seed(seed)
+    o_part = rand(batch, Hq, W, S, D, seed=seed)
+    lse_part = (torch.randn(batch, Hq, W, S, generator=g) * 3).to(DEVICE)
+    lse_part[(torch.rand(lse_part.shape, generator=g) < 0.3).to(DEVICE)] = float("-inf")
+    o_cache = rand(batch, Hq, W, D, seed=seed + 1)[:, :, 1:]  # strided, as OutputCache keeps it
+    lse_cache = (torch.randn(batch, Hq, W, generator=g) * 3).to(DEVICE)[:, :, 1:]
+    lse_cache[(torch.rand(lse_cache.shape, generator=g) < 0.3).to(DEVICE)] = float("-inf")
+    oc_ref, lc_ref = o_cache.clone(), lse_cache.clone()
+    out_ref = window_merge_ref(o_part, lse_part, oc_ref, lc_ref, dtype)
+    for max_tile in [2**30, 0]:  # the splits merged in the same launch, or in a separate one first
+        oc = torch.empty(batch, Hq, W, D, device=DEVICE)[:, :, 1:]  # strided, as OutputCache keeps it
+        lc = torch.empty(batch, Hq, W, device=DEVICE)[:, :, 1:]
+        oc.copy_(o_cache), lc.copy_(lse_cache)
+        out = window_merge(o_part, lse_part, oc, lc, dtype, max_tile=max_tile)
+        assert out.dtype == dtype and out.shape == (batch, W, Hq, D) and not out.isnan().any()
+        torch.testing.assert_close(out.float(), out_ref.float(), atol=ATOL[dtype], rtol=0)
+        torch.testing.assert_close(oc, oc_ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lc, lc_ref, atol=1e-5, rtol=0)  # -inf where a row has no key yet
+    with pytest.raises(ValueError, match="W - 1"):
+        window_merge(o_part, lse_part, o_cache[:, :, 1:], lse_cache[:, :, 1:], dtype)
 
 
 def test_exposure_non_decreasing_in_window():

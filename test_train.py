@@ -210,3 +210,38 @@ def test_eval_dense_through_the_cache_matches_sdpa(tiny_run):
     assert decode["loss"][64]["loss"] == pytest.approx(sdpa["loss"][64]["loss"], abs=1e-4)
     assert dense["recall"][16]["n"] == 3
     assert dense["recall"][16]["accuracy"] == sdpa["recall"][16]["accuracy"]
+
+
+def test_eval_sweep_runs_each_method_and_saves_after_each_run(tiny_run, tmp_path, monkeypatch):
+    out, s = tiny_run
+    saved = []  # the rows in the JSON file each time it is written
+    write = Path.write_text
+
+    def spy(path, text, *a, **k):
+        if path.suffix == ".json":
+            saved.append(len(json.loads(text)["rows"]))
+        return write(path, text, *a, **k)
+    monkeypatch.setattr(Path, "write_text", spy)
+    r = evaluation.main(["--sweep", "--model", str(out), "--data", s["data_dir"], "--budgets", "32", "--windows", "2",
+                         "--coverages", "--ratios", "--contexts", "64", "--n-windows", "1", "--distances", "16",
+                         "--n-recall", "1", "--gen-prompt", "64", "--gen-new", "8", "--device", "cpu",
+                         "--out", str(tmp_path / "sweep.json")])
+    assert [row["run"] for row in r["rows"]] == ["dense", "quest b=32", "retro b=32 w=2"]
+    assert r["rows"][0]["match_rate"] == 1.0 and r["rows"][0]["first_divergence"] == 8
+    assert saved == [1, 2, 3]  # a sweep stopped midway keeps the runs it finished
+    assert json.loads((tmp_path / "sweep.json").read_text())["complete"] is True
+    # the same sweep in two shards, merged: the same rows in the same order
+    common = ["--sweep", "--model", str(out), "--data", s["data_dir"], "--budgets", "32", "--windows", "2",
+              "--coverages", "--ratios", "--contexts", "64", "--n-windows", "1", "--distances", "16",
+              "--n-recall", "1", "--gen-prompt", "64", "--gen-new", "8", "--device", "cpu"]
+    for k in range(2):
+        evaluation.main(common + ["--shard", f"{k}/2", "--out", str(tmp_path / f"shard{k}.json")])
+    merged = evaluation.main(["--merge", str(tmp_path / "shard0.json"), str(tmp_path / "shard1.json"),
+                              "--out", str(tmp_path / "merged.json")])
+    drop = ("seconds",)
+    assert [{k: v for k, v in row.items() if k not in drop} for row in merged["rows"]] == \
+        [{k: v for k, v in row.items() if k not in drop} for row in r["rows"]]
+    assert merged["complete"] is True and json.loads((tmp_path / "merged.json").read_text())["rows"][1]["index"] == 1
+    assert evaluation.main(["--merge", str(tmp_path / "shard1.json")])["complete"] is False  # run 0 missing
+    with pytest.raises(SystemExit):
+        evaluation.main(common + ["--shard", "2/2"])
