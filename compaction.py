@@ -150,8 +150,8 @@ def _active_set_polish(H, c, w, rounds):
     for _ in range(rounds):
         # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
         Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
-        # solve_ex: a support block that is singular even with the jitter (keys whose weights underflow
-        # to 0 for every reference query) leaves that problem's w as it is instead of raising
+        # solve_ex: a problem whose support block the LU finds singular even with the jitter keeps its
+        # w (the projected-gradient answer) instead of failing the whole batch
         sol, info = torch.linalg.solve_ex(Hp, torch.where(P, c64, 0.0).unsqueeze(-1))
         solved = (info == 0).unsqueeze(-1)
         sol = torch.where(P & solved, sol.squeeze(-1), 0.0)

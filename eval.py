@@ -295,24 +295,20 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
             attn, s0, win = start(prompt, gen_new)
         except ValueError as e:  # compaction's repeat-prefill of the prompt beyond the context: --gen-prompt
             row.setdefault("skipped", {})["long generation"] = str(e)
-            row["seconds"] = time.time() - t0
-            rows.append(row)
-            if on_row:
-                on_row(rows)
-            log(f"  {label:28s} long generation skipped: {e}")
-            continue
-        toks, _ = generate(model, attn, prompt[:, s0:], gen_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words)
-        diff = (toks[0] != dense_tokens[0]).nonzero()
-        row["first_divergence"] = int(diff[0]) if len(diff) else gen_new
-        row["exposure"] = attn.stats.get("exposure")
-        attn, s0, win = start(prompt, gen_new)
-        row["match_rate"] = teacher_forced_agreement(model, attn, prompt[:, s0:], dense_tokens, s0, win)
+        else:
+            toks, _ = generate(model, attn, prompt[:, s0:], gen_new, window=win, start_pos=s0,
+                               n_vocab=tokenizer.n_words)
+            diff = (toks[0] != dense_tokens[0]).nonzero()
+            row["first_divergence"] = int(diff[0]) if len(diff) else gen_new
+            row["exposure"] = attn.stats.get("exposure")
+            attn, s0, win = start(prompt, gen_new)
+            row["match_rate"] = teacher_forced_agreement(model, attn, prompt[:, s0:], dense_tokens, s0, win)
         row["seconds"] = time.time() - t0
         rows.append(row)
         if on_row:
             on_row(rows)
         log(f"  {label:28s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in row.items() if k not in ("run", "method", "flags")))
+                                           for k, v in row.items() if k not in ("run", "method", "flags", "skipped")))
     return rows
 
 

@@ -245,3 +245,16 @@ def test_eval_sweep_runs_each_method_and_saves_after_each_run(tiny_run, tmp_path
     assert evaluation.main(["--merge", str(tmp_path / "shard1.json")])["complete"] is False  # run 0 missing
     with pytest.raises(SystemExit):
         evaluation.main(common + ["--shard", "2/2"])
+
+
+def test_eval_sweep_records_what_compaction_cannot_fit(tiny_run, tmp_path):
+    """A 64-token prompt's repeat-prefill (2 x 63 + separator) exceeds the tiny model's 128 positions:
+    the long generation is skipped with the reason, the loss of 64-token windows (32-token prefills) is not."""
+    out, s = tiny_run
+    r = evaluation.main(["--sweep", "--model", str(out), "--data", s["data_dir"], "--budgets", "--windows",
+                         "--coverages", "--ratios", "4", "--contexts", "64", "--n-windows", "1", "--distances", "16",
+                         "--n-recall", "1", "--gen-prompt", "64", "--gen-new", "8", "--device", "cpu"])
+    compact = r["rows"][1]
+    assert compact["run"] == "compact r=4.0" and compact["loss@64"] is not None
+    assert "repeat-prefill" in compact["skipped"]["long generation"] and "match_rate" not in compact
+    assert r["rows"][0]["match_rate"] == 1.0
