@@ -249,6 +249,7 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8
     """tokens/s of generate.generate on a Llama-3.1-8B-shaped model with random weights: every method
     eagerly, then with the decode step replayed from a CUDA graph (--cuda-graph; the
     decode time includes the first step's capture). A short warm-up run compiles the kernels first."""
+    import cudagraph
     from attention import DenseAttention
     from generate import generate
     from kvcache import KVCache, QuestAttention
@@ -265,7 +266,7 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    model.set_kernels()  # RMSNorm, RoPE, SiLU-mul as one kernel each (as generate.py does on a GPU)
+    cudagraph.fuse_kernels(model)  # RMSNorm, RoPE, SiLU-mul as one kernel each (as generate.py --cuda-graph does)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     rows, tokens = [], {}  # tokens: (method, mode) -> greedy tokens
     def method(name, w):
@@ -304,6 +305,7 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--e2e-contexts", type=int, nargs="+", default=[32768], help="prompt lengths of the e2e section")
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -329,8 +331,9 @@ def main():
                        bench_compaction,
                        ["ratio", "keys_per_head", "seconds", "s_per_layer", "peak_extra_mib", "kv_mib_before",
                         "kv_mib_after", "out_err", "mass_err"]),
-        "e2e": ("End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 32K prompt, 256 new tokens, batch 1)",
-                bench_e2e, ["method", "budget", "mode", "prefill_s", "tok_per_s", "peak_GiB", "same_tokens_as_eager"]),
+        "e2e": ("End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 256 new tokens, batch 1)",
+                lambda: [dict(context=n, **r) for n in a.e2e_contexts for r in bench_e2e(prompt_len=n)],
+                ["context", "method", "budget", "mode", "prefill_s", "tok_per_s", "peak_GiB", "same_tokens_as_eager"]),
     }
     for name in a.sections:
         title, run, cols = sections[name]

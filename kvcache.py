@@ -13,7 +13,8 @@ from that page's keys rather than updated incrementally.
 
 import torch
 
-from attention import paged_decode_ref, prefill_decode_attention
+import kernels
+from attention import Counters, decode_attention, paged_decode_ref, prefill_attention
 
 
 class KVCache:
@@ -33,13 +34,22 @@ class KVCache:
         self.page_meta = page_meta
         self.kmin = torch.zeros(meta if page_meta else (0,), dtype=dtype, device=device)
         self.kmax = torch.zeros(meta if page_meta else (0,), dtype=dtype, device=device)
-        self.lengths = [0] * n_layers  # per layer: positions [0, length) have been written
+        # per layer: positions [0, length) have been written (on the device: decode steps update it there)
+        self.lengths = torch.zeros(n_layers, dtype=torch.int64, device=device)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
 
+    def row_bytes(self):
+        """Bytes of one position's K and V rows in one layer, all batch rows and KV heads."""
+        _, B, Hkv, _, D = self.k.shape
+        return 2 * B * Hkv * D * self.k.element_size()
+
+    def length(self, layer=0):
+        return int(self.lengths[layer])
+
     def write(self, layer, k, v, input_pos):
-        """k, v: (B, T, Hkv, D) for the contiguous positions input_pos (T,)."""
+        """Prefill: k, v (B, T, Hkv, D) for the contiguous host positions input_pos (T,)."""
         T = k.shape[1]
         start = int(input_pos[0])
         end = start + T
@@ -48,21 +58,34 @@ class KVCache:
                              f"positions (raise --max-seq-len or shorten the prompt)")
         self.k[layer, :, :, start:end] = k.transpose(1, 2)
         self.v[layer, :, :, start:end] = v.transpose(1, 2)
-        self.lengths[layer] = max(self.lengths[layer], end)
+        self.lengths[layer:layer + 1].clamp_(min=end)
         if self.page_meta:
             self.refresh_pages(layer, start // self.page_size, (end - 1) // self.page_size + 1)
 
-    def write_on_device(self, layer, k, v, pos):
-        """write() for the rows k, v (B, T, Hkv, D) whose positions are a device tensor pos (T,) int64,
-        consecutive and ending at the newest position: one Triton kernel (kernels.append_kv) and no
-        host sync, so a CUDA graph can capture it. The caller keeps self.lengths up to date."""
-        import kernels
+    def append(self, layer, k, v, pos, use_kernels=False):
+        """Decode: k, v (B, m, Hkv, D) at the positions pos (m,) int64 on the device, consecutive, the
+        last one the newest (the rows before it may be rewritten), and the bounds of their pages.
+        Nothing is read on the host. Layer 0 opens the step: it computes the sequence length once for
+        all layers. -> seq_len (1,) int32 on the device, the keys [0, seq_len) now valid."""
+        if layer == 0:
+            self.seq_len = (pos[-1:] + 1).to(torch.int32)
+            torch.maximum(self.lengths, pos[-1] + 1, out=self.lengths)
         meta = (self.kmin[layer], self.kmax[layer]) if self.page_meta else (None, None)
-        kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)
-
-    @property
-    def length(self):
-        return self.lengths[0]
+        if use_kernels:  # all of the below in one launch
+            kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)
+            return self.seq_len
+        self.k[layer].index_copy_(2, pos, k.transpose(1, 2))
+        self.v[layer].index_copy_(2, pos, v.transpose(1, 2))
+        if self.page_meta:  # each new row's page, from its keys up to the newest
+            S = self.page_size
+            pages = pos // S
+            rows = pages[:, None] * S + torch.arange(S, device=pos.device)  # (m, S)
+            keys = self.k[layer][:, :, rows]  # (B, Hkv, m, S, D)
+            valid = (rows <= pos[-1])[:, :, None]
+            inf = torch.finfo(keys.dtype).max
+            self.kmin[layer].index_copy_(2, pages, torch.where(valid, keys, inf).amin(3))
+            self.kmax[layer].index_copy_(2, pages, torch.where(valid, keys, -inf).amax(3))
+        return self.seq_len
 
     def refresh_pages(self, layer, first, last):
         """Recompute the key min/max of pages [first, last) of one layer from its written keys."""
@@ -134,94 +157,85 @@ def check_sparse_args(cache, budget, page_size, dense_layers):
         raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
 
 
-def quest_pages(q, cache, layer_idx, budget, n, use_kernels):
-    """The pages one decode step attends to: Quest's top budget // S pages for q (B, Hq, D), or all
-    pages when the budget covers the n valid keys (then the step is dense, exactly).
-    Returns page_idx (B, Hkv, K) int32 and whether the pages were scored (metadata was read)."""
-    S = cache.page_size
-    num_pages = -(-n // S)
-    if budget >= n:
-        all_pages = torch.arange(num_pages, dtype=torch.int32, device=q.device)
-        return all_pages.expand(q.shape[0], cache.k.shape[2], num_pages), False
+def select_pages_upto(scores, seq_len, page_size, budget_pages):
+    """select_pages for a length on the device (reference of kernels.select_pages_device): the
+    pages of the keys [0, seq_len), the newest always kept, seq_len (1,) int32 never read on the host.
+    scores (B, Hkv, Pmax) -> page_idx (B, Hkv, K) int32, K = min(budget_pages, Pmax): the chosen
+    pages in ascending order, then -1 in the slots left when there are fewer pages than K."""
+    P = scores.shape[-1]
+    page = torch.arange(P, device=scores.device)
+    num_pages = (seq_len.long() + page_size - 1) // page_size
+    s = scores.float().masked_fill(page == num_pages - 1, float("inf")).masked_fill(page >= num_pages, float("-inf"))
+    order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, P)]
+    chosen = torch.where(order < num_pages, order, P).sort(dim=-1).values  # the unused slots (P) last
+    return torch.where(chosen < P, chosen, -1).to(torch.int32)
+
+
+def quest_pages(q, cache, layer_idx, budget, seq_len, use_kernels):
+    """Quest's top budget // S pages of one decode step for q (B, Hq, D), from the bounds of all
+    cache pages (those past seq_len are never chosen) -> page_idx (B, Hkv, K) int32, -1 = unused."""
+    S, P = cache.page_size, cache.num_pages_max
     if use_kernels:
-        import kernels
-        scores = kernels.page_scores(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
-        return kernels.select_pages(scores, num_pages, budget // S, (n - 1) // S), True
-    scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
-    return select_pages(scores, num_pages, budget // S, (n - 1) // S), True
+        scores = kernels.page_scores(q, cache.kmin[layer_idx], cache.kmax[layer_idx], P)
+        if P <= kernels.SELECT_MAX_PAGES:
+            return kernels.select_pages_device(scores, seq_len, S, budget // S)
+    else:
+        scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], P)
+    return select_pages_upto(scores, seq_len, S, budget // S)
 
 
-def count_page_reads(stats, cache, K, n, scored):
-    """Add one decode step's reads of one layer to stats: the K/V rows of K pages per KV head (the
-    newest page, always among them, holds only the keys before n), plus the min/max metadata of
-    all pages when they were scored."""
-    _, B, Hkv, _, D = cache.k.shape
-    S, size = cache.page_size, cache.k.element_size()
-    num_pages = -(-n // S)
-    rows = (K - 1) * S + (n - (num_pages - 1) * S)
-    stats["kv_bytes_read"] += 2 * B * Hkv * rows * D * size
-    stats["pages_read"] += B * Hkv * K
-    if scored:
-        stats["kv_bytes_read"] += 2 * B * Hkv * num_pages * D * size
+def count_step(counters, cache, budget, seq_len, n_dense):
+    """One decode step's reads over all layers, added to device counters: n_dense layers read the n
+    valid rows of every KV head; the others Quest's K = min(budget // S, pages) pages (the newest
+    holds only the keys before n) plus the min/max bounds of every page (each the size of a K/V row). -> (pages, K) on the device."""
+    L, B, Hkv = cache.k.shape[:3]
+    S = cache.page_size
+    n = seq_len.double()
+    pages = torch.ceil(n / S)
+    K = pages.clamp(max=budget // S)
+    sparse_rows = (K - 1) * S + n - (pages - 1) * S + pages
+    counters.add(decode_steps=1, rows_read=n_dense * n + (L - n_dense) * sparse_rows,
+                 pages_read=B * Hkv * (n_dense * pages + (L - n_dense) * K))
+    return pages, K
 
 
 class QuestAttention:
-    """Quest as an attention object: prefill is dense; each decode step (T == 1) attends to the
-    budget // S pages whose bound is highest, per KV head. The first dense_layers layers stay dense."""
+    """Quest as an attention object: prefill is dense; each decode step attends to the budget // S
+    pages whose bound is highest, per KV head. The first dense_layers layers stay dense, and so does
+    every layer when the budget covers the whole cache."""
+
+    prefill_rows = 0
 
     def __init__(self, cache, budget, page_size, dense_layers=2, use_kernels=False):
         check_sparse_args(cache, budget, page_size, dense_layers)
         self.cache = cache
         self.budget = budget
-        self.dense_layers = dense_layers
+        self.n_dense = cache.k.shape[0] if budget >= cache.max_seq_len else min(dense_layers, cache.k.shape[0])
         self.use_kernels = use_kernels
-        self.stats = {"kv_bytes_read": 0, "pages_read": 0, "decode_steps": 0}
+        self.counters = Counters(cache.k.device, "decode_steps", "rows_read", "pages_read")
 
-    graph_mode = False  # see forward_on_device
-
-    def forward(self, layer_idx, q, k, v, input_pos):
-        # q (B, T, Hq, D) after RoPE; k, v (B, T, Hkv, D) -> (B, T, Hq, D)
-        if self.graph_mode:
-            return self.forward_on_device(layer_idx, q, k, v, input_pos)
+    def prefill(self, layer_idx, q, k, v, input_pos):
         self.cache.write(layer_idx, k, v, input_pos)
-        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        if q.shape[1] > 1:  # prefill: dense causal
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
-        n = int(input_pos[-1]) + 1
-        if layer_idx == 0:
-            self.stats["decode_steps"] += 1
-        if layer_idx < self.dense_layers or self.budget >= n:
-            count_page_reads(self.stats, self.cache, -(-n // self.cache.page_size), n, scored=False)
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
-        qh = q[:, 0]  # (B, Hq, D)
-        page_idx, scored = quest_pages(qh, self.cache, layer_idx, self.budget, n, self.use_kernels)
-        count_page_reads(self.stats, self.cache, page_idx.shape[-1], n, scored)
-        if self.use_kernels:
-            import kernels
-            o, _ = kernels.paged_decode(qh, kc, vc, page_idx, n, self.cache.page_size)
-        else:
-            o, _ = paged_decode_ref(qh, kc, vc, page_idx, n, self.cache.page_size)
-        return o.unsqueeze(1)
+        return prefill_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos, self.use_kernels)[0]
 
-    def forward_on_device(self, layer_idx, q, k, v, input_pos):
-        """A decode step with its position on the device (input_pos (1,) int64), in kernels that read
-        the length there: no host sync, so generate.py can capture the step in a CUDA graph. The
-        caller guarantees that the budget is below the length at every step (every step is sparse)
-        and calls after_device_step. No statistics are counted here (they need the length on the host)."""
-        import kernels
-        cache, S = self.cache, self.cache.page_size
-        cache.write_on_device(layer_idx, k, v, input_pos)
+    def decode(self, layer_idx, q, k, v, input_pos):
+        # q (B, 1, Hq, D) after RoPE; k, v (B, 1, Hkv, D) -> (B, 1, Hq, D)
+        cache = self.cache
+        seq_len = cache.append(layer_idx, k, v, input_pos, self.use_kernels)
         if layer_idx == 0:
-            self.seq_len = (input_pos + 1).to(torch.int32)  # keys [0, pos] after this write
-        kc, vc, qh = cache.k[layer_idx], cache.v[layer_idx], q[:, 0]
-        if layer_idx < self.dense_layers:
-            o, _ = kernels.flash_decode(qh, kc, vc, self.seq_len)
-        else:  # all pages are scored (those past the length are never selected)
-            scores = kernels.page_scores(qh, cache.kmin[layer_idx], cache.kmax[layer_idx], cache.num_pages_max)
-            page_idx = kernels.select_pages_device(scores, self.seq_len, S, self.budget // S)
-            o, _ = kernels.paged_decode(qh, kc, vc, page_idx, self.seq_len, S)
-        return o.unsqueeze(1)
+            count_step(self.counters, cache, self.budget, seq_len, self.n_dense)
+        kc, vc = cache.k[layer_idx], cache.v[layer_idx]
+        if layer_idx < self.n_dense:
+            return decode_attention(q, kc, vc, seq_len, self.use_kernels)
+        page_idx = quest_pages(q[:, 0], cache, layer_idx, self.budget, seq_len, self.use_kernels)
+        attend = kernels.paged_decode if self.use_kernels else paged_decode_ref
+        return attend(q[:, 0], kc, vc, page_idx, seq_len, cache.page_size)[0].unsqueeze(1)
 
-    def after_device_step(self, n):
-        """Host-side bookkeeping after a device step that made the sequence n tokens long."""
-        self.cache.lengths = [n] * len(self.cache.lengths)
+    def record_prefill(self, layer_idx, input_pos, o, lse):
+        pass
+
+    @property
+    def stats(self):
+        c = self.counters.read()
+        return {"kv_bytes_read": int(c["rows_read"]) * self.cache.row_bytes(), "pages_read": int(c["pages_read"]),
+                "decode_steps": int(c["decode_steps"])}
