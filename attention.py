@@ -26,8 +26,8 @@ q (B, T, Hq, D) after RoPE, k, v (B, T, Hkv, D) -> o (B, T, Hq, D) in q's dtype.
 (input_pos continues the cache) and may read positions on the host. decode gets the newest token
 (m = 1) or it and the m - 1 tokens before it (RetroAttention re-embeds them, rewriting their rows).
 decode never reads a value on the host (no int(), no branch on a tensor) and updates its state in
-place, so the same code runs eagerly and captured in a CUDA graph (cudagraph.py); its statistics
-are device counters that the `stats` property reads. An object that decodes from something of the
+place, so the same code runs eagerly and captured in a CUDA graph (cudagraph.py); the `stats`
+property computes its statistics on the host from the lengths the cache logs on the device. An object that decodes from something of the
 prompt besides the cache (RetroAttention: the last w - 1 rows' outputs) sets prefill_rows and takes
 them through record_prefill(layer_idx, input_pos, o, lse) when another object prefills (token_sparse).
 """
@@ -141,24 +141,6 @@ def decode_attention(q, k_cache, v_cache, seq_len, use_kernels):
     return o.transpose(1, 2)
 
 
-class Counters:
-    """Statistics kept on the device, so that a decode step replayed from a CUDA graph counts too:
-    add(name=value) accumulates in place (value: a number or a one-element tensor, never read on the
-    host); read() syncs once and returns floats."""
-
-    def __init__(self, device, *names):
-        self.index = {name: i for i, name in enumerate(names)}
-        self.values = torch.zeros(len(names), dtype=torch.float64, device=device)
-
-    def add(self, **inc):
-        for name, value in inc.items():
-            i = self.index[name]
-            self.values[i:i + 1].add_(value.reshape(1) if torch.is_tensor(value) else value)
-
-    def read(self):
-        return dict(zip(self.index, self.values.tolist()))
-
-
 class DenseAttention:
     """The dense method: write the new K/V into the cache, attend to everything before them."""
 
@@ -167,7 +149,6 @@ class DenseAttention:
     def __init__(self, cache, use_kernels=False):
         self.cache = cache
         self.use_kernels = use_kernels
-        self.counters = Counters(cache.k.device, "decode_steps", "rows_read")
 
     def prefill(self, layer_idx, q, k, v, input_pos):
         self.cache.write(layer_idx, k, v, input_pos)
@@ -175,8 +156,6 @@ class DenseAttention:
 
     def decode(self, layer_idx, q, k, v, input_pos):
         seq_len = self.cache.append(layer_idx, k, v, input_pos, self.use_kernels)
-        if layer_idx == 0:  # every layer reads the same n rows per KV head
-            self.counters.add(decode_steps=1, rows_read=seq_len)
         return decode_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], seq_len, self.use_kernels)
 
     def record_prefill(self, layer_idx, input_pos, o, lse):
@@ -184,6 +163,6 @@ class DenseAttention:
 
     @property
     def stats(self):
-        c = self.counters.read()
-        return {"kv_bytes_read": int(c["rows_read"]) * self.cache.row_bytes() * self.cache.k.shape[0],
-                "decode_steps": int(c["decode_steps"])}
+        n, steps = self.cache.decoded_lengths()  # every layer read the n rows of each KV head
+        return {"kv_bytes_read": int((n * steps).sum()) * self.cache.row_bytes() * self.cache.k.shape[0],
+                "decode_steps": int(steps.sum())}

@@ -134,7 +134,7 @@ def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), rati
                     o_cache = [torch.randn(B, HQ, w - 1, D, generator=g, device="cuda") for _ in range(copies)]
                     lse_cache = [torch.randn(B, HQ, w - 1, generator=g, device="cuda") for _ in range(copies)]
 
-                    def retro_step(i):  # as RetroAttention.forward_on_device: + the output cache's merge and shift
+                    def retro_step(i):  # as RetroAttention.decode: + the output cache's merge and shift
                         s = kernels.page_scores(qw[i][:, :, -1], kmins[i], kmaxs[i], P)
                         pages = select_pages(s, P, K, P - 1)  # A = t is set in the kernel, after A is read
                         if w == 1:

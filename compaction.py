@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from attention import Counters, attention_ref, merge_attention, paged_decode_ref
+from attention import attention_ref, merge_attention, paged_decode_ref
 from kvcache import KVCache
 
 REPEAT_PROMPT = "\n\nRepeat the previous context.\n\n"  # the separator of the repeat-prefill pass (paper)
@@ -399,7 +399,6 @@ class CompactedAttention:
             self.bias[i, :, :, :n] = c.beta
         self.compact_rows = sum(int(c.budget.sum()) for c in layers)  # kept (key, value) rows, all heads
         self.every_page = torch.arange(self.cache.num_pages_max, dtype=torch.int32, device=ref.device).expand(B, Hkv, -1)
-        self.counters = Counters(ref.device, "decode_steps", "rows_read")
         self.compaction_stats = {}  # compact_prompt's figures, reported with the decode counters
 
     prefill_rows = 0
@@ -415,8 +414,6 @@ class CompactedAttention:
         """q (B, 1, Hq, D) at the device position input_pos (1,) >= ctx_len; k, v (B, 1, Hkv, D) -> (B, 1, Hq, D):
         every row, the compact ones with their bias, in one paged decode over all pages."""
         seq_len = self.cache.append(layer_idx, k, v, self._rows(input_pos), self.use_kernels)  # rows [0, seq_len)
-        if layer_idx == 0:
-            self.counters.add(decode_steps=1, rows_read=seq_len)
         decode = kernels.paged_decode if self.use_kernels else paged_decode_ref
         o, _ = decode(q[:, 0], self.cache.k[layer_idx], self.cache.v[layer_idx], self.every_page, seq_len,
                       self.cache.page_size, bias=self.bias[layer_idx])
@@ -441,11 +438,10 @@ class CompactedAttention:
 
     @property
     def stats(self):
-        c = self.counters.read()
-        B, Hkv = self.cache.k.shape[1:3]
-        # per layer and step: K and V of every row plus its fp32 bias
-        return {"kv_bytes_read": int(c["rows_read"]) * (self.cache.row_bytes() + 4 * B * Hkv) * self.cache.k.shape[0],
-                "decode_steps": int(c["decode_steps"]), **self.compaction_stats}
+        n, steps = self.cache.decoded_lengths()  # n: cache rows, compact ones included
+        L, B, Hkv = self.cache.k.shape[:3]  # per layer and step: K and V of every row plus its fp32 bias
+        return {"kv_bytes_read": int((n * steps).sum()) * (self.cache.row_bytes() + 4 * B * Hkv) * L,
+                "decode_steps": int(steps.sum()), **self.compaction_stats}
 
 
 class CompactingAttention:

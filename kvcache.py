@@ -14,7 +14,7 @@ from that page's keys rather than updated incrementally.
 import torch
 
 import kernels
-from attention import Counters, decode_attention, paged_decode_ref, prefill_attention
+from attention import decode_attention, paged_decode_ref, prefill_attention
 
 
 class KVCache:
@@ -36,6 +36,9 @@ class KVCache:
         self.kmax = torch.zeros(meta if page_meta else (0,), dtype=dtype, device=device)
         # per layer: positions [0, length) have been written (on the device: decode steps update it there)
         self.lengths = torch.zeros(n_layers, dtype=torch.int64, device=device)
+        # per sequence length n, how many decode steps made the sequence n long: the statistics' source
+        self.decoded = torch.zeros(n + 1, dtype=torch.int32, device=device)
+        self._one = torch.ones(1, dtype=torch.int32, device=device)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
@@ -47,6 +50,13 @@ class KVCache:
 
     def length(self, layer=0):
         return int(self.lengths[layer])
+
+    def decoded_lengths(self):
+        """-> (n, steps): the sequence lengths decode steps made, and how many steps made each
+        (float64 CPU tensors; one sync)."""
+        steps = self.decoded.cpu()
+        n = steps.nonzero().squeeze(1)
+        return n.double(), steps[n].double()
 
     def write(self, layer, k, v, input_pos):
         """Prefill: k, v (B, T, Hkv, D) for the contiguous host positions input_pos (T,)."""
@@ -66,10 +76,12 @@ class KVCache:
         """Decode: k, v (B, m, Hkv, D) at the positions pos (m,) int64 on the device, consecutive, the
         last one the newest (the rows before it may be rewritten), and the bounds of their pages.
         Nothing is read on the host. Layer 0 opens the step: it computes the sequence length once for
-        all layers. -> seq_len (1,) int32 on the device, the keys [0, seq_len) now valid."""
+        all layers and logs it. -> seq_len (1,) int32 on the device, the keys [0, seq_len) now valid."""
         if layer == 0:
-            self.seq_len = (pos[-1:] + 1).to(torch.int32)
-            torch.maximum(self.lengths, pos[-1] + 1, out=self.lengths)
+            n = pos[-1:] + 1
+            self.seq_len = n.to(torch.int32)
+            torch.maximum(self.lengths, n, out=self.lengths)
+            self.decoded.index_add_(0, n, self._one)
         meta = (self.kmin[layer], self.kmax[layer]) if self.page_meta else (None, None)
         if use_kernels:  # all of the below in one launch
             kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)
@@ -184,19 +196,18 @@ def quest_pages(q, cache, layer_idx, budget, seq_len, use_kernels):
     return select_pages_upto(scores, seq_len, S, budget // S)
 
 
-def count_step(counters, cache, budget, seq_len, n_dense):
-    """One decode step's reads over all layers, added to device counters: n_dense layers read the n
-    valid rows of every KV head; the others Quest's K = min(budget // S, pages) pages (the newest
-    holds only the keys before n) plus the min/max bounds of every page (each the size of a K/V row). -> (pages, K) on the device."""
+def page_reads(cache, budget, n, steps, n_dense):
+    """The reads of decode steps (n, steps: cache.decoded_lengths()) over all layers: n_dense layers
+    read the n valid rows of every KV head; the others Quest's K = min(budget // S, pages) pages (the
+    newest holds only the keys before n) plus the min/max bounds of every page (each the size of a
+    K/V row). -> (K/V rows read, pages read, K per step)."""
     L, B, Hkv = cache.k.shape[:3]
     S = cache.page_size
-    n = seq_len.double()
     pages = torch.ceil(n / S)
     K = pages.clamp(max=budget // S)
     sparse_rows = (K - 1) * S + n - (pages - 1) * S + pages
-    counters.add(decode_steps=1, rows_read=n_dense * n + (L - n_dense) * sparse_rows,
-                 pages_read=B * Hkv * (n_dense * pages + (L - n_dense) * K))
-    return pages, K
+    rows = (steps * (n_dense * n + (L - n_dense) * sparse_rows)).sum()
+    return int(rows), int(B * Hkv * (steps * (n_dense * pages + (L - n_dense) * K)).sum()), K
 
 
 class QuestAttention:
@@ -212,7 +223,6 @@ class QuestAttention:
         self.budget = budget
         self.n_dense = cache.k.shape[0] if budget >= cache.max_seq_len else min(dense_layers, cache.k.shape[0])
         self.use_kernels = use_kernels
-        self.counters = Counters(cache.k.device, "decode_steps", "rows_read", "pages_read")
 
     def prefill(self, layer_idx, q, k, v, input_pos):
         self.cache.write(layer_idx, k, v, input_pos)
@@ -222,8 +232,6 @@ class QuestAttention:
         # q (B, 1, Hq, D) after RoPE; k, v (B, 1, Hkv, D) -> (B, 1, Hq, D)
         cache = self.cache
         seq_len = cache.append(layer_idx, k, v, input_pos, self.use_kernels)
-        if layer_idx == 0:
-            count_step(self.counters, cache, self.budget, seq_len, self.n_dense)
         kc, vc = cache.k[layer_idx], cache.v[layer_idx]
         if layer_idx < self.n_dense:
             return decode_attention(q, kc, vc, seq_len, self.use_kernels)
@@ -236,6 +244,6 @@ class QuestAttention:
 
     @property
     def stats(self):
-        c = self.counters.read()
-        return {"kv_bytes_read": int(c["rows_read"]) * self.cache.row_bytes(), "pages_read": int(c["pages_read"]),
-                "decode_steps": int(c["decode_steps"])}
+        n, steps = self.cache.decoded_lengths()
+        rows, pages, _ = page_reads(self.cache, self.budget, n, steps, self.n_dense)
+        return {"kv_bytes_read": rows * self.cache.row_bytes(), "pages_read": pages, "decode_steps": int(steps.sum())}

@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 import kernels
-from attention import Counters, _check_gqa, decode_attention, merge_attention, paged_decode_ref, prefill_attention
-from kvcache import check_sparse_args, count_step, quest_pages
+from attention import _check_gqa, decode_attention, merge_attention, paged_decode_ref, prefill_attention
+from kvcache import check_sparse_args, page_reads, quest_pages
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,11 +358,7 @@ class RetroAttention:
         self.first_decoded = 0  # position of the first token decoded (exposure counts decoded tokens)
         self.track_exposure = track_exposure
         self._page_start = torch.arange(cache.num_pages_max, device=cache.k.device) * cache.page_size
-        # kv_bytes_read and pages_read count what Quest counts (K/V of the pages read, page bounds), so
-        # the two compare; retro_aux_bytes is what Retro adds: the output cache (read and written), the
-        # past rows' K/V overwrites, A (read and written).
-        self.counters = Counters(cache.k.device, "decode_steps", "rows_read", "pages_read", "retro_aux_bytes",
-                                 "exposure_sum", "exposure_count")
+        self._exposure = torch.zeros(2, dtype=torch.float64, device=cache.k.device)  # sum, count
 
     def prefill(self, layer_idx, q, k, v, input_pos):
         if int(input_pos[0]) != self.cache.length(layer_idx):
@@ -389,8 +385,6 @@ class RetroAttention:
         if layer_idx == 0 and input_pos.device.type == "cpu":
             self._check_rows(input_pos)
         seq_len = cache.append(layer_idx, k, v, input_pos, self.use_kernels)  # the past rows rewritten, t appended
-        if layer_idx == 0:
-            self._count_step(seq_len, q)
         kc, vc = cache.k[layer_idx], cache.v[layer_idx]
         if layer_idx < self.dense_layers:
             # Dense layers attend every key anyway, so the past rows are simply recomputed, exactly,
@@ -402,7 +396,7 @@ class RetroAttention:
                                                                        seq_len, self.use_kernels)
         # The w window rows, oldest first. After a prompt shorter than w - 1 the first steps feed m < w
         # rows: the window is padded in front with rows of no position, which see no key.
-        qh = F.pad(q.transpose(1, 2), (0, 0, w - m, 0))
+        qh = q.transpose(1, 2) if m == w else F.pad(q.transpose(1, 2), (0, 0, w - m, 0))
         A = self.last_loaded[layer_idx]  # (B, Hkv, Pmax); then A[p] = t for the pages of S_t
         attend = retro_decode if self.use_kernels else retro_decode_ref
         if w == 1:  # Quest: nothing to revise
@@ -433,31 +427,34 @@ class RetroAttention:
             raise ValueError(f"RetroAttention(window={self.window}): a decode step feeds the last min(w, n) "
                              f"positions, {want} now, the last one new; got {input_pos.tolist()}")
 
-    def _count_step(self, seq_len, q):
-        B, m, Hq, D = q.shape
-        L, _, Hkv = self.cache.k.shape[:3]
-        n_dense = L if self.all_pages else self.dense_layers  # (every page listed: read as dense layers read)
-        pages, K = count_step(self.counters, self.cache, self.budget, seq_len, n_dense)
-        rows_moved = 2 * (m - 1) + (self.window > 1)  # output cache rows read and written (fp32), the new one pushed
-        sparse = L - self.dense_layers
-        self.counters.add(retro_aux_bytes=(m - 1) * self.cache.row_bytes() * L  # the past rows' K/V overwrites
-                          + sparse * (rows_moved * B * Hq * (D + 1) * 4 + 2 * B * Hkv * 4 * (pages if self.all_pages else K)))
-
     def _count_exposure(self, A, tau):
         """tau's output is final: count the keys <= tau of every page it has seen (A[p] >= tau), if
         tau was decoded (a prompt token attended densely in prefill)."""
         keys_upto_tau = (tau + 1 - self._page_start).clamp_(0, self.cache.page_size)  # (Pmax,) keys j <= tau per page
         decoded = (tau >= self.first_decoded).double()
-        self.counters.add(exposure_sum=torch.where(A >= tau, keys_upto_tau, 0).sum() * decoded / self.budget,
-                          exposure_count=decoded * A.shape[0] * A.shape[1])
+        seen = torch.where(A >= tau, keys_upto_tau, 0).sum() / self.budget
+        self._exposure += torch.cat([seen * decoded, decoded * A.shape[0] * A.shape[1]])
 
     @property
     def stats(self):
-        """Counters for generate.py. exposure: distinct KV tokens the final output of a decoded token
-        covered / budget, averaged over sparse layers, KV heads and tokens that left the window."""
-        c = self.counters.read()
-        s = {"kv_bytes_read": int(c["rows_read"]) * self.cache.row_bytes(), "pages_read": int(c["pages_read"]),
-             "decode_steps": int(c["decode_steps"]), "retro_aux_bytes": int(c["retro_aux_bytes"])}
-        if c["exposure_count"]:
-            s["exposure"] = c["exposure_sum"] / c["exposure_count"]
+        """Counters for generate.py. kv_bytes_read and pages_read count what Quest counts (K/V of the
+        pages read, page bounds), so the two compare; retro_aux_bytes is what Retro adds: the past
+        rows' K/V overwrites, the output cache (read and written, fp32), A (read and written).
+        exposure: distinct KV tokens the final output of a decoded token covered / budget, averaged
+        over sparse layers, KV heads and tokens that left the window."""
+        cache, w = self.cache, self.window
+        L, B, Hkv = cache.k.shape[:3]
+        n, steps = cache.decoded_lengths()
+        rows, pages, K = page_reads(cache, self.budget, n, steps, L if self.all_pages else self.dense_layers)
+        m = n.clamp(max=w)  # rows fed per step
+        aux = (m - 1) * cache.row_bytes() * L
+        if self.outputs.o is not None:  # (the sparse layers')
+            Hq, D = self.outputs.o.shape[2], self.outputs.o.shape[4]
+            listed = torch.ceil(n / cache.page_size) if self.all_pages else K
+            aux = aux + (L - self.dense_layers) * ((2 * (m - 1) + (w > 1)) * B * Hq * (D + 1) * 4 + 2 * B * Hkv * 4 * listed)
+        s = {"kv_bytes_read": rows * cache.row_bytes(), "pages_read": pages, "decode_steps": int(steps.sum()),
+             "retro_aux_bytes": int((steps * aux).sum())}
+        exposure_sum, exposure_count = self._exposure.tolist()
+        if exposure_count:
+            s["exposure"] = exposure_sum / exposure_count
         return s

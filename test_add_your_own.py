@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kernels
-from attention import Counters, DenseAttention, attention_ref, paged_decode_ref, prefill_attention
+from attention import DenseAttention, attention_ref, paged_decode_ref, prefill_attention
 from conftest import DEVICE, ON_GPU, tiny_model
 from generate import generate
 from kvcache import KVCache
@@ -26,22 +26,17 @@ class StreamingAttention:
     def __init__(self, cache, sinks=1, recent=4, use_kernels=False):
         self.cache, self.sinks, self.recent, self.use_kernels = cache, sinks, recent, use_kernels
         self.sink_pages = torch.arange(sinks, device=cache.k.device)
-        self.counters = Counters(cache.k.device, "decode_steps", "rows_read")
 
     def prefill(self, layer_idx, q, k, v, input_pos):  # dense and causal, as DenseAttention's
         self.cache.write(layer_idx, k, v, input_pos)
         return prefill_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos, self.use_kernels)[0]
 
     def decode(self, layer_idx, q, k, v, input_pos):
-        S, (B, _, Hq, D) = self.cache.page_size, q.shape
+        S, B = self.cache.page_size, q.shape[0]
         seq_len = self.cache.append(layer_idx, k, v, input_pos, self.use_kernels)  # (1,) int32, on the device
         newest = (seq_len.long() - 1) // S
         recent = newest - torch.arange(self.recent, device=q.device)  # the newest page and those before it
         pages = torch.cat([self.sink_pages, torch.where(recent >= self.sinks, recent, -1)])  # each once; -1: none
-        if layer_idx == 0:  # the keys those pages hold before seq_len, in every layer
-            sink_keys = seq_len.clamp(max=self.sinks * S)
-            recent_keys = (seq_len - (recent[-1] * S).clamp(min=self.sinks * S)).clamp(min=0)
-            self.counters.add(decode_steps=1, rows_read=sink_keys + recent_keys)
         attend = kernels.paged_decode if self.use_kernels else paged_decode_ref
         page_idx = pages.to(torch.int32).expand(B, self.cache.k.shape[2], -1)
         o, _ = attend(q[:, 0], self.cache.k[layer_idx], self.cache.v[layer_idx], page_idx, seq_len, S)
@@ -51,10 +46,13 @@ class StreamingAttention:
         pass
 
     @property
-    def stats(self):
-        c = self.counters.read()
-        return {"kv_bytes_read": int(c["rows_read"]) * self.cache.row_bytes() * self.cache.k.shape[0],
-                "decode_steps": int(c["decode_steps"])}
+    def stats(self):  # from the lengths the cache logged: the keys of the listed pages before n, in every layer
+        n, steps = self.cache.decoded_lengths()
+        S = self.cache.page_size
+        first_recent = (((n - 1) // S - self.recent + 1) * S).clamp(min=self.sinks * S)
+        rows = n.clamp(max=self.sinks * S) + (n - first_recent).clamp(min=0)
+        return {"kv_bytes_read": int((steps * rows).sum()) * self.cache.row_bytes() * self.cache.k.shape[0],
+                "decode_steps": int(steps.sum())}
 
 
 # ------------------------------------------------------------------------------------------------
