@@ -70,6 +70,7 @@ import generate as gen
 import train
 from generate import DTYPES, generate, make_attention
 import kvcache
+import ruler
 from kvcache import KVCache
 from model import CHAT_TEMPLATES, Tokenizer, Transformer
 
@@ -673,6 +674,136 @@ def run_real(opts, st, data, model, tokenizer, dtype, use_kernels):
 
 
 # ----------------------------------------------------------------------------------------------
+# RULER-style tasks (--ruler): every method at two KV budgets, exact match with a Wilson interval
+
+BUDGET_FRACTIONS = ((8, "1/8"), (4, "1/4"))  # budgets as fractions of the context: C/8 and C/4 tokens
+
+
+def ruler_runs(context, windows):
+    """(method label, budget label, method, generate.py flags) of every --ruler run at one context:
+    dense (the ceiling), then per budget C/8 and C/4: Quest (RetroAttention with w = 1), RetroAttention
+    (each w), Token Sparse Attention at a fixed keep fraction (a prefill method: decoding stays dense)
+    and KV compaction at ratio 8 / 4 (the question stays whole)."""
+    runs = [("dense", "full", "dense", [])]
+    for d, frac in BUDGET_FRACTIONS:
+        b = str(context // d)
+        runs.append(("quest", frac, "retro", ["--budget", b, "--window", "1"]))
+        runs += [(f"retro w={w}", frac, "retro", ["--budget", b, "--window", str(w)]) for w in windows]
+        runs.append(("token_sparse", frac, "token_sparse", ["--keep", str(1 / d), "--min-tokens", "16",
+                                                            "--ts-window", "64"]))
+        runs.append(("compact", frac, "compact", ["--ratio", str(d)]))
+    return runs
+
+
+@torch.no_grad()
+def ruler_cell(model, tokenizer, samples, start):
+    """Greedy-decode each sample's answer through a fresh method state from start(prompt, n_new,
+    keep_last) -> [(score 0/1, decoded text)]; a sample the method refuses (compaction's
+    repeat-prefill beyond the model's context) -> (None, reason)."""
+    device = next(model.parameters()).device
+    out = []
+    for s in samples:
+        x = torch.from_numpy(s.ids).to(device)[None]
+        try:
+            attn, s0, win = start(x, s.n_new, s.question_len)
+        except ValueError as e:
+            out.append((None, str(e)))
+            continue
+        new, _ = generate(model, attn, x[:, s0:], s.n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words)
+        text = tokenizer.decode([int(t) for t in new[0]])
+        out.append((ruler.score(text, s.answers), text))
+    return out
+
+
+def ruler_table(cells, contexts, tasks):
+    """Markdown: one table per context, a row per run, a column per task: correct/n [95% Wilson]."""
+    lines = []
+    for c in contexts:
+        lines += [f"\nContext {c} tokens: exact match, correct/n [95% Wilson interval]\n",
+                  "| method | budget | " + " | ".join(tasks) + " | all tasks |",
+                  "| --- | --- |" + " ---: |" * (len(tasks) + 1)]
+        runs = list(dict.fromkeys((x["run"], x["budget"]) for x in cells if x["context"] == c))
+        for run, budget in runs:
+            row = {x["task"]: x for x in cells if x["context"] == c and x["run"] == run and x["budget"] == budget}
+
+            def cell(k, n):
+                if not n:
+                    return "n/a"
+                lo, hi = ruler.wilson(k, n)
+                return f"{k}/{n} [{lo:.2f}, {hi:.2f}]"
+            ks = [row[t]["correct"] if t in row else 0 for t in tasks]
+            ns = [row[t]["n"] if t in row else 0 for t in tasks]
+            lines.append(f"| {run} | {budget} | " + " | ".join(cell(k, n) for k, n in zip(ks, ns))
+                         + f" | {cell(sum(ks), sum(ns))} |")
+    return "\n".join(lines)
+
+
+def run_ruler(opts, model, tokenizer, dtype, use_kernels):
+    """--ruler: the suite of ruler.py at each context, every run of ruler_runs, a JSON (and its
+    markdown table) written after each cell so that a stopped run keeps what it measured."""
+    from compaction import REPEAT_PROMPT
+    t0 = time.time()
+    a = model.args
+    style = opts.ruler_style or ("code" if is_train_tokenizer(tokenizer) else "prose")
+    contexts = opts.contexts or [c for c in ((1024, 2048, 4096, 8192) if opts.full else (1024, 2048))
+                                 if c <= a.max_seq_len]
+    for c in contexts:
+        if c > a.max_seq_len:
+            raise ValueError(f"--contexts {c} exceeds the model's context of {a.max_seq_len} tokens")
+    n_samples = opts.n_samples or (50 if opts.full else 2)
+    windows = [8] if opts.windows is None else opts.windows
+    stream = heldout_stream(tokenizer, opts.data)[0] if style == "code" else None
+    samples = ruler.suite(tokenizer, opts.tasks, style, contexts, n_samples, stream, opts.seed)
+    sep = tokenizer.encode(REPEAT_PROMPT)
+    plan = [(c, run, task) for c in contexts for run in ruler_runs(c, windows) for task in opts.tasks]
+    progress(f"ruler: {style} style, tasks {', '.join(opts.tasks)}; contexts {contexts}; {n_samples} samples per "
+             f"cell; {len(plan)} cells; {opts.device} {dtype}")
+    result = {"model": str(opts.model), "style": style, "device": opts.device, "dtype": str(dtype),
+              "date": time.strftime("%Y-%m-%d"), "contexts": contexts, "tasks": list(opts.tasks),
+              "samples_per_cell": n_samples, "windows": windows, "seed": opts.seed,
+              "score": "exact match: every expected answer occurs in the greedy answer as a whole word "
+                       "(string_match_all, all-or-nothing); interval: 95% Wilson",
+              "cells": [], "complete": False}
+
+    def save():
+        if opts.out:
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text(json.dumps(result, indent=1) + "\n")
+            opts.out.with_suffix(".md").write_text(ruler_table(result["cells"], contexts, opts.tasks) + "\n")
+    done_samples, total_samples = 0, len(plan) * n_samples
+    for i, (c, (run, budget, method, flags), task) in enumerate(plan):
+        t = time.time()
+        mopts = method_options(method, flags)
+
+        def start(x, n, keep_last=1):
+            return start_method(model, method, mopts, x, n, dtype, opts.device, use_kernels, sep, keep_last,
+                                opts.prefill_chunk)
+        scored = ruler_cell(model, tokenizer, samples[task, c], start)
+        hits = [s for s, _ in scored if s is not None]
+        k, n = sum(hits), len(hits)
+        result["cells"].append({"task": task, "context": c, "run": run, "budget": budget, "method": method,
+                                "flags": flags, "correct": k, "n": n, "skipped": len(scored) - n,
+                                "accuracy": k / n if n else None, "wilson95": list(ruler.wilson(k, n)) if n else None,
+                                "seconds": time.time() - t,
+                                "examples": [{"answers": s.answers, "decoded": text, "score": sc}
+                                             for s, (sc, text) in list(zip(samples[task, c], scored))[:2]]})
+        save()
+        done_samples += n_samples
+        el = time.time() - t0
+        progress(f"  [{i + 1}/{len(plan)}] C={c} {run} {budget} {task}: {k}/{n}  "
+                 f"elapsed {el:.0f} s, ETA {el / done_samples * (total_samples - done_samples):.0f} s")
+    result["complete"] = True
+    result["seconds"] = time.time() - t0
+    save()
+    print(f"\n{opts.model.name}  RULER-style ({style})  {opts.device} {dtype}  {result['date']}  "
+          f"({result['seconds']:.0f} s)")
+    print(ruler_table(result["cells"], contexts, opts.tasks))
+    if opts.out:
+        print(f"\nwrote {opts.out} and {opts.out.with_suffix('.md')}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
 def build_parser():
@@ -735,6 +866,13 @@ def build_parser():
     r.add_argument("--n-prompts", type=int, default=None, help="agreement prompts (default 1; --full: 4)")
     r.add_argument("--prefill-chunk", type=int, default=256,
                    help="prefill dense/quest/retro in chunks of this many tokens (0: one call)")
+    u = p.add_argument_group("--ruler: RULER-style tasks (ruler.py), every method at budgets C/8 and C/4")
+    u.add_argument("--ruler", action="store_true", help="this mode")
+    u.add_argument("--tasks", nargs="+", default=list(ruler.TASKS), choices=ruler.TASKS, metavar="TASK",
+                   help=f"tasks (default all: {' '.join(ruler.TASKS)})")
+    u.add_argument("--ruler-style", choices=ruler.STYLES, default=None,
+                   help="code haystacks and TABLE needles (default for a train.py tokenizer) or RULER's prose")
+    u.add_argument("--n-samples", type=int, default=None, help="samples per cell (default 2; --full: 50)")
     p.epilog = ("Any other flag is a method option of generate.py (--budget, --page-size, --window, --coverage, ...), "
                 "read by generate.py's own parser with its defaults.")
     return p
@@ -743,8 +881,10 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     opts, rest = parser.parse_known_args(argv)
-    if opts.sweep and opts.real:
-        parser.error("--sweep and --real are two different modes: pick one")
+    if sum(map(bool, (opts.sweep, opts.real, opts.ruler))) > 1:
+        parser.error("--sweep, --real and --ruler are different modes: pick one")
+    if opts.n_samples is not None and opts.n_samples < 1:
+        parser.error(f"--n-samples {opts.n_samples}: need at least 1")
     if opts.merge:
         try:
             return merge_sweeps(opts.merge, opts.out)
@@ -779,6 +919,14 @@ def main(argv=None):
     a = model.args
     if opts.sweep:
         return run_sweep(opts, model, tokenizer, dtype, use_kernels)
+    if opts.ruler:
+        if opts.method != "dense" or rest:
+            parser.error("--ruler measures every method at budgets C/8 and C/4 (--windows picks retro's w): drop "
+                         f"--method and generate.py's options ({' '.join(rest) or '--method ' + opts.method})")
+        try:
+            return run_ruler(opts, model, tokenizer, dtype, use_kernels)
+        except ValueError as e:
+            parser.error(f"--ruler: {e}")
     if opts.real or not is_train_tokenizer(tokenizer):
         if opts.method != "dense" or rest:
             parser.error("--real measures every method at the --budgets/--windows/--coverages/--ratios settings: "
