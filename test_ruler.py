@@ -5,7 +5,6 @@ Tokenizers: the default model's (code style, committed) and a byte tokenizer (pr
 model runs here; eval.py's --ruler loop is tested in test_eval.py on the tiny random model.
 """
 
-import math
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 
 import ruler
 from conftest import write_byte_tokenizer
-from model import Tokenizer
+from tokenizer import Tokenizer
 
 CODE_TOKENIZER = Path(__file__).parent / "models" / "nanokv-code-4k"
 
