@@ -732,7 +732,7 @@ def ruler_cell(model, tokenizer, samples, start):
 def ruler_table(cells, contexts, tasks):
     """Markdown: one table per context, a row per run, a column per task: correct/n [95% Wilson]."""
     lines = []
-    for c in contexts:
+    for c in [c for c in contexts if any(x["context"] == c for x in cells)]:
         lines += [f"\nContext {c} tokens: exact match, correct/n [95% Wilson interval]\n",
                   "| method | budget | " + " | ".join(tasks) + " | all tasks |",
                   "| --- | --- |" + " ---: |" * (len(tasks) + 1)]
@@ -833,16 +833,71 @@ def position_bins(values, n_bins=8):
     return [float(v[:, a:b].mean()) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
+class AttentionOutputs:
+    """Records what every layer's attention hands to its output projection, (T, Hq * D) fp32 per
+    model call, through a forward pre-hook on o_proj (model.py is not changed): `with
+    AttentionOutputs(model) as rec: model(...)`, then rec.calls[layer] is the list of calls' rows."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, [[] for _ in model.layers]
+
+    def __enter__(self):
+        def hook(i):
+            return lambda module, args: self.calls[i].append(args[0].detach()[0].float())
+        self.handles = [layer.self_attn.o_proj.register_forward_pre_hook(hook(i))
+                        for i, layer in enumerate(self.model.layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def attention_errors(calls, reference, prompt_len, window):
+    """Relative L2 error of each layer's attention output against dense's at the same position,
+    ||o - o_dense|| / ||o_dense||, by steps back: the rows of a teacher-forced decode (calls[l][0]
+    is the prefill; call 1 + i fed the rows ending at position prompt_len + i, RetroAttention's w
+    of them: the new token, s = 0, and the w - 1 before it, revised s = 1 .. w - 1 steps after
+    their first computation). reference[l]: (P + N, Hq * D) dense's outputs.
+    -> (layers, window) mean errors (NaN where no row was that many steps back)."""
+    err = np.zeros((len(calls), window))
+    cnt = np.zeros((len(calls), window))
+    for l, layer_calls in enumerate(calls):
+        for i, rows in enumerate(layer_calls[1:]):
+            last = prompt_len + i
+            for j in range(rows.shape[0]):
+                s = rows.shape[0] - 1 - j
+                ref = reference[l][last - s]
+                err[l, s] += ((rows[j] - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                cnt[l, s] += 1
+    with np.errstate(invalid="ignore"):
+        return err / cnt
+
+
 @torch.no_grad()
-def longgen_measure(model, prompts, dense_tokens, dense_logits, start, n_vocab):
+def dense_attention_outputs(model, seq):
+    """Each layer's attention output rows (T, Hq * D) of one plain causal forward of seq (1, T)."""
+    with AttentionOutputs(model) as rec:
+        model(seq)
+    return [c[0] for c in rec.calls]
+
+
+@torch.no_grad()
+def longgen_measure(model, prompts, dense_tokens, dense_logits, start, n_vocab, references=None):
     """One run over every prompt: -> per prompt, the teacher-forced top-1 agreement with dense and
     mean KL(dense || method) along dense's continuation (each step's match / KL kept for the
-    position curve), and the first step where the run's own greedy generation leaves dense's."""
-    out = {"top1": [], "kl": [], "first_divergence": [], "match_steps": [], "kl_steps": []}
-    for prompt, toks, dl in zip(prompts, dense_tokens, dense_logits):
+    position curve), the first step where the run's own greedy generation leaves dense's, and
+    with references (dense_attention_outputs per prompt) each layer's attention output error by
+    steps back (attention_errors)."""
+    out = {"top1": [], "kl": [], "first_divergence": [], "match_steps": [], "kl_steps": [], "attn_error": []}
+    for k, (prompt, toks, dl) in enumerate(zip(prompts, dense_tokens, dense_logits)):
         n = toks.shape[1]
         attn, s0, win = start(prompt, n)
-        logits = teacher_forced_logits(model, attn, prompt[:, s0:], toks, s0, win)[:, :n_vocab]
+        with AttentionOutputs(model) as rec:
+            logits = teacher_forced_logits(model, attn, prompt[:, s0:], toks, s0, win)[:, :n_vocab]
+        if references is not None:
+            out["attn_error"].append(attention_errors(rec.calls, references[k], prompt.shape[1], win))
+        del rec
         log_p, log_q = F.log_softmax(dl.double(), -1), F.log_softmax(logits.double(), -1)
         match = (logits.argmax(-1) == dl.argmax(-1)).double()
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -855,6 +910,17 @@ def longgen_measure(model, prompts, dense_tokens, dense_logits, start, n_vocab):
         out["match_steps"].append(match.tolist())
         out["kl_steps"].append(kl.tolist())
     return out
+
+
+def attn_error_summary(per_prompt, first_layer):
+    """Per-prompt (layers, w) errors -> by steps back, the mean over the layers from first_layer on
+    (the sparse ones: quest and retro keep the first --dense-layers dense) with a bootstrap interval
+    over prompts, and the per-layer means."""
+    e = np.stack(per_prompt)  # (prompts, layers, w)
+    sparse = np.nanmean(e[:, first_layer:], axis=1) if first_layer < e.shape[1] else np.nanmean(e, axis=1)
+    return {"layers_from": first_layer,
+            "by_steps_back": [interval_dict(sparse[:, s]) for s in range(e.shape[2])],
+            "by_layer": np.nanmean(e, axis=0).tolist()}
 
 
 def interval_dict(values):
@@ -875,6 +941,18 @@ def longgen_table(result):
             f"{r[k]['mean']:.3f} [{r[k]['lo']:.3f}, {r[k]['hi']:.3f}]" if k != "first_divergence" else
             f"{r[k]['mean']:.1f} [{r[k]['lo']:.1f}, {r[k]['hi']:.1f}]" for k in ("top1", "kl", "first_divergence"))
             + " |")
+    errs = [r for r in result["rows"] if "attn_error" in r and r["method"] in ("retro", "dense")]
+    if errs:
+        w = max(len(r["attn_error"]["by_steps_back"]) for r in errs)
+        lines += ["\nAttention output error vs dense, relative L2, mean over the sparse layers, by steps back "
+                  "(0: the new token; s: a row revised s steps after it was first computed) [95% bootstrap]\n",
+                  "| method | budget | " + " | ".join(f"s={s}" for s in range(w)) + " |",
+                  "| --- | --- |" + " ---: |" * w]
+        for r in errs:
+            by = r["attn_error"]["by_steps_back"]
+            lines.append(f"| {r['run']} | {r['budget']} | " + " | ".join(
+                f"{by[s]['mean']:.4f} [{by[s]['lo']:.4f}, {by[s]['hi']:.4f}]" if s < len(by) else ""
+                for s in range(w)) + " |")
     if result.get("retro_minus_quest"):
         lines += ["\nRetroAttention minus Quest, paired by prompt (same budget) [95% bootstrap interval]\n",
                   "| retro run | budget | top-1 agreement | KL(dense, method) | first divergence |",
@@ -941,6 +1019,7 @@ def run_longgen(opts, model, tokenizer, dtype, use_kernels):
             dense_tokens.append(toks)
             attn, s0, win = dense(p, N)
             dense_logits.append(teacher_forced_logits(model, attn, p[:, s0:], toks, s0, win)[:, :tokenizer.n_words])
+        references = [dense_attention_outputs(model, torch.cat([p, t], dim=1)) for p, t in zip(prompts, dense_tokens)]
     result = {"model": str(opts.model), "device": opts.device, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d"),
               "text": source, "prompts": n_prompts, "prompt_tokens": P, "new_tokens": N, "windows": windows,
               "definitions": "top-1 agreement: share of dense's continuation where the run's teacher-forced greedy "
@@ -959,7 +1038,8 @@ def run_longgen(opts, model, tokenizer, dtype, use_kernels):
         t = time.time()
         row = {"run": run, "budget": budget, "method": method, "flags": flags}
         try:
-            m = longgen_measure(model, prompts, dense_tokens, dense_logits, starter(method, flags), tokenizer.n_words)
+            m = longgen_measure(model, prompts, dense_tokens, dense_logits, starter(method, flags), tokenizer.n_words,
+                                references)
         except ValueError as e:  # compaction's repeat-prefill beyond the model's context
             row["skipped"] = str(e)
         else:
@@ -967,6 +1047,8 @@ def run_longgen(opts, model, tokenizer, dtype, use_kernels):
             row["per_prompt"] = {k: m[k] for k in ("top1", "kl", "first_divergence")}
             row["top1_by_position"] = position_bins(m["match_steps"])
             row["kl_by_position"] = position_bins(m["kl_steps"])
+            row["attn_error"] = attn_error_summary(m["attn_error"], method_options(method, flags).dense_layers
+                                                   if method in ("quest", "retro") else 0)
         row["seconds"] = time.time() - t
         result["rows"].append(row)
         save()

@@ -301,6 +301,21 @@ def test_longgen_mode_dense_agrees_with_itself_and_pairs_retro_with_quest(tiny_c
     quest = next(x for x in r["rows"] if x["run"] == "quest" and x["budget"] == "1/8")
     assert d1["top1"]["mean"] == pytest.approx(retro["top1"]["mean"] - quest["top1"]["mean"])
     assert json.loads(out.read_text())["complete"] and "minus Quest" in out.with_suffix(".md").read_text()
+    # dense through its cache reproduces plain attention's outputs; retro has w = 2 rows per step
+    assert dense["attn_error"]["by_steps_back"][0]["mean"] < 1e-5
+    assert len(retro["attn_error"]["by_steps_back"]) == 2 and len(quest["attn_error"]["by_steps_back"]) == 1
+    assert retro["attn_error"]["by_steps_back"][0]["mean"] > 1e-4  # a budget of 16 of 128 tokens is lossy
+
+
+def test_attention_errors_by_hand():
+    # one layer, prompt of 2 tokens, two decode steps of w = 2 rows (positions 1-2, then 2-3)
+    ref = [torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.0, 1.0]])]
+    calls = [[torch.zeros(2, 2),                                   # the prefill: not scored
+              torch.tensor([[0.0, 2.0], [3.0, 4.0]]) * 1.1,        # rows at 1 (s=1), 2 (s=0): error 0.1 each
+              torch.tensor([[3.0, 4.0], [0.0, 0.5]])]]             # rows at 2 (s=1): 0; 3 (s=0): 0.5
+    e = evaluation.attention_errors(calls, ref, prompt_len=2, window=2)
+    assert e.shape == (1, 2)
+    assert e[0, 0] == pytest.approx((0.1 + 0.5) / 2) and e[0, 1] == pytest.approx((0.1 + 0.0) / 2)
 
 
 def test_modes_exclude_each_other(tiny_checkpoint, capsys):
