@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attention import attention_ref, merge_attention, paged_decode_ref
+from attention import attention, merge_attention, paged_decode
 from kvcache import KVCache
 
 REPEAT_PROMPT = "\n\nRepeat the previous context.\n\n"  # the separator of the repeat-prefill pass (paper)
@@ -413,7 +413,7 @@ class CompactedAttention:
         if T == 1:
             B, Hkv, S = kc.shape[0], kc.shape[1], self.cache.page_size
             pages = torch.arange(-(-n // S), device=q.device, dtype=torch.int32).expand(B, Hkv, -1)
-            decode = paged_decode_ref
+            decode = paged_decode
             if self.use_kernels:
                 import kernels
                 decode = kernels.paged_decode
@@ -429,7 +429,7 @@ class CompactedAttention:
             import kernels
             o2, lse2 = kernels.flash_prefill(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
         else:
-            o2, lse2 = attention_ref(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
+            o2, lse2 = attention(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
         o, _ = merge_attention(o1, lse1, o2, lse2)
         return o.transpose(1, 2)
 
@@ -445,11 +445,13 @@ class CompactingAttention:
     Afterwards `decoder(max_new_tokens)` gives the CompactedAttention to decode with.
 
     budget: keys per KV head (int, or a function of the layer index); ref_queries: use at most this
-    many second-copy positions (evenly spaced) as reference queries; compact_kwargs: compact_cache's."""
+    many second-copy positions (evenly spaced) as reference queries; compact_kwargs: compact_cache's.
+    on_layer(layer_idx): called after each layer is compacted (progress)."""
 
     def __init__(self, ctx_len, sep_len, budget, ref_queries=None, use_kernels=False, page_size=16,
-                 **compact_kwargs):
+                 on_layer=None, **compact_kwargs):
         self.ctx_len, self.sep_len = ctx_len, sep_len
+        self.on_layer = on_layer
         self.budget = budget
         self.ref_queries = ref_queries
         self.use_kernels = use_kernels
@@ -465,7 +467,7 @@ class CompactingAttention:
             raise ValueError(f"CompactingAttention serves one forward of context + separator + context "
                              f"= {2 * L + S} tokens from position 0; got {T} tokens from {int(input_pos[0])}")
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        prefill = attention_ref
+        prefill = attention
         if self.use_kernels:
             import kernels
             prefill = kernels.flash_prefill
@@ -482,6 +484,8 @@ class CompactingAttention:
         o1, lse1 = biased_attention_ref(qh[:, :, L:], c.ck, c.cv, c.beta)
         o2, lse2 = prefill(qh[:, :, L:], kh[:, :, L:], vh[:, :, L:], causal=True)
         o_rest, _ = merge_attention(o1, lse1, o2, lse2)
+        if self.on_layer is not None:
+            self.on_layer(layer_idx)
         return torch.cat([o_ctx, o_rest], dim=2).transpose(1, 2)
 
     def decoder(self, max_new_tokens):
@@ -501,13 +505,14 @@ class CompactedPrompt:
 
 @torch.no_grad()
 def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_tokens=256,
-                   ref_queries=None, use_kernels=False, page_size=16, **compact_kwargs):
+                   ref_queries=None, use_kernels=False, page_size=16, on_layer=None, **compact_kwargs):
     """Compact a prompt's KV cache by a factor `ratio` (>= 1) with the repeat-prefill pass.
 
     prompt (B, N) long; the first N - keep_last tokens form the context that is compacted (keep at
     least the last token out: its logits start generation). separator_ids: token ids of REPEAT_PROMPT.
     Then: generate(model, res.attn, prompt[:, res.start_pos:], ..., start_pos=res.start_pos).
-    max_new_tokens: room for the suffix and the generated tokens after the compact part."""
+    max_new_tokens: room for the suffix and the generated tokens after the compact part.
+    on_layer(layer_idx): called as each layer is compacted (progress)."""
     B, N = prompt.shape
     L = N - keep_last
     if ratio < 1 or keep_last < 1 or L < 1:
@@ -519,7 +524,8 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
         raise ValueError(f"the repeat-prefill pass needs 2 x {L} + {sep.shape[1]} = {seq.shape[1]} positions, "
                          f"more than the model's {model.args.max_seq_len} (shorten the prompt)")
     budget = max(1, round(L / ratio))
-    compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, **compact_kwargs)
+    compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, on_layer,
+                                    **compact_kwargs)
     sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()

@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 import kernels
-from attention import _check_gqa, merge_attention, paged_decode_ref, prefill_decode_attention
+from attention import (_check_gqa, gathered_attention, merge_attention, page_rows, paged_decode_ref,
+                       prefill_decode_attention)
 from kvcache import check_sparse_args, count_page_reads, quest_pages
 
 
@@ -109,6 +110,22 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
         b, h, slot = (page_idx >= 0).nonzero(as_tuple=True)
         last_loaded[b, h, page_idx[b, h, slot].long()] = seq_len - 1
     return torch.stack(outs, 2), torch.stack(lses, 2)
+
+
+def retro_decode_torch(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None,
+                       update_last_loaded=False):
+    """retro_decode_ref's contract on PyTorch ops, for the CPU run path: the pages of S_t gathered
+    once (attention.gathered_attention), every window row masked by its own rule in one pass."""
+    W = q.shape[2]
+    pos, listed = page_rows(page_idx, page_size)  # (B, Hkv, K * S)
+    A = last_loaded.gather(-1, page_idx.clamp(min=0).long()).repeat_interleave(page_size, dim=-1)
+    tau = torch.arange(seq_len - W, seq_len, device=q.device)[:, None]  # (W, 1): each row's position
+    visible = listed[:, :, None] & (A[:, :, None] < tau) & (pos[:, :, None] <= tau)  # (B, Hkv, W, K * S)
+    o, lse = gathered_attention(q, k_cache, v_cache, pos.clamp(max=k_cache.shape[2] - 1), visible, scale=scale)
+    if update_last_loaded:
+        b, h, slot = (page_idx >= 0).nonzero(as_tuple=True)
+        last_loaded[b, h, page_idx[b, h, slot].long()] = seq_len - 1
+    return o, lse
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +415,7 @@ class RetroAttention:
             # Dense layers attend every key anyway, so the past rows are simply recomputed, exactly,
             # with their fresh queries: no output cache, nothing to merge.
             count_page_reads(self._stats, self.cache, -(-(t + 1) // self.cache.page_size), t + 1, scored=False)
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
+            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)[0]
         return self._sparse_decode(layer_idx, q, input_pos)
 
     def _check_decode_rows(self, layer_idx, input_pos):
@@ -416,9 +433,14 @@ class RetroAttention:
             raise ValueError(f"RetroAttention: a prefill must only append (positions {input_pos.tolist()}, "
                              f"{self.cache.lengths[layer_idx]} already in the cache)")
         self.cache.write(layer_idx, k, v, input_pos)
-        o, lse = prefill_decode_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos,
-                                          self.use_kernels)
-        self.record_prefill(layer_idx, input_pos, o, lse)
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        o, lse = prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=self.use_kernels)
+        if lse is None:  # the PyTorch path skipped it: only the last rows (the output cache's) need theirs
+            r = max(1, self.window - 1)
+            o_r, lse = prefill_decode_attention(q[:, -r:], kc, vc, input_pos[-r:], False)
+            self.record_prefill(layer_idx, input_pos[-r:], o_r, lse)
+        else:
+            self.record_prefill(layer_idx, input_pos, o, lse)
         return o
 
     def record_prefill(self, layer_idx, input_pos, o, lse):
@@ -451,7 +473,7 @@ class RetroAttention:
         cache, S, w, t = self.cache, self.cache.page_size, self.window, n - 1
         kc, vc = cache.k[layer_idx], cache.v[layer_idx]
         A = self.last_loaded[layer_idx]  # (B, Hkv, Pmax)
-        attend = retro_decode if self.use_kernels else retro_decode_ref
+        attend = retro_decode if self.use_kernels else retro_decode_torch
         # (B, Hq, T, D), (B, Hq, T); then A[p] = t for the pages of S_t
         o, lse = attend(q.transpose(1, 2), kc, vc, page_idx, A, n, S, update_last_loaded=True)
 

@@ -89,9 +89,11 @@ def test_sparse_attention_kernel_matches_reference(B, heads, D, T, dtype, seed):
     ref = ts.sparse_attention_ref(q, k, v, idx, n_keep)
     torch.testing.assert_close(ts.sparse_attention(q, k, v, idx, n_keep), ref, atol=ATOL[dtype], rtol=0)
     torch.testing.assert_close(ts.sparse_attention_gathered(q, k, v, idx, n_keep), ref, atol=ATOL[dtype], rtol=0)
+    torch.testing.assert_close(ts.sparse_attention_torch(q, k, v, idx, n_keep), ref, atol=ATOL[dtype], rtol=0)
 
 
-@pytest.mark.parametrize("fn", [ts.sparse_attention_ref, ts.sparse_attention, ts.sparse_attention_gathered])
+@pytest.mark.parametrize("fn", [ts.sparse_attention_ref, ts.sparse_attention, ts.sparse_attention_gathered,
+                                ts.sparse_attention_torch])
 def test_skipped_rows_are_zero_and_kept_rows_are_causal(fn):
     B, Hq, Hkv, T, D, cut = 2, 4, 2, 45, 64, 20
     q, k, v = qkv(B, Hq, Hkv, T, D, seed=3)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import attention_ref, prefill_decode_attention
+from attention import attention, attention_ref, prefill_decode_attention
 
 POOL_KERNEL = 7  # paper: scores are average-pooled along the tokens with a window of 7
 LOG2E = 1.4426950408889634
@@ -115,6 +115,21 @@ def sparse_attention_ref(q, k, v, idx, n_keep, scale=None):
             # short sequence) is exactly "original key position <= original query position"
             o_h, _ = attention_ref(q[b, h, rows][None, None], k[b, h // G, rows][None, None],
                                    v[b, h // G, rows][None, None], causal=True, scale=scale)
+            o[b, h, rows] = o_h[0, 0]
+    return o
+
+
+def sparse_attention_torch(q, k, v, idx, n_keep, scale=None):
+    """sparse_attention_ref on the CPU run path: each head's subset through attention.attention
+    (F.scaled_dot_product_attention), without the lse the reference computes."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    o = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(Hq):
+            rows = idx[b, h, :int(n_keep[b, h])].long()
+            o_h, _ = attention(q[b, h, rows][None, None], k[b, h // G, rows][None, None],
+                               v[b, h // G, rows][None, None], causal=True, scale=scale, need_lse=False)
             o[b, h, rows] = o_h[0, 0]
     return o
 
@@ -332,10 +347,10 @@ def token_sparse_attention(q, k, v, coverage=0.005, min_tokens=1024, window=128,
         if use_kernels:
             import kernels
             return kernels.flash_prefill(q, k, v, causal=True, scale=scale)[0], None
-        return attention_ref(q, k, v, causal=True, scale=scale)[0], None
+        return attention(q, k, v, causal=True, scale=scale, need_lse=False)[0], None
     idx, n_keep = sel
     if not use_kernels:
-        return sparse_attention_ref(q, k, v, idx, n_keep, scale), n_keep
+        return sparse_attention_torch(q, k, v, idx, n_keep, scale), n_keep
     fn = sparse_attention if attn_kernel == "varlen" else sparse_attention_gathered
     return fn(q, k, v, idx, n_keep, scale), n_keep
 
@@ -415,7 +430,7 @@ class TokenSparseAttention:
         self.kept_fraction[layer_idx] = float(n_keep.float().mean()) / L
 
         if not self.use_kernels:
-            o = sparse_attention_ref(qh, kh, vh, idx, n_keep)
+            o = sparse_attention_torch(qh, kh, vh, idx, n_keep)
         elif self.attn_kernel == "varlen":
             o = sparse_attention(qh, kh, vh, idx, n_keep)
         else:
