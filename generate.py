@@ -290,13 +290,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help shows every flag's default (flags off by default, or with no default, show none)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in action.help:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in action.help:
             return action.help
         return action.help + " (default: %(default)s)"
 
 
 def build_parser():
-    p = Parser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(prog="generate.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"Hugging Face Llama checkpoint directory (default: {DEFAULT_CHECKPOINT.name} if present)")
     g = p.add_mutually_exclusive_group()
