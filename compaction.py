@@ -140,6 +140,17 @@ def _projected_gradient(H, c, iters):
     return w
 
 
+def _spd_solve(A, b):
+    """A x = b for symmetric positive definite A (..., t, t), by Cholesky: batched LU of such blocks
+    (t ~ 400) fails inside MKL on 2 CPU threads ("Parameter 6 was incorrect on entry to DLASWP",
+    torch 2.13). A block that is not positive definite in floating point falls back to LU alone."""
+    chol, info = torch.linalg.cholesky_ex(A)
+    x = torch.cholesky_solve(b, chol)
+    for i in (info != 0).nonzero().tolist():
+        x[tuple(i)] = torch.linalg.solve(A[tuple(i)], b[tuple(i)])
+    return x
+
+
 def _active_set_polish(H, c, w, rounds):
     t = H.shape[-1]
     H64, c64, w64 = H.double(), c.double(), w.double()
@@ -150,9 +161,12 @@ def _active_set_polish(H, c, w, rounds):
     for _ in range(rounds):
         # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
         Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
-        # solve_ex: a problem whose support block the LU finds singular even with the jitter keeps its
-        # w (the projected-gradient answer) instead of failing the whole batch
-        sol, info = torch.linalg.solve_ex(Hp, torch.where(P, c64, 0.0).unsqueeze(-1))
+        # Cholesky (Hp is symmetric, positive definite unless the support block is singular even with
+        # the jitter: such a problem keeps its w, the projected-gradient answer, instead of failing the
+        # batch; see _spd_solve for why not an LU)
+        chol, info = torch.linalg.cholesky_ex(Hp)
+        chol = torch.where((info != 0)[..., None, None], eye, chol)
+        sol = torch.cholesky_solve(torch.where(P, c64, 0.0).unsqueeze(-1), chol)
         solved = (info == 0).unsqueeze(-1)
         sol = torch.where(P & solved, sol.squeeze(-1), 0.0)
         feasible = (sol > 0).eq(P).all(-1, keepdim=True) & solved
@@ -342,7 +356,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             PtY += P.transpose(-1, -2) @ y[:, :, s:s + chunk]
         lam = ridge * PtP.diagonal(dim1=-2, dim2=-1).sum(-1) / budget + 1e-12
         eye = torch.eye(t, device=k.device)
-        delta = torch.linalg.solve(PtP + lam[..., None, None] * eye, PtY - PtP @ v_sel)
+        delta = _spd_solve(PtP + lam[..., None, None] * eye, PtY - PtP @ v_sel)
         cv = v_sel + delta * valid.unsqueeze(-1)
     else:
         cv = v_sel
