@@ -159,8 +159,8 @@ def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
         seen_at = tl.load(LAST + page * sap, mask=page >= 0, other=0)  # A[page] of each key
         # row tau sees a key iff its page is new to tau and the key is not after tau
         visible = k_ok[None, :] & (seen_at[None, :] < q_pos[:, None]) & (k_pos[None, :] <= q_pos[:, None])
-        m, l, acc = kernels.attend_tile(q, K, V, k_pos, k_ok, visible, 0, m, l, acc, skn, skd, svn, svd, d, d_ok,
-                                        qk_scale, False, PRECISION)
+        m, l, acc = kernels.attend_tile(q, K, V, k_pos, k_ok, visible, m, l, acc, skn, skd, svn, svd, d, d_ok,
+                                        qk_scale, PRECISION)
 
     kernels.store_split(OP, LP, m, l, acc, pid_bh.to(tl.int64) * G * W + r, r < G * W, split, num_splits, d, D)
 

@@ -232,8 +232,8 @@ def _sparse_attn_kernel(Q, K, V, O, IDX, NKEEP,
         col_ok = cols < n
         k_pos = tl.load(IDX + cols * sit, mask=col_ok, other=0).to(tl.int64)
         visible = col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        m, l, acc = kernels.attend_tile(q, K, V, k_pos, col_ok, visible, 0, m, l, acc, skt, skd, svt, svd, d, d_ok,
-                                        qk_scale, False, PRECISION)
+        m, l, acc = kernels.attend_tile(q, K, V, k_pos, col_ok, visible, m, l, acc, skt, skd, svt, svd, d, d_ok,
+                                        qk_scale, PRECISION)
 
     o, _ = kernels.finish_rows(m, l, acc)
     tl.store(O + b * sob + h * soh + q_pos[:, None] * sot + d[None, :] * sod, o.to(O.dtype.element_ty),
