@@ -367,14 +367,14 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
 # each costs microseconds whatever its size: these three replace ~22 of them.
 
 @triton.jit
-def _rms_norm_kernel(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, WEIGHT, Y, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     ok = c < n_cols
     x = tl.load(X + row * n_cols + c, mask=ok, other=0.0).to(tl.float32)
     y = x * tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
     y = y.to(Y.dtype.element_ty).to(tl.float32)  # as the reference: normalize in fp32, round, then scale
-    w = tl.load(W + c, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(WEIGHT + c, mask=ok, other=0.0).to(tl.float32)
     tl.store(Y + row * n_cols + c, (w * y).to(Y.dtype.element_ty), mask=ok)
 
 
@@ -421,11 +421,11 @@ def rope(x, cos, sin):
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GATE, UP, Y, n, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
-    g = tl.load(G + i, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + i, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(GATE + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(UP + i, mask=ok, other=0.0).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)  # silu rounded, as F.silu
     tl.store(Y + i, (a * u).to(Y.dtype.element_ty), mask=ok)
 
