@@ -475,11 +475,11 @@ class CompactingAttention:
         self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
 
     def forward(self, layer_idx, q, k, v, input_pos):
-        L, S = self.ctx_len, self.sep_len
+        L, sep = self.ctx_len, self.sep_len
         T = q.shape[1]
-        if int(input_pos[0]) != 0 or T != 2 * L + S:
+        if int(input_pos[0]) != 0 or T != 2 * L + sep:
             raise ValueError(f"CompactingAttention serves one forward of context + separator + context "
-                             f"= {2 * L + S} tokens from position 0; got {T} tokens from {int(input_pos[0])}")
+                             f"= {2 * L + sep} tokens from position 0; got {T} tokens from {int(input_pos[0])}")
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         prefill = attention
         if self.use_kernels:
@@ -487,7 +487,7 @@ class CompactingAttention:
             prefill = kernels.flash_prefill
         o_ctx, _ = prefill(qh[:, :, :L], kh[:, :, :L], vh[:, :, :L], causal=True)
 
-        q_ref = qh[:, :, L + S:]
+        q_ref = qh[:, :, L + sep:]
         if self.ref_queries is not None and self.ref_queries < L:
             pick = torch.linspace(0, L - 1, self.ref_queries, device=q.device).round().long()
             q_ref = q_ref[:, :, pick]

@@ -148,9 +148,11 @@ def quest_pages(q, cache, layer_idx, budget, n, use_kernels):
     if use_kernels:
         import kernels
         scores = kernels.page_scores(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
-        return kernels.select_pages(scores, num_pages, budget // S, (n - 1) // S), True
-    scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
-    return select_pages(scores, num_pages, budget // S, (n - 1) // S), True
+    else:
+        scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
+    # the kernel holds a row of scores in registers: longer rows take the reference
+    select = kernels.select_pages if use_kernels and num_pages <= kernels.SELECT_MAX_PAGES else select_pages
+    return select(scores, num_pages, budget // S, (n - 1) // S), True
 
 
 def count_page_reads(stats, cache, K, n, scored):
