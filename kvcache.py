@@ -14,7 +14,7 @@ from that page's keys rather than updated incrementally.
 import torch
 
 import kernels
-from attention import decode_attention, paged_decode_ref, prefill_attention
+from attention import decode_attention, paged_decode, prefill_attention
 
 
 class KVCache:
@@ -154,6 +154,8 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
 
 def check_budget(budget, page_size):
     """A budget is a whole number of pages, at least one."""
+    if page_size < 1:
+        raise ValueError(f"--page-size {page_size}: expected a page of >= 1 tokens")
     if budget < page_size:
         raise ValueError(f"--budget {budget} is smaller than one page (--page-size {page_size})")
     if budget % page_size:
@@ -226,7 +228,8 @@ class QuestAttention:
 
     def prefill(self, layer_idx, q, k, v, input_pos):
         self.cache.write(layer_idx, k, v, input_pos)
-        return prefill_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos, self.use_kernels)[0]
+        return prefill_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos, self.use_kernels,
+                                 need_lse=False)[0]
 
     def decode(self, layer_idx, q, k, v, input_pos):
         # q (B, 1, Hq, D) after RoPE; k, v (B, 1, Hkv, D) -> (B, 1, Hq, D)
@@ -236,7 +239,7 @@ class QuestAttention:
         if layer_idx < self.n_dense:
             return decode_attention(q, kc, vc, seq_len, self.use_kernels)
         page_idx = quest_pages(q[:, 0], cache, layer_idx, self.budget, seq_len, self.use_kernels)
-        attend = kernels.paged_decode if self.use_kernels else paged_decode_ref
+        attend = kernels.paged_decode if self.use_kernels else paged_decode  # (attention.paged_decode: the CPU run path)
         return attend(q[:, 0], kc, vc, page_idx, seq_len, cache.page_size)[0].unsqueeze(1)
 
     def record_prefill(self, layer_idx, input_pos, o, lse):
