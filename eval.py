@@ -767,7 +767,7 @@ def ruler_table(cells, contexts, tasks):
             ks = [row[t]["correct"] if t in row else 0 for t in tasks]
             ns = [row[t]["n"] if t in row else 0 for t in tasks]
             lines.append(f"| {run} | {budget} | " + " | ".join(cell(k, n) for k, n in zip(ks, ns))
-                         + f" | {cell(sum(ks), sum(ns))} |")
+                         + f" | {cell(sum(ks), sum(ns)) if all(ns) else 'partial'} |")
     return "\n".join(lines)
 
 
