@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attention import attention_ref, merge_attention, paged_decode_ref
+from attention import attention, merge_attention, paged_decode
 from kvcache import KVCache
 
 REPEAT_PROMPT = "\n\nRepeat the previous context.\n\n"  # the separator of the repeat-prefill pass (paper)
@@ -140,6 +140,17 @@ def _projected_gradient(H, c, iters):
     return w
 
 
+def _spd_solve(A, b):
+    """A x = b for symmetric positive definite A (..., t, t), by Cholesky: batched LU of such blocks
+    (t ~ 400) fails inside MKL on 2 CPU threads ("Parameter 6 was incorrect on entry to DLASWP",
+    torch 2.13). A block that is not positive definite in floating point falls back to LU alone."""
+    chol, info = torch.linalg.cholesky_ex(A)
+    x = torch.cholesky_solve(b, chol)
+    for i in (info != 0).nonzero().tolist():
+        x[tuple(i)] = torch.linalg.solve(A[tuple(i)], b[tuple(i)])
+    return x
+
+
 def _active_set_polish(H, c, w, rounds):
     t = H.shape[-1]
     H64, c64, w64 = H.double(), c.double(), w.double()
@@ -150,9 +161,12 @@ def _active_set_polish(H, c, w, rounds):
     for _ in range(rounds):
         # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
         Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
-        # solve_ex: a problem whose support block the LU finds singular even with the jitter keeps its
-        # w (the projected-gradient answer) instead of failing the whole batch
-        sol, info = torch.linalg.solve_ex(Hp, torch.where(P, c64, 0.0).unsqueeze(-1))
+        # Cholesky (Hp is symmetric, positive definite unless the support block is singular even with
+        # the jitter: such a problem keeps its w, the projected-gradient answer, instead of failing the
+        # batch; see _spd_solve for why not an LU)
+        chol, info = torch.linalg.cholesky_ex(Hp)
+        chol = torch.where((info != 0)[..., None, None], eye, chol)
+        sol = torch.cholesky_solve(torch.where(P, c64, 0.0).unsqueeze(-1), chol)
         solved = (info == 0).unsqueeze(-1)
         sol = torch.where(P & solved, sol.squeeze(-1), 0.0)
         feasible = (sol > 0).eq(P).all(-1, keepdim=True) & solved
@@ -342,7 +356,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             PtY += P.transpose(-1, -2) @ y[:, :, s:s + chunk]
         lam = ridge * PtP.diagonal(dim1=-2, dim2=-1).sum(-1) / budget + 1e-12
         eye = torch.eye(t, device=k.device)
-        delta = torch.linalg.solve(PtP + lam[..., None, None] * eye, PtY - PtP @ v_sel)
+        delta = _spd_solve(PtP + lam[..., None, None] * eye, PtY - PtP @ v_sel)
         cv = v_sel + delta * valid.unsqueeze(-1)
     else:
         cv = v_sel
@@ -413,7 +427,7 @@ class CompactedAttention:
         if T == 1:
             B, Hkv, S = kc.shape[0], kc.shape[1], self.cache.page_size
             pages = torch.arange(-(-n // S), device=q.device, dtype=torch.int32).expand(B, Hkv, -1)
-            decode = paged_decode_ref
+            decode = paged_decode
             if self.use_kernels:
                 import kernels
                 decode = kernels.paged_decode
@@ -429,7 +443,7 @@ class CompactedAttention:
             import kernels
             o2, lse2 = kernels.flash_prefill(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
         else:
-            o2, lse2 = attention_ref(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
+            o2, lse2 = attention(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
         o, _ = merge_attention(o1, lse1, o2, lse2)
         return o.transpose(1, 2)
 
@@ -445,11 +459,13 @@ class CompactingAttention:
     Afterwards `decoder(max_new_tokens)` gives the CompactedAttention to decode with.
 
     budget: keys per KV head (int, or a function of the layer index); ref_queries: use at most this
-    many second-copy positions (evenly spaced) as reference queries; compact_kwargs: compact_cache's."""
+    many second-copy positions (evenly spaced) as reference queries; compact_kwargs: compact_cache's.
+    on_layer(layer_idx): called after each layer is compacted (progress)."""
 
     def __init__(self, ctx_len, sep_len, budget, ref_queries=None, use_kernels=False, page_size=16,
-                 **compact_kwargs):
+                 on_layer=None, **compact_kwargs):
         self.ctx_len, self.sep_len = ctx_len, sep_len
+        self.on_layer = on_layer
         self.budget = budget
         self.ref_queries = ref_queries
         self.use_kernels = use_kernels
@@ -459,19 +475,19 @@ class CompactingAttention:
         self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
 
     def forward(self, layer_idx, q, k, v, input_pos):
-        L, S = self.ctx_len, self.sep_len
+        L, sep = self.ctx_len, self.sep_len
         T = q.shape[1]
-        if int(input_pos[0]) != 0 or T != 2 * L + S:
+        if int(input_pos[0]) != 0 or T != 2 * L + sep:
             raise ValueError(f"CompactingAttention serves one forward of context + separator + context "
-                             f"= {2 * L + S} tokens from position 0; got {T} tokens from {int(input_pos[0])}")
+                             f"= {2 * L + sep} tokens from position 0; got {T} tokens from {int(input_pos[0])}")
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        prefill = attention_ref
+        prefill = attention
         if self.use_kernels:
             import kernels
             prefill = kernels.flash_prefill
         o_ctx, _ = prefill(qh[:, :, :L], kh[:, :, :L], vh[:, :, :L], causal=True)
 
-        q_ref = qh[:, :, L + S:]
+        q_ref = qh[:, :, L + sep:]
         if self.ref_queries is not None and self.ref_queries < L:
             pick = torch.linspace(0, L - 1, self.ref_queries, device=q.device).round().long()
             q_ref = q_ref[:, :, pick]
@@ -482,6 +498,8 @@ class CompactingAttention:
         o1, lse1 = biased_attention_ref(qh[:, :, L:], c.ck, c.cv, c.beta)
         o2, lse2 = prefill(qh[:, :, L:], kh[:, :, L:], vh[:, :, L:], causal=True)
         o_rest, _ = merge_attention(o1, lse1, o2, lse2)
+        if self.on_layer is not None:
+            self.on_layer(layer_idx)
         return torch.cat([o_ctx, o_rest], dim=2).transpose(1, 2)
 
     def decoder(self, max_new_tokens):
@@ -501,13 +519,14 @@ class CompactedPrompt:
 
 @torch.no_grad()
 def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_tokens=256,
-                   ref_queries=None, use_kernels=False, page_size=16, **compact_kwargs):
+                   ref_queries=None, use_kernels=False, page_size=16, on_layer=None, **compact_kwargs):
     """Compact a prompt's KV cache by a factor `ratio` (>= 1) with the repeat-prefill pass.
 
     prompt (B, N) long; the first N - keep_last tokens form the context that is compacted (keep at
     least the last token out: its logits start generation). separator_ids: token ids of REPEAT_PROMPT.
     Then: generate(model, res.attn, prompt[:, res.start_pos:], ..., start_pos=res.start_pos).
-    max_new_tokens: room for the suffix and the generated tokens after the compact part."""
+    max_new_tokens: room for the suffix and the generated tokens after the compact part.
+    on_layer(layer_idx): called as each layer is compacted (progress)."""
     B, N = prompt.shape
     L = N - keep_last
     if ratio < 1 or keep_last < 1 or L < 1:
@@ -519,7 +538,8 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
         raise ValueError(f"the repeat-prefill pass needs 2 x {L} + {sep.shape[1]} = {seq.shape[1]} positions, "
                          f"more than the model's {model.args.max_seq_len} (shorten the prompt)")
     budget = max(1, round(L / ratio))
-    compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, **compact_kwargs)
+    compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, on_layer,
+                                    **compact_kwargs)
     sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ from that page's keys rather than updated incrementally.
 
 import torch
 
-from attention import paged_decode_ref, prefill_decode_attention
+from attention import paged_decode, prefill_decode_attention
 
 
 class KVCache:
@@ -119,6 +119,8 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
 
 def check_budget(budget, page_size):
     """A budget is a whole number of pages, at least one."""
+    if page_size < 1:
+        raise ValueError(f"--page-size {page_size}: expected a page of >= 1 tokens")
     if budget < page_size:
         raise ValueError(f"--budget {budget} is smaller than one page (--page-size {page_size})")
     if budget % page_size:
@@ -146,9 +148,11 @@ def quest_pages(q, cache, layer_idx, budget, n, use_kernels):
     if use_kernels:
         import kernels
         scores = kernels.page_scores(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
-        return kernels.select_pages(scores, num_pages, budget // S, (n - 1) // S), True
-    scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
-    return select_pages(scores, num_pages, budget // S, (n - 1) // S), True
+    else:
+        scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
+    # the kernel holds a row of scores in registers: longer rows take the reference
+    select = kernels.select_pages if use_kernels and num_pages <= kernels.SELECT_MAX_PAGES else select_pages
+    return select(scores, num_pages, budget // S, (n - 1) // S), True
 
 
 def count_page_reads(stats, cache, K, n, scored):
@@ -186,13 +190,13 @@ class QuestAttention:
         self.cache.write(layer_idx, k, v, input_pos)
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
         if q.shape[1] > 1:  # prefill: dense causal
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
+            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)[0]
         n = int(input_pos[-1]) + 1
         if layer_idx == 0:
             self.stats["decode_steps"] += 1
         if layer_idx < self.dense_layers or self.budget >= n:
             count_page_reads(self.stats, self.cache, -(-n // self.cache.page_size), n, scored=False)
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
+            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)[0]
         qh = q[:, 0]  # (B, Hq, D)
         page_idx, scored = quest_pages(qh, self.cache, layer_idx, self.budget, n, self.use_kernels)
         count_page_reads(self.stats, self.cache, page_idx.shape[-1], n, scored)
@@ -200,7 +204,7 @@ class QuestAttention:
             import kernels
             o, _ = kernels.paged_decode(qh, kc, vc, page_idx, n, self.cache.page_size)
         else:
-            o, _ = paged_decode_ref(qh, kc, vc, page_idx, n, self.cache.page_size)
+            o, _ = paged_decode(qh, kc, vc, page_idx, n, self.cache.page_size)
         return o.unsqueeze(1)
 
     def forward_on_device(self, layer_idx, q, k, v, input_pos):
