@@ -75,28 +75,18 @@ class KVCache:
     def append(self, layer, k, v, pos, use_kernels=False):
         """Decode: k, v (B, m, Hkv, D) at the positions pos (m,) int64 on the device, consecutive, the
         last one the newest (the rows before it may be rewritten), and the bounds of their pages.
-        Nothing is read on the host. Layer 0 opens the step: it computes the sequence length once for
+        With the kernels nothing is read on the host. Layer 0 opens the step: it computes the length once for
         all layers and logs it. -> seq_len (1,) int32 on the device, the keys [0, seq_len) now valid."""
         if layer == 0:
             n = pos[-1:] + 1
             self.seq_len = n.to(torch.int32)
             torch.maximum(self.lengths, n, out=self.lengths)
             self.decoded.index_add_(0, n, self._one)
-        meta = (self.kmin[layer], self.kmax[layer]) if self.page_meta else (None, None)
-        if use_kernels:  # all of the below in one launch
-            kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)
+        if not use_kernels:  # the PyTorch path (a CPU, never captured) may read the positions on the host
+            self.write(layer, k, v, pos)
             return self.seq_len
-        self.k[layer].index_copy_(2, pos, k.transpose(1, 2))
-        self.v[layer].index_copy_(2, pos, v.transpose(1, 2))
-        if self.page_meta:  # each new row's page, from its keys up to the newest
-            S = self.page_size
-            pages = pos // S
-            rows = pages[:, None] * S + torch.arange(S, device=pos.device)  # (m, S)
-            keys = self.k[layer][:, :, rows]  # (B, Hkv, m, S, D)
-            valid = (rows <= pos[-1])[:, :, None]
-            inf = torch.finfo(keys.dtype).max
-            self.kmin[layer].index_copy_(2, pages, torch.where(valid, keys, inf).amin(3))
-            self.kmax[layer].index_copy_(2, pages, torch.where(valid, keys, -inf).amax(3))
+        meta = (self.kmin[layer], self.kmax[layer]) if self.page_meta else (None, None)
+        kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)  # one launch
         return self.seq_len
 
     def refresh_pages(self, layer, first, last):
