@@ -57,17 +57,19 @@ def sample(logits, temperature, top_k, generator=None, n_vocab=None):
 
 
 @torch.no_grad()
-def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, window=1,
+def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, window=None,
              stop_ids=(), on_token=None, generator=None, start_pos=0, n_vocab=None, cuda_graph=False,
              prefill_chunk=None, on_prefill=None):
     """prompt (B, T) long on the model's device -> (new tokens (B, n), timings dict).
-    window: rows fed per decode step (1; RetroAttention's w). start_pos: position of prompt[0]
-    (non-zero only when the cache already holds a prefix, e.g. after KV compaction).
+    window: rows fed per decode step (default attn.prefill_rows + 1: 1, or RetroAttention's w).
+    start_pos: position of prompt[0] (non-zero only when the cache already holds a prefix, e.g. after
+    KV compaction).
     cuda_graph: replay the decode step from a CUDA graph (cudagraph.py; ValueError naming why not).
     on_token(ids (B,)) sees each new token except a stop token (which ends the output, B == 1).
-    prefill_chunk: feed the prompt in pieces of about this many tokens (at least 2 each, so none
-    looks like a decode step), calling on_prefill(tokens done, T, seconds) after each."""
+    prefill_chunk: feed the prompt in pieces of about this many tokens, calling on_prefill(tokens done,
+    T, seconds) after each."""
     device = prompt.device
+    window = window or attn.prefill_rows + 1
     step = None
     if cuda_graph:
         why = cudagraph.unsupported(attn, device)
@@ -357,8 +359,7 @@ def main(argv=None):
             attn = make_attention(opts.method, cache, opts, use_kernels)
         except ValueError as e:
             parser.error(str(e))
-    retro_decoding = opts.method == "retro" or (opts.method == "token_sparse" and opts.decode == "retro")
-    window = opts.window if retro_decoding else 1
+    window = attn.prefill_rows + 1  # rows per decode step: the new token and the past ones it keeps (Retro)
     if opts.cuda_graph:
         why = cudagraph.unsupported(attn, torch.device(opts.device))
         if why:
