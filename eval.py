@@ -705,6 +705,10 @@ def run_real(opts, st, data, model, tokenizer, dtype, use_kernels):
 # ----------------------------------------------------------------------------------------------
 # RULER-style tasks (--ruler): every method at two KV budgets, exact match with a Wilson interval
 
+# quick (CPU minutes) and --full (GPU) settings of --ruler and --longgen, stated once (the flags override them)
+RULER_SETTINGS = {"quick": {"contexts": (1024, 2048), "n_samples": 2},
+                  "full": {"contexts": (1024, 2048, 4096, 8192), "n_samples": 50}}
+LONGGEN_SETTINGS = {"quick": {"n_prompts": 2, "gen_new": 64}, "full": {"n_prompts": 32, "gen_new": 1024}}
 BUDGET_FRACTIONS = ((8, "1/8"), (4, "1/4"))  # budgets as fractions of the context: C/8 and C/4 tokens
 PAGE = 16  # generate.py's --page-size default: quest / retro budgets are whole pages
 
@@ -855,12 +859,12 @@ def run_ruler(opts, model, tokenizer, dtype, use_kernels):
     t0 = time.time()
     a = model.args
     style = opts.ruler_style or ("code" if is_train_tokenizer(tokenizer) else "prose")
-    contexts = opts.contexts or [c for c in ((1024, 2048, 4096, 8192) if opts.full else (1024, 2048))
-                                 if c <= a.max_seq_len]
+    st = RULER_SETTINGS["full" if opts.full else "quick"]
+    contexts = opts.contexts or [c for c in st["contexts"] if c <= a.max_seq_len]
     for c in contexts:
         if c > a.max_seq_len:
             raise ValueError(f"--contexts {c} exceeds the model's context of {a.max_seq_len} tokens")
-    n_samples = opts.n_samples or (50 if opts.full else 2)
+    n_samples = opts.n_samples or st["n_samples"]
     windows = [8] if opts.windows is None else opts.windows
     stream = heldout_stream(tokenizer, opts.data)[0] if style == "code" else None
     samples = ruler.suite(tokenizer, opts.tasks, style, contexts, n_samples, stream, opts.seed)
@@ -1087,8 +1091,9 @@ def run_longgen(opts, model, tokenizer, dtype, use_kernels):
     t0 = time.time()
     a = model.args
     P = opts.gen_prompt
-    N = opts.gen_new or (1024 if opts.full else 64)
-    n_prompts = opts.n_prompts or (32 if opts.full else 2)
+    st = LONGGEN_SETTINGS["full" if opts.full else "quick"]
+    N = opts.gen_new or st["gen_new"]
+    n_prompts = opts.n_prompts or st["n_prompts"]
     if P < 2 or N < 1 or P + N > a.max_seq_len:
         raise ValueError(f"--gen-prompt {P} + --gen-new {N} must fit the model's context of {a.max_seq_len} "
                          f"tokens (prompt >= 2, new >= 1)")
@@ -1205,7 +1210,7 @@ def build_parser():
                    help="compaction ratios, each also as top-t (default 10; --full: 5 10 20 50; --real: 5 10, "
                         "fitted only)")
     s.add_argument("--gen-prompt", type=int, default=2048, help="long generation: prompt tokens (held-out code)")
-    s.add_argument("--gen-new", type=int, default=None, help="long generation: new tokens (default 256; --full 1024)")
+    s.add_argument("--gen-new", type=int, default=None, help="long generation: new tokens (default 256; --full 1024); --longgen: see there")
     s.add_argument("--shard", default=None, metavar="I/N",
                    help="run only the runs whose index is I mod N (dense is run 0), to spread a --full sweep over "
                         "processes sharing a GPU (the eager decode loop leaves it mostly idle); then --merge")
@@ -1227,7 +1232,7 @@ def build_parser():
                    help="passkey filler: the classic repeated paragraph, or the essays")
     r.add_argument("--agree-prompt", type=int, default=2048, help="agreement: prompt tokens prefilled")
     r.add_argument("--agree-new", type=int, default=128, help="agreement: tokens decoded after it (teacher-forced)")
-    r.add_argument("--n-prompts", type=int, default=None, help="agreement prompts (default 1; --full: 4)")
+    r.add_argument("--n-prompts", type=int, default=None, help="agreement prompts (default 1; --full: 4); --longgen: its prompts (see there)")
     r.add_argument("--prefill-chunk", type=int, default=256,
                    help="prefill dense/quest/retro in chunks of this many tokens (0: one call)")
     u = p.add_argument_group("--ruler: RULER-style tasks (ruler.py), every method at budgets C/8 and C/4")
@@ -1238,11 +1243,15 @@ def build_parser():
                    help="code haystacks and TABLE needles (default for a train.py tokenizer) or RULER's prose")
     u.add_argument("--methods", nargs="+", default=list(RULER_METHODS), choices=RULER_METHODS, metavar="METHOD",
                    help=f"--ruler and --longgen: the methods beside dense (default all: {' '.join(RULER_METHODS)})")
-    u.add_argument("--n-samples", type=int, default=None, help="samples per cell (default 2; --full: 50)")
+    u.add_argument("--n-samples", type=int, default=None,
+                   help=f"samples per cell (default {RULER_SETTINGS['quick']['n_samples']}; "
+                        f"--full: {RULER_SETTINGS['full']['n_samples']})")
     g = p.add_argument_group("--longgen: long greedy generation vs dense, every method at budgets P/8 and P/4 "
                              "(--gen-prompt, --gen-new, --n-prompts, --windows)")
-    g.add_argument("--longgen", action="store_true", help="this mode (defaults: 2 prompts x 64 new tokens; --full: "
-                                                          "32 x 1024)")
+    lq, lf = LONGGEN_SETTINGS["quick"], LONGGEN_SETTINGS["full"]
+    g.add_argument("--longgen", action="store_true",
+                   help=f"this mode (defaults: {lq['n_prompts']} prompts x {lq['gen_new']} new tokens; --full: "
+                        f"{lf['n_prompts']} x {lf['gen_new']})")
     p.epilog = ("Any other flag is a method option of generate.py (--budget, --page-size, --window, --coverage, ...), "
                 "read by generate.py's own parser with its defaults.")
     return p
