@@ -522,7 +522,8 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
     s = tl.load(SCORES + row * ss_row + p * ss_p, mask=ok, other=0.0)
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are one score (their bits differ)
     bits = s.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order (NaN above +inf)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    key = tl.where(s != s, 0x7FFFFFFE, key)  # NaN (of either sign) above +inf, as torch.sort ranks it
     key = tl.where(p == newest, 0x7FFFFFFF, key)  # the newest page ranks above every score
     key = tl.where(ok, key, -2147483648)  # padding ranks last (and is never kept: see `ok` below)
     lo = tl.min(tl.where(ok, key, 2147483647), 0).to(tl.int64)  # count(key >= lo) = num_pages >= k
@@ -549,8 +550,10 @@ SELECT_MAX_PAGES = 16384  # one program holds a whole score row in registers; lo
 
 def select_pages(scores, num_pages, budget_pages, newest_page):
     """Triton version of kvcache.select_pages (same arguments, same result, ties included)."""
+    if budget_pages < 1 or num_pages < 1:
+        raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
     K = min(budget_pages, num_pages)
-    if num_pages > SELECT_MAX_PAGES or K < 1:
+    if num_pages > SELECT_MAX_PAGES:
         from kvcache import select_pages as select_pages_ref
         return select_pages_ref(scores, num_pages, budget_pages, newest_page)
     *lead, P = scores.shape
@@ -579,6 +582,8 @@ def select_pages_device(scores, seq_len, page_size, budget_pages):
     P = scores.shape[-1]
     if P > SELECT_MAX_PAGES:
         raise ValueError(f"select_pages_device handles up to {SELECT_MAX_PAGES} pages, got {P}")
+    if budget_pages < 1:
+        raise ValueError(f"select_pages_device: need budget_pages >= 1, got {budget_pages}")
     _, len_t = device_length(seq_len, P * page_size)
     return _select(scores, P, budget_pages, 0, len_t, page_size)
 

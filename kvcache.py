@@ -107,6 +107,8 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
     """Top budget_pages pages by score, always including newest_page (the page of the token being
     decoded: the paper keeps the most recent tokens). scores (B, Hkv, >= num_pages) ->
     page_idx (B, Hkv, K) int32 in ascending page order, K = min(budget_pages, num_pages)."""
+    if budget_pages < 1 or num_pages < 1:
+        raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
     scores = scores[..., :num_pages].float()
     K = min(budget_pages, num_pages)
     # the newest page, then the K - 1 best others; a stable sort settles ties: the lower page wins

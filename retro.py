@@ -66,7 +66,11 @@ class OutputCache:
             pos = self.pos[layer] + pos
             o, lse = torch.cat([self.o[layer], o.float()], 2), torch.cat([self.lse[layer], lse], 2)
         drop = len(pos) - min(self.size, len(pos))
-        self.pos[layer], self.o[layer], self.lse[layer] = pos[drop:], o[:, :, drop:].float(), lse[:, :, drop:]
+        # copies of the kept rows, never views: a view of a prefill's output would hold the whole
+        # (B, Hq, T, D) tensor in memory for the rest of the generation
+        self.pos[layer] = pos[drop:]
+        self.o[layer] = o[:, :, drop:].to(torch.float32, copy=True).contiguous()
+        self.lse[layer] = lse[:, :, drop:].to(torch.float32, copy=True).contiguous()
 
     def update(self, layer, o_s, lse_s):
         """Merge supplements (B, Hq, R, D), (B, Hq, R) into all R rows; returns the revised (o, lse)."""

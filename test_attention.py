@@ -163,18 +163,10 @@ def test_flash_decode_equals_prefill_of_last_query():
 # ------------------------------------------------------------------------------------------------
 # Quest page scores
 
-def quest_bound(q, kmin, kmax, num_pages):
-    """sum_d max(q_d kmin_d, q_d kmax_d), summed over the G query heads of each KV head.
-    Must equal kvcache.page_scores_ref (checked below when it exists)."""
-    B, Hq, D = q.shape
-    qg = q.float().view(B, kmin.shape[1], Hq // kmin.shape[1], 1, D)  # (B, Hkv, G, 1, D)
-    lo, hi = kmin[:, :, None, :num_pages].float(), kmax[:, :, None, :num_pages].float()
-    return torch.maximum(qg * lo, qg * hi).sum(-1).sum(2)
-
-
 @given(num_pages=st.integers(0, 150), spare=st.integers(0, 3), heads=gqa_heads(), D=head_dims(),
        dtype=dtypes(), batch=st.integers(1, 2), seed=seeds)
 def test_page_scores_match_reference(num_pages, spare, heads, D, dtype, batch, seed):
+    from kvcache import page_scores_ref
     Hq, Hkv = heads
     q = rand(batch, Hq, D, dtype=dtype, seed=seed)
     a = rand(batch, Hkv, num_pages + spare, D, dtype=dtype, seed=seed + 1)
@@ -182,25 +174,27 @@ def test_page_scores_match_reference(num_pages, spare, heads, D, dtype, batch, s
     kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
     scores = kernels.page_scores(q, kmin, kmax, num_pages)
     assert scores.shape == (batch, Hkv, num_pages) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, quest_bound(q, kmin, kmax, num_pages), atol=1e-3, rtol=1e-5)
-    import kvcache
-    if hasattr(kvcache, "page_scores_ref"):
-        torch.testing.assert_close(scores, kvcache.page_scores_ref(q, kmin, kmax, num_pages).float(),
-                                   atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(scores, page_scores_ref(q, kmin, kmax, num_pages).float(), atol=1e-3, rtol=1e-5)
 
 
-def test_page_score_bounds_every_key_score():
-    """The bound is an upper bound: no key of a page scores above it (summed over the group)."""
-    B, Hq, Hkv, D, S, P = 1, 4, 2, 64, 16, 5
-    q, k = rand(B, Hq, D, seed=1), rand(B, Hkv, P * S, D, seed=2)
-    pages = k.view(B, Hkv, P, S, D)
-    bound = kernels.page_scores(q, pages.amin(3), pages.amax(3), P)
-    key_scores = torch.einsum("bhgd,bhpsd->bhps", q.view(B, Hkv, Hq // Hkv, D), pages)
-    assert (key_scores <= bound[..., None] + 1e-4).all()
+@given(heads=gqa_heads(), S=st.sampled_from([1, 2, 5, 16]), P=st.integers(1, 6), seed=seeds)
+def test_page_score_bounds_every_key_score(heads, S, P, seed):
+    """From the definition: no key of a page scores above the page's bound (scores summed over the
+    group's query heads, as the bound is); a page of one key is bounded exactly by that key's score."""
+    Hq, Hkv = heads
+    D = 16
+    q, k = rand(1, Hq, D, seed=seed).double(), rand(1, Hkv, P * S, D, seed=seed + 1).double()
+    pages = k.view(1, Hkv, P, S, D)
+    for scores in (kernels.page_scores(q.float(), pages.amin(3).float(), pages.amax(3).float(), P).double(),
+                   __import__("kvcache").page_scores_ref(q, pages.amin(3), pages.amax(3), P).double()):
+        key_scores = torch.einsum("bhgd,bhpsd->bhps", q.view(1, Hkv, Hq // Hkv, D), pages)  # (1, Hkv, P, S)
+        assert (key_scores <= scores[..., None] + 1e-4).all()
+        if S == 1:
+            torch.testing.assert_close(scores, key_scores[..., 0], atol=1e-4, rtol=1e-5)
 
 
 @given(num_pages=st.integers(1, 300), spare=st.integers(0, 3), budget_pages=st.integers(1, 320),
-       newest_back=st.integers(0, 3), kind=st.sampled_from(["normal", "ties", "signed zeros", "-inf"]),
+       newest_back=st.integers(0, 3), kind=st.sampled_from(["normal", "ties", "signed zeros", "-inf", "nan"]),
        batch=st.integers(1, 2), seed=seeds)
 def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, newest_back, kind, batch, seed):
     """The bisection top-k picks exactly the reference's pages, ties (lower page first) included."""
@@ -214,6 +208,9 @@ def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, n
         scores[..., ::2] = -0.0
     elif kind == "-inf":
         scores[..., : num_pages // 2] = float("-inf")
+    elif kind == "nan":  # a page bound from a non-finite key: NaN ranks first, whatever its sign bit
+        scores[..., ::3] = float("nan")
+        scores[..., 1::6] = -float("nan")
     got = kernels.select_pages(scores, num_pages, budget_pages, newest)
     assert got.dtype == torch.int32 and got.shape == (batch, 3, min(budget_pages, num_pages))
     assert torch.equal(got, select_pages(scores, num_pages, budget_pages, newest))

@@ -129,6 +129,38 @@ def test_select_pages_includes_newest_and_has_budget_count(num_pages, budget_pag
                 assert (others[b, h, chosen] >= best[b, h]).all()
 
 
+def test_select_pages_with_a_budget_of_zero_pages_raises():
+    import kernels
+    scores = rand(1, 2, 5, seed=0)
+    for fn in (select_pages, kernels.select_pages):
+        with pytest.raises(ValueError, match="budget_pages >= 1"):
+            fn(scores, 5, 0, 4)
+
+
+def test_non_finite_keys_are_selected_and_propagate_like_dense():
+    """Defined behaviour (ours): a page holding a NaN key gets a NaN bound, which ranks above every
+    finite score in both selections (as torch.sort ranks NaN), so a sparse step reads it and its
+    output is NaN for that KV head's query heads, as dense attention's is. Nothing is silently dropped."""
+    import kernels
+    from attention import decode_ref, paged_decode_ref
+    S, n = 4, 40
+    cache = make_cache(Hkv=2, N=48, D=8, page_size=S)
+    k, v = kv(1, n, 2, 8, seed=3)
+    k[0, 13, 1, 2] = float("nan")  # page 3, KV head 1
+    cache.write(0, k, v, torch.arange(n))
+    q = rand(1, 4, 8, seed=4)
+    P = -(-n // S)
+    scores = page_scores_ref(q, cache.kmin[0], cache.kmax[0], P)
+    assert torch.isnan(scores[0, 1, 3]) and torch.isfinite(scores[0, 0]).all()
+    for fn in (select_pages, kernels.select_pages):
+        page_idx = fn(scores, P, 2, P - 1)
+        assert 3 in page_idx[0, 1].tolist()
+        for decode in (paged_decode_ref, kernels.paged_decode):
+            o, _ = decode(q, cache.k[0], cache.v[0], page_idx, n, S)
+            assert torch.isnan(o[0, 2:]).all() and torch.isfinite(o[0, :2]).all()
+    assert torch.isnan(decode_ref(q, cache.k[0], cache.v[0], n)[0][0, 2:]).all()  # dense: NaN too
+
+
 def test_bad_budgets_raise_naming_the_flags():
     cache = make_cache(page_size=16)
     with pytest.raises(ValueError, match="--budget 8 is smaller than one page.*--page-size 16"):
