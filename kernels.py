@@ -257,6 +257,22 @@ def _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G, num_splits, g, d, D:
              mask=g < G)
 
 
+KV_TILE_BYTES = 64 * 1024  # one pipeline stage's K and V tiles at most; more fails on shared memory
+
+
+def kv_tiles(block_n, num_stages, D, element_size):
+    """(BLOCK_N, num_stages) for a decode loop that loads a BLOCK_N x D tile of K and one of V per
+    step. The tuned defaults (head dim 128, 2-byte inputs) fit; a wide head in fp32 (160 or 256,
+    padded to 256) would need ~280 KB of shared memory with them, more than an H100/H200 has
+    (~228 KB): then a single stage and fewer keys per tile, halved until K + V fit KV_TILE_BYTES."""
+    tile = lambda n: 2 * n * max(16, triton.next_power_of_2(D)) * element_size  # noqa: E731
+    if tile(block_n) <= KV_TILE_BYTES:
+        return block_n, num_stages
+    while block_n > 16 and tile(block_n) > KV_TILE_BYTES:
+        block_n //= 2
+    return block_n, 1
+
+
 def _splits(n_blocks, batch_heads, device, num_splits):
     """Enough programs to fill the GPU about four times over, never more splits than tiles of work."""
     if num_splits is None:
@@ -314,13 +330,14 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
     o_part = torch.empty(B, Hq, W, splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, W, splits, dtype=torch.float32, device=q.device)
     qs = q.stride() if window else (*q.stride()[:2], 0, q.stride(2))
+    block_n, stages = kv_tiles(DECODE_BLOCK_N, 3 if q.device.type == "cuda" else 1, D, q.element_size())
     _decode_kernel[(splits, B * Hkv)](q, k_cache, v_cache, o_part, lse_part, len_t if len_t is not None else lse_part,
                                       *qs, *k_cache.stride(), *v_cache.stride(),
                                       Hkv, G, W, seq_len, chunk, splits, scale * LOG2E,
                                       LEN_ON_DEVICE=len_t is not None, PRECISION=_dot_precision(q.dtype),
                                       BLOCK_M=max(16, triton.next_power_of_2(G * W)),
-                                      BLOCK_N=DECODE_BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
-                                      num_warps=4, num_stages=3 if q.device.type == "cuda" else 1)
+                                      BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+                                      num_warps=4, num_stages=stages)
     o, lse = merge_partials(o_part, lse_part, out_dtype=q.dtype)
     return (o, lse) if window else (o[:, :, 0], lse[:, :, 0])
 
@@ -684,12 +701,14 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
     bias_t = bias if bias is not None else lse_part  # any tensor: never read when HAS_BIAS is False
     bias_strides = bias.stride() if bias is not None else (0, 0, 0)
+    block_n, stages = kv_tiles(PAGED_BLOCK_N, PAGED_TUNING["num_stages"] if q.device.type == "cuda" else 1, D,
+                               q.element_size())
     _paged_decode_kernel[(splits, B * Hkv)](
         q, k_cache, v_cache, page_idx, bias_t, o_part, lse_part, len_t if len_t is not None else lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *bias_strides,
         Hkv, G, n_slots, seq_len, page_size, chunk, splits, scale * LOG2E,
         HAS_BIAS=bias is not None, LEN_ON_DEVICE=len_t is not None, PRECISION=_dot_precision(q.dtype),
         BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_N=PAGED_BLOCK_N, PAGE_PAD=page_pad, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
-        num_warps=PAGED_TUNING["num_warps"], num_stages=PAGED_TUNING["num_stages"] if q.device.type == "cuda" else 1)
+        BLOCK_N=block_n, PAGE_PAD=page_pad, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+        num_warps=PAGED_TUNING["num_warps"], num_stages=stages)
     return merge_partials(o_part, lse_part, out_dtype=q.dtype)

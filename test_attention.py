@@ -153,6 +153,23 @@ def test_flash_decode_edge_lengths(seq_len, num_splits):
     assert_attention_close(o, lse, *decode_ref(q, kc, vc, seq_len), torch.float32)
 
 
+@pytest.mark.parametrize("D", [160, 256])
+def test_decode_kernels_run_wide_heads_in_fp32(D):
+    """Head dims 160 and 256 in fp32: the kernels pick smaller tiles (kernels.kv_tiles) and run;
+    the tuned tiles of head dim 128 / 2-byte inputs are left as they are."""
+    n, S = 150, 16
+    q, kc, vc = rand(1, 8, D, seed=1), rand(1, 2, 160, D, seed=2), rand(1, 2, 160, D, seed=3)
+    assert_attention_close(*kernels.flash_decode(q, kc, vc, n), *decode_ref(q, kc, vc, n), torch.float32)
+    qw = rand(1, 8, 4, D, seed=4)  # a window of 4 rows x 4 query heads per KV head
+    o, lse = kernels.flash_decode(qw, kc, vc, n)
+    assert_attention_close(o, lse, *attention_ref(qw, kc[:, :, :n], vc[:, :, :n], q_offset=n - 4), torch.float32)
+    pages = torch.tensor([[[0, 3, 9], [2, -1, 9]]], dtype=torch.int32, device=DEVICE)
+    assert_attention_close(*kernels.paged_decode(q, kc, vc, pages, n, S), *paged_decode_ref(q, kc, vc, pages, n, S),
+                           torch.float32)
+    assert kernels.kv_tiles(64, 3, 128, 2) == (64, 3) and kernels.kv_tiles(128, 2, 128, 2) == (128, 2)
+    assert kernels.kv_tiles(64, 3, D, 4) == (32, 1) and kernels.kv_tiles(128, 2, D, 4) == (32, 1)
+
+
 def test_flash_decode_equals_prefill_of_last_query():
     q, kc, vc = rand(1, 8, 64, seed=1), rand(1, 2, 50, 64, seed=2), rand(1, 2, 50, 64, seed=3)
     o_d, lse_d = kernels.flash_decode(q, kc, vc, 50)

@@ -168,6 +168,32 @@ def test_kernel_matches_reference(W, extra, page_size, n_listed, n_pad, heads, D
     torch.testing.assert_close(lse, lse_ref, atol=ATOL[dtype], rtol=0)  # -inf (empty rows) on both sides
 
 
+@pytest.mark.parametrize("D", [160, 256])
+def test_kernel_runs_wide_heads_in_fp32(D):
+    W, n, S = 4, 90, 16
+    q, kc, vc = rand(1, 8, W, D, seed=1), rand(1, 2, 96, D, seed=2), rand(1, 2, 96, D, seed=3)
+    page_idx = torch.tensor([[[0, 2, 5], [1, 5, -1]]], dtype=torch.int32, device=DEVICE)
+    A = torch.tensor([[[-1, 88, -1, 87, -1, 86], [86, -1, 87, -1, 88, -1]]], dtype=torch.int32, device=DEVICE)
+    o_ref, lse_ref = retro_decode_ref(q, kc, vc, page_idx, A, n, S)
+    o, lse = retro_decode(q, kc, vc, page_idx, A, n, S)
+    torch.testing.assert_close(o, o_ref, atol=ATOL[torch.float32], rtol=0)
+    torch.testing.assert_close(lse, lse_ref, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_kernel_checks_shapes_before_launch():
+    q, kc, vc = rand(1, 4, 2, 64, seed=1), rand(1, 2, 32, 64, seed=2), rand(1, 2, 32, 64, seed=3)
+    pages = torch.zeros(1, 2, 2, dtype=torch.int32, device=DEVICE)
+    A = torch.full((1, 2, 8), -1, dtype=torch.int32, device=DEVICE)
+    retro_decode(q, kc, vc, pages, A, 20, 4)  # fits
+    for args, match in [((q, kc[..., :32], vc[..., :32], pages, A), "head dim"),
+                        ((q.expand(2, -1, -1, -1), kc, vc, pages, A), "batch"),
+                        ((q, kc, vc[:, :, :16], pages, A), "differ"),
+                        ((q, kc, vc, pages[:, :1], A), "must start with"),
+                        ((q, kc, vc, pages, A[:, :, :4]), "last_loaded holds 4 pages")]:
+        with pytest.raises(ValueError, match=match):
+            retro_decode(*args, 20, 4)
+
+
 @given(W=st.integers(2, 9), S=st.integers(1, 9), Hq=st.sampled_from([1, 4]), D=head_dims(), dtype=dtypes(),
        batch=st.integers(1, 2), seed=seeds)
 def test_window_merge_matches_reference(W, S, Hq, D, dtype, batch, seed):

@@ -247,6 +247,22 @@ def test_kernel_path_equals_reference_path(attn_kernel):
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
+def test_kernels_check_shapes_before_launch():
+    q, k, v = qkv(1, 4, 2, 40, 64)
+    idx, n_keep = random_selection(1, 4, 40, seed=0)
+    for args, match in [((q, k[..., :32]), "head dim"), ((q.expand(2, -1, -1, -1), k), "batch"),
+                        ((q[:, :3], k), "multiple")]:
+        with pytest.raises(ValueError, match=match):
+            ts.window_scores(args[0][:, :, -8:], args[1])
+    for args, match in [((q, k[..., :32], v[..., :32]), "head dim"), ((q.expand(2, -1, -1, -1), k, v), "batch"),
+                        ((q, k, v[:, :, :20]), "differ in shape"), ((q, k[:, :, :20], v[:, :, :20]), "length")]:
+        for fn in (ts.sparse_attention, ts.sparse_attention_gathered):
+            with pytest.raises(ValueError, match=match):
+                fn(*args, idx, n_keep)
+    with pytest.raises(ValueError, match="exceeds"):
+        ts.sparse_attention(q, k, v, idx[:, :, :1], n_keep)
+
+
 def test_sparse_layers_and_flags_are_checked():
     assert ts.parse_sparse_layers(None, 32) == list(range(16, 32))
     assert ts.parse_sparse_layers("15-30", 32) == list(range(15, 31))
