@@ -165,16 +165,20 @@ def make_attention(method, cache, opts, use_kernels):
         return DenseAttention(cache, use_kernels=use_kernels)
     if method == "quest":
         from kvcache import QuestAttention
-        return QuestAttention(cache, opts.budget, opts.page_size, opts.dense_layers, use_kernels=use_kernels)
+        return QuestAttention(cache, opts.budget, opts.page_size, opts.dense_layers, use_kernels=use_kernels,
+                              page_choice=getattr(opts, "page_choice", "kv_head"))
     if method == "retro":
         from retro import RetroAttention
+        if getattr(opts, "page_choice", "kv_head") != "kv_head":
+            raise ValueError("--page-choice query_head is for --method quest (RetroAttention tracks pages per KV head)")
         return RetroAttention(cache, opts.budget, opts.page_size, opts.window, opts.dense_layers,
                               use_kernels=use_kernels)
     if method == "token_sparse":
         from token_sparse import TokenSparseAttention
         decoder = make_attention(opts.decode, cache, opts, use_kernels)
         return TokenSparseAttention(cache, decoder, opts.coverage, opts.min_tokens, opts.ts_window,
-                                    opts.sparse_layers, opts.keep, use_kernels=use_kernels)
+                                    opts.sparse_layers, opts.keep, use_kernels=use_kernels,
+                                    coverage_rule=getattr(opts, "coverage_rule", "authors"))
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -228,7 +232,11 @@ def build_parser():
                         "statistics of KV bytes read are not counted then")
     q = p.add_argument_group("page-sparse decoding (quest, retro)")
     q.add_argument("--budget", type=int, default=512,
-                   help="KV tokens read per decode step, a multiple of --page-size (default 512)")
+                   help="KV tokens read per KV head per decode step in each sparse layer, a multiple of "
+                        "--page-size (default 512); with --page-choice query_head, per query head")
+    q.add_argument("--page-choice", choices=["kv_head", "query_head"], default="kv_head",
+                   help="quest: one page list per KV head, the group's bounds summed (default, ours: a page "
+                        "is read once per group), or one per query head (Quest's own GQA code: up to G x the reads)")
     q.add_argument("--page-size", type=int, default=16)
     q.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense (Quest's default: 2)")
     r = p.add_argument_group("RetroAttention (retro)")
@@ -241,7 +249,12 @@ def build_parser():
     t.add_argument("--coverage", type=float, default=0.005, help="tau: attention mass a head may drop (0 = dense)")
     t.add_argument("--min-tokens", type=int, default=1024, help="never keep fewer tokens per head")
     t.add_argument("--ts-window", type=int, default=128, help="last queries that score the tokens (always kept)")
-    t.add_argument("--sparse-layers", default="half", help="'half' (second half), 'all', 'a-b' or 'a,b,c'")
+    t.add_argument("--coverage-rule", choices=["authors", "per_head"], default="authors",
+                   help="authors: heads averaged then normalized, n + 1 dropped (the authors' code; default); "
+                        "per_head: each head normalized first, n dropped")
+    t.add_argument("--sparse-layers", default="half",
+                   help="'half' (second half: 16-31 of 32; default), 'all', 'a-b' or 'a,b,c' (the authors' "
+                        "profiled list for Llama-3.1-8B is 15-30)")
     t.add_argument("--keep", type=float, default=None, help="fixed budget: keep this fraction of tokens per head")
     c = p.add_argument_group("KV compaction by attention matching (compact)")
     c.add_argument("--ratio", type=float, default=10.0, help="compaction ratio: keep prompt_tokens / ratio keys per head")

@@ -136,28 +136,42 @@ def check_sparse_args(cache, budget, page_size, dense_layers):
         raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
 
 
-def quest_pages(q, cache, layer_idx, budget, n, use_kernels):
+def quest_pages(q, cache, layer_idx, budget, n, use_kernels, bounds=None):
     """The pages one decode step attends to: Quest's top budget // S pages for q (B, Hq, D), or all
     pages when the budget covers the n valid keys (then the step is dense, exactly).
+    bounds: (kmin, kmax) to score instead of the layer's (a per-query-head view, see group_view).
     Returns page_idx (B, Hkv, K) int32 and whether the pages were scored (metadata was read)."""
     S = cache.page_size
     num_pages = -(-n // S)
     if budget >= n:
         all_pages = torch.arange(num_pages, dtype=torch.int32, device=q.device)
-        return all_pages.expand(q.shape[0], cache.k.shape[2], num_pages), False
+        lists = cache.k.shape[2] if bounds is None else bounds[0].shape[1]
+        return all_pages.expand(q.shape[0], lists, num_pages), False
+    kmin, kmax = bounds if bounds is not None else (cache.kmin[layer_idx], cache.kmax[layer_idx])
     if use_kernels:
         import kernels
-        scores = kernels.page_scores(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
+        scores = kernels.page_scores(q, kmin, kmax, num_pages)
         return kernels.select_pages(scores, num_pages, budget // S, (n - 1) // S), True
-    scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
+    scores = page_scores_ref(q, kmin, kmax, num_pages)
     return select_pages(scores, num_pages, budget // S, (n - 1) // S), True
 
 
-def count_page_reads(stats, cache, K, n, scored):
+def group_view(x, G):
+    """x (B, Hkv, ...) -> (B * Hkv, G, ...): each KV head's tensor once per query head of its group,
+    as a stride-0 view (no copy). With q (B, Hq, D) viewed as (B * Hkv, G, D), the scoring,
+    selection and paged decode written for one page list per KV head then give each query head its
+    own page list (Quest's own GQA path)."""
+    B, Hkv = x.shape[:2]
+    return x.unsqueeze(2).expand(B, Hkv, G, *x.shape[2:]).flatten(0, 1)
+
+
+def count_page_reads(stats, cache, K, n, scored, readers=1):
     """Add one decode step's reads of one layer to stats: the K/V rows of K pages per KV head (the
     newest page, always among them, holds only the keys before n), plus the min/max metadata of
-    all pages when they were scored."""
+    all pages when they were scored. readers: page lists per KV head (G when each query head
+    chooses its own pages and reads them itself)."""
     _, B, Hkv, _, D = cache.k.shape
+    B *= readers
     S, size = cache.page_size, cache.k.element_size()
     num_pages = -(-n // S)
     rows = (K - 1) * S + (n - (num_pages - 1) * S)
@@ -167,12 +181,24 @@ def count_page_reads(stats, cache, K, n, scored):
         stats["kv_bytes_read"] += 2 * B * Hkv * num_pages * D * size
 
 
+PAGE_CHOICES = ("kv_head", "query_head")
+
+
 class QuestAttention:
     """Quest as an attention object: prefill is dense; each decode step (T == 1) attends to the
-    budget // S pages whose bound is highest, per KV head. The first dense_layers layers stay dense."""
+    budget // S pages whose bound is highest. The first dense_layers layers stay dense.
 
-    def __init__(self, cache, budget, page_size, dense_layers=2, use_kernels=False):
+    budget: KV tokens read per decode step per page list (a multiple of the page size).
+    page_choice "kv_head" (default, ours): one page list per KV head, the bounds of its G query heads
+      summed; a page is loaded once for the whole group, so budget = KV tokens read per KV head.
+    page_choice "query_head" (Quest's own Llama-3.1 code): each query head ranks pages by its own
+      bound and reads its own budget // S pages; a KV head then serves up to G lists, G x the reads."""
+
+    def __init__(self, cache, budget, page_size, dense_layers=2, use_kernels=False, page_choice="kv_head"):
         check_sparse_args(cache, budget, page_size, dense_layers)
+        if page_choice not in PAGE_CHOICES:
+            raise ValueError(f"--page-choice must be one of {PAGE_CHOICES}, got {page_choice!r}")
+        self.page_choice = page_choice
         self.cache = cache
         self.budget = budget
         self.dense_layers = dense_layers
@@ -195,15 +221,26 @@ class QuestAttention:
         if layer_idx < self.dense_layers or self.budget >= n:
             count_page_reads(self.stats, self.cache, -(-n // self.cache.page_size), n, scored=False)
             return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
-        qh = q[:, 0]  # (B, Hq, D)
-        page_idx, scored = quest_pages(qh, self.cache, layer_idx, self.budget, n, self.use_kernels)
-        count_page_reads(self.stats, self.cache, page_idx.shape[-1], n, scored)
+        qh, kc, vc, bounds, G = self._page_lists(layer_idx, q[:, 0], kc, vc)
+        page_idx, scored = quest_pages(qh, self.cache, layer_idx, self.budget, n, self.use_kernels, bounds)
+        count_page_reads(self.stats, self.cache, page_idx.shape[-1], n, scored, readers=G)
         if self.use_kernels:
             import kernels
             o, _ = kernels.paged_decode(qh, kc, vc, page_idx, n, self.cache.page_size)
         else:
             o, _ = paged_decode_ref(qh, kc, vc, page_idx, n, self.cache.page_size)
-        return o.unsqueeze(1)
+        return o.reshape(q.shape)
+
+    def _page_lists(self, layer_idx, qh, kc, vc):
+        """qh (B, Hq, D) and the layer's K/V and bounds, seen as one page list per KV head (as they
+        are) or per query head (group_view). -> (qh, kc, vc, (kmin, kmax), lists per KV head)."""
+        bounds = (self.cache.kmin[layer_idx], self.cache.kmax[layer_idx]) if self.cache.page_meta else None
+        if self.page_choice == "kv_head":
+            return qh, kc, vc, bounds, 1
+        B, Hq, D = qh.shape
+        G = Hq // kc.shape[1]
+        return (qh.reshape(B * kc.shape[1], G, D), group_view(kc, G), group_view(vc, G),
+                bounds and tuple(group_view(x, G) for x in bounds), G)
 
     def forward_on_device(self, layer_idx, q, k, v, input_pos):
         """A decode step with its position on the device (input_pos (1,) int64), in kernels that read
@@ -219,10 +256,11 @@ class QuestAttention:
         if layer_idx < self.dense_layers:
             o, _ = kernels.flash_decode(qh, kc, vc, self.seq_len)
         else:  # all pages are scored (those past the length are never selected)
-            scores = kernels.page_scores(qh, cache.kmin[layer_idx], cache.kmax[layer_idx], cache.num_pages_max)
+            qh, kc, vc, (kmin, kmax), _ = self._page_lists(layer_idx, qh, kc, vc)
+            scores = kernels.page_scores(qh, kmin, kmax, cache.num_pages_max)
             page_idx = kernels.select_pages_device(scores, self.seq_len, S, self.budget // S)
             o, _ = kernels.paged_decode(qh, kc, vc, page_idx, self.seq_len, S)
-        return o.unsqueeze(1)
+        return o.reshape(q.shape)
 
     def after_device_step(self, n):
         """Host-side bookkeeping after a device step that made the sequence n tokens long."""

@@ -176,12 +176,12 @@ def test_bad_budgets_raise_naming_the_flags():
 # QuestAttention
 
 def quest_and_dense_decode(budget, n_prompt=21, steps=5, Hq=4, Hkv=2, D=16, page_size=4, dense_layers=0,
-                           use_kernels=False, seed=0):
+                           use_kernels=False, seed=0, page_choice="kv_head"):
     """Drive QuestAttention and DenseAttention with the same q/k/v (one layer, B = 2): prefill, then
     decode steps. Returns the decode outputs of both, (steps, B, 1, Hq, D) each, and the Quest object."""
     N = n_prompt + steps
     quest = QuestAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size), budget, page_size,
-                           dense_layers=dense_layers, use_kernels=use_kernels)
+                           dense_layers=dense_layers, use_kernels=use_kernels, page_choice=page_choice)
     dense = DenseAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size))
     q, k, v = rand(2, N, Hq, D, seed=seed), *kv(2, N, Hkv, D, seed=seed + 1)
     pos = torch.arange(n_prompt)
@@ -221,6 +221,49 @@ def test_small_budget_attends_to_exactly_the_selected_pages():
     # pages read: 2 per (b, hk); bytes: 7 full rows + 2 rows of the newest page, plus the bounds of 6 pages
     assert quest.stats["pages_read"] == 2 * 2 * 2
     assert quest.stats["kv_bytes_read"] == 2 * 2 * 2 * (4 + 2 + 6) * 16 * 4
+
+
+def test_per_query_head_choice_attends_to_each_heads_own_pages():
+    """page_choice="query_head" (Quest's GQA path): every query head ranks the pages by its own bound
+    (the definition, from the stored keys) and attends to exactly its own top pages."""
+    n_prompt, S, budget = 21, 4, 8
+    o_quest, o_dense, quest = quest_and_dense_decode(budget=budget, n_prompt=n_prompt, steps=1,
+                                                     page_choice="query_head")
+    cache, N = quest.cache, n_prompt + 1
+    q = rand(2, N, 4, 16, seed=0)[:, -1]  # (B, Hq, D)
+    P = -(-N // S)
+    differ = 0
+    for b in range(2):
+        for h in range(4):
+            # this head's own bound per page, sum_d max(q_d kmin_d, q_d kmax_d), from the stored keys
+            keys_of = cache.k[0, b, h // 2, :N]
+            lo = torch.stack([keys_of[p * S:(p + 1) * S].amin(0) for p in range(P)])
+            hi = torch.stack([keys_of[p * S:(p + 1) * S].amax(0) for p in range(P)])
+            qb = torch.maximum(q[b, h] * lo, q[b, h] * hi).sum(-1)
+            order = [p for p in qb.argsort(descending=True, stable=True).tolist() if p != P - 1]
+            pages = sorted(order[:budget // S - 1] + [P - 1])
+            keys = torch.cat([torch.arange(p * S, min((p + 1) * S, N)) for p in pages])
+            o, _ = attention_ref(q[b:b + 1, h:h + 1, None], cache.k[0, b:b + 1, h // 2:h // 2 + 1, keys],
+                                 cache.v[0, b:b + 1, h // 2:h // 2 + 1, keys], causal=False)
+            torch.testing.assert_close(o_quest[0, b, 0, h], o[0, 0, 0])
+            differ += h % 2 == 1 and pages != prev
+            prev = pages
+    assert quest.stats["pages_read"] == 2 * 4 * 2  # budget // S pages per query head
+    _, _, per_kv = quest_and_dense_decode(budget=budget, n_prompt=n_prompt, steps=1)
+    assert quest.stats["kv_bytes_read"] == 2 * per_kv.stats["kv_bytes_read"]  # G = 2 page lists per KV head
+    assert differ, "the two heads of a group never chose differently: the test would prove nothing"
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_per_query_head_choice_full_budget_is_dense_and_kernels_match(use_kernels):
+    o_q, o_d, _ = quest_and_dense_decode(budget=28, page_choice="query_head", use_kernels=use_kernels)
+    torch.testing.assert_close(o_q, o_d, atol=2e-4, rtol=0)
+    o_ref, _, s_ref = quest_and_dense_decode(budget=8, steps=3, seed=3, page_choice="query_head")
+    o_ker, _, s_ker = quest_and_dense_decode(budget=8, steps=3, seed=3, page_choice="query_head", use_kernels=True)
+    torch.testing.assert_close(o_ker, o_ref, atol=2e-4, rtol=0)
+    assert s_ker.stats == s_ref.stats
+    with pytest.raises(ValueError, match="--page-choice"):
+        QuestAttention(make_cache(), 8, 4, page_choice="x")
 
 
 def test_dense_layers_stay_dense():
@@ -289,7 +332,7 @@ def test_write_on_device_equals_write():
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-@pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("retro", 1), ("retro", 3)])
+@pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("quest_query_head", 1), ("retro", 1), ("retro", 3)])
 def test_device_side_decode_step_equals_eager_step(method, w):
     """forward_on_device (graph_mode) gives the eager decode step's logits, step after step."""
     from retro import RetroAttention
@@ -301,6 +344,8 @@ def test_device_side_decode_step_equals_eager_step(method, w):
         cache = KVCache(a.n_layers, 1, a.n_kv_heads, 48, a.head_dim, torch.float32, DEVICE, page_size=4)
         attn = {"dense": lambda: DenseAttention(cache, use_kernels=True),
                 "quest": lambda: QuestAttention(cache, budget=16, page_size=4, dense_layers=1, use_kernels=True),
+                "quest_query_head": lambda: QuestAttention(cache, budget=16, page_size=4, dense_layers=1,
+                                                           use_kernels=True, page_choice="query_head"),
                 "retro": lambda: RetroAttention(cache, budget=16, page_size=4, window=w, dense_layers=1,
                                                 use_kernels=True)}[method]()
         seq, steps = toks, []
