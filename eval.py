@@ -195,7 +195,7 @@ CHUNKED_PREFILL_METHODS = ("dense", "quest", "retro")
 
 
 def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kernels, separator_ids, keep_last=1,
-                 prefill_chunk=0):
+                 prefill_chunk=0, bos_id=None):
     """Prefill-ready state for one sequence: -> (attention object, start_pos, decode window); feed
     prompt[:, start_pos:] next. For compact the prompt's context is compacted first, all but its
     last keep_last tokens (the question, when the prompt ends with one). prefill_chunk > 0: for
@@ -206,7 +206,9 @@ def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kerne
     if method == "compact":
         from compaction import compact_prompt
         fit = {} if not getattr(mopts, "no_fit", False) else {"fit_bias": False, "fit_values": False}
+        fit["w_box"] = gen.bias_box(getattr(mopts, "bias_box", gen.BIAS_BOX_DEFAULT))
         res = compact_prompt(model, prompt, mopts.ratio, separator_ids=separator_ids, keep_last=keep_last,
+                             bos_id=bos_id,
                              max_new_tokens=max_new + keep_last + 8, use_kernels=use_kernels,
                              page_size=mopts.page_size, **fit)
         return res.attn, res.start_pos, 1
@@ -254,8 +256,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
           use_kernels, log=print, on_row=None):
     """Loss, recall and long-generation agreement with dense for every run. -> list of result rows.
     on_row(rows): called after each run (run_sweep saves the rows so far)."""
-    from compaction import REPEAT_PROMPT
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    from compaction import repeat_separator
+    sep = repeat_separator(tokenizer)
     prompt = torch.from_numpy(stream[:gen_prompt_len].astype(np.int64)).to(device)[None]
     dense_attn, _, _ = start_method(model, "dense", gen.build_parser().parse_args([]), prompt, gen_new, dtype,
                                     device, use_kernels, sep)
@@ -266,7 +268,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
         mopts = method_options(method, flags)
 
         def start(x, n, keep_last=1):
-            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last)
+            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last,
+                                bos_id=tokenizer.bos_id)
         row = {"run": label, "method": method, "flags": flags}
         # held-out loss: prefill the first half of each window through the method, decode-score the second
         for c in contexts:
@@ -525,8 +528,8 @@ def agreement_prompts(stream, prompt_len, n_new, n_prompts):
 def real_runs(model, tokenizer, runs, ppl_stream, ppl_contexts, n_windows, suite, prompts, agree_prompt, n_new_pk,
               dtype, device, use_kernels, prefill_chunk, log=print):
     """Dense perplexity, then for every run (dense first) passkey accuracy and agreement with dense."""
-    from compaction import REPEAT_PROMPT
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    from compaction import repeat_separator
+    sep = repeat_separator(tokenizer)
     result = {"perplexity": {}, "rows": []}
     for c in ppl_contexts:
         t = time.time()
@@ -540,7 +543,8 @@ def real_runs(model, tokenizer, runs, ppl_stream, ppl_contexts, n_windows, suite
         mopts = method_options(method, flags)
 
         def start(x, n, keep_last=1):
-            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last, prefill_chunk)
+            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last, prefill_chunk,
+                                bos_id=tokenizer.bos_id)
         row = {"run": label, "method": method, "flags": flags}
         row["passkey"] = passkey_accuracy(model, tokenizer, suite, start, n_new_pk)
         steps = []

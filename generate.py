@@ -197,6 +197,15 @@ def default_prompt(max_bytes=14000):
     return path.read_text(errors="replace"), path
 
 
+BIAS_BOX_DEFAULT = "none"
+
+
+def bias_box(name):
+    """--bias-box -> compaction.compact_cache's w_box."""
+    from compaction import AUTHORS_W_BOX
+    return AUTHORS_W_BOX if name == "authors" else None
+
+
 def check_budget(opts, parser):
     try:
         kvcache.check_budget(opts.budget, opts.page_size)
@@ -258,6 +267,9 @@ def build_parser():
     t.add_argument("--keep", type=float, default=None, help="fixed budget: keep this fraction of tokens per head")
     c = p.add_argument_group("KV compaction by attention matching (compact)")
     c.add_argument("--ratio", type=float, default=10.0, help="compaction ratio: keep prompt_tokens / ratio keys per head")
+    c.add_argument("--bias-box", choices=["authors", "none"], default=BIAS_BOX_DEFAULT,
+                   help="bounds on a kept key's weight exp(beta): authors = [e^-3, e^3] (the authors' code), "
+                        f"none = exact NNLS, w >= 0 (default {BIAS_BOX_DEFAULT})")
     return p
 
 
@@ -329,9 +341,10 @@ def main(argv=None):
     start_pos = 0
     if opts.method == "compact":
         # prefill + compaction happen in one repeat-prefill pass; decoding continues after the context
-        from compaction import REPEAT_PROMPT, compact_prompt
+        from compaction import compact_prompt, repeat_separator
         try:
-            res = compact_prompt(model, prompt, opts.ratio, separator_ids=tokenizer.encode(REPEAT_PROMPT),
+            res = compact_prompt(model, prompt, opts.ratio, separator_ids=repeat_separator(tokenizer),
+                                 bos_id=tokenizer.bos_id, w_box=bias_box(opts.bias_box),
                                  max_new_tokens=opts.max_new_tokens, use_kernels=use_kernels,
                                  page_size=opts.page_size)
         except ValueError as e:
