@@ -81,7 +81,7 @@ def tiny_model(seed=0, **overrides):
 def write_byte_tokenizer(path):
     """A 256-token byte-level tokenizer (every byte its own token) plus two special tokens."""
     import json
-    from model import write_rank_file
+    from tokenizer import write_rank_file
     write_rank_file({bytes([b]): b for b in range(256)}, path / "tokenizer.model")
     cfg = {"pattern": r"\s+|\S+", "special_tokens": {"<|endoftext|>": 256, "<|bos|>": 257},
            "bos": None, "eos": ["<|endoftext|>"], "chat_format": None}

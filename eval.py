@@ -71,7 +71,8 @@ import train
 from generate import DTYPES, generate, make_attention
 import kvcache
 from kvcache import KVCache
-from model import CHAT_TEMPLATES, Tokenizer, Transformer
+from model import Transformer
+from tokenizer import CHAT_TEMPLATES, Tokenizer
 
 # generate.py options that are about its own prompt and output, not about the attention method
 NOT_METHOD_OPTIONS = {"checkpoint", "prompt", "prompt_file", "chat", "max_new_tokens", "temperature", "top_k", "seed",

@@ -20,7 +20,8 @@ import torch
 from attention import DenseAttention
 import kvcache
 from kvcache import KVCache
-from model import Tokenizer, Transformer
+from model import Transformer
+from tokenizer import Tokenizer
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "nanokv-code-4k"
 METHODS = ["dense", "quest", "retro", "token_sparse", "compact"]

@@ -190,7 +190,8 @@ def tiny_llama_gguf(path, rng, arch="llama", tied=True, embd_type=8):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_tiny_llama_converts_and_loads_in_model_py(tmp_path, tied):
-    from model import Tokenizer, Transformer
+    from model import Transformer
+    from tokenizer import Tokenizer
     gguf_path = tiny_llama_gguf(tmp_path / "tiny.gguf", np.random.default_rng(1), tied=tied)
     convert(str(gguf_path), str(tmp_path / "ckpt"), sha256=convert_gguf.file_sha256(gguf_path))
     g = GGUFFile(gguf_path)

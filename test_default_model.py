@@ -12,7 +12,8 @@ from attention import DenseAttention
 from compaction import REPEAT_PROMPT, compact_prompt
 from generate import DEFAULT_CHECKPOINT, generate
 from kvcache import KVCache, QuestAttention
-from model import Tokenizer, Transformer
+from model import Transformer
+from tokenizer import Tokenizer
 from retro import RetroAttention
 from token_sparse import TokenSparseAttention
 

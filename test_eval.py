@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import eval as evaluation
 from conftest import tiny_model
-from model import Tokenizer
+from tokenizer import Tokenizer
 
 PROSE = heapq.__about__  # real English sentences that every Python ships
 

@@ -9,8 +9,8 @@ from hypothesis import given, strategies as st
 from attention import DenseAttention
 from conftest import DEVICE, tiny_args, tiny_model, write_byte_tokenizer
 from kvcache import KVCache
-from model import (LLAMA3_PATTERN, ModelArgs, Tokenizer, Transformer, load_safetensors, save_safetensors,
-                   write_rank_file)
+from model import ModelArgs, Transformer, load_safetensors, save_safetensors
+from tokenizer import LLAMA3_PATTERN, Tokenizer, write_rank_file
 
 
 def test_incremental_decoding_equals_full_forward():

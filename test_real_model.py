@@ -17,7 +17,8 @@ from attention import DenseAttention
 from convert_gguf import DownloadError, fetch_smollm2
 from generate import generate
 from kvcache import KVCache, QuestAttention
-from model import Tokenizer, Transformer
+from model import Transformer
+from tokenizer import Tokenizer
 from retro import RetroAttention
 from token_sparse import TokenSparseAttention
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 import eval as evaluation
 import train
-from model import Tokenizer, Transformer
+from model import Transformer
+from tokenizer import Tokenizer
 
 STDLIB = Path(train.stdlib_dir())
 CORPUS_FILES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "string.py"]

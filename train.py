@@ -45,7 +45,8 @@ import regex
 import torch
 import torch.nn.functional as F
 
-from model import ModelArgs, Transformer, Tokenizer, write_rank_file
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer, write_rank_file
 
 # ----------------------------------------------------------------------------------------------
 # Data: the .py files of a directory tree, split into train and held-out by a hash of their path
