@@ -524,7 +524,7 @@ def repeat_separator(tokenizer):
     """The token ids between the two copies of the context, framed as in the authors' prompt: for a
     tokenizer with a chat template, the request as a user turn and then the assistant's header, with
     no BOS (the sequence has one, at its start); for one without, the plain REPEAT_PROMPT."""
-    from model import CHAT_TEMPLATES
+    from tokenizer import CHAT_TEMPLATES
     if tokenizer.chat_format in CHAT_TEMPLATES:
         turn = CHAT_TEMPLATES[tokenizer.chat_format].format(prompt=REPEAT_INSTRUCTION)
         return [i for i in tokenizer.encode(turn, allow_special=True) if i != tokenizer.bos_id]
