@@ -163,9 +163,13 @@ def _active_set_polish(H, c, w, rounds):
     for _ in range(rounds):
         # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
         Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
-        # solve_ex: a problem whose support block the LU finds singular even with the jitter keeps its
-        # w (the projected-gradient answer) instead of failing the whole batch
-        sol, info = torch.linalg.solve_ex(Hp, torch.where(P, c64, 0.0).unsqueeze(-1))
+        # Hp is symmetric positive (semi)definite: Cholesky. A problem whose block is not positive
+        # definite even with the jitter keeps its w (the projected-gradient answer) instead of failing
+        # the whole batch. (Not an LU solve: on a CPU, MKL's batched LU intermittently returned pivot 0
+        # for a finite, well-conditioned 239 x 239 block here, and lu_solve then raised.)
+        chol, info = torch.linalg.cholesky_ex(Hp)
+        chol = torch.where((info == 0)[..., None, None], chol, eye)
+        sol = torch.cholesky_solve(torch.where(P, c64, 0.0).unsqueeze(-1), chol)
         solved = (info == 0).unsqueeze(-1)
         sol = torch.where(P & solved, sol.squeeze(-1), 0.0)
         feasible = (sol > 0).eq(P).all(-1, keepdim=True) & solved
