@@ -540,7 +540,8 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are one score (their bits differ)
     bits = s.to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
-    key = tl.where(s != s, 0x7FFFFFFE, key)  # NaN (of either sign) above +inf, as torch.sort ranks it
+    # NaN (exponent all ones, mantissa not 0; either sign) counts as +inf, as in kvcache.select_pages
+    key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7F800000, key)
     key = tl.where(p == newest, 0x7FFFFFFF, key)  # the newest page ranks above every score
     key = tl.where(ok, key, -2147483648)  # padding ranks last (and is never kept: see `ok` below)
     lo = tl.min(tl.where(ok, key, 2147483647), 0).to(tl.int64)  # count(key >= lo) = num_pages >= k

@@ -110,6 +110,9 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
     if budget_pages < 1 or num_pages < 1:
         raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
     scores = scores[..., :num_pages].float()
+    # a NaN bound (from a non-finite key) counts as +inf, whatever its sign bit: the page is read, and
+    # the order does not depend on how a sort ranks NaN (CPU and CUDA sorts differ)
+    scores = torch.where(torch.isnan(scores), float("inf"), scores)
     K = min(budget_pages, num_pages)
     # the newest page, then the K - 1 best others; a stable sort settles ties: the lower page wins
     # (kernels.select_pages does the same)

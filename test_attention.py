@@ -225,9 +225,10 @@ def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, n
         scores[..., ::2] = -0.0
     elif kind == "-inf":
         scores[..., : num_pages // 2] = float("-inf")
-    elif kind == "nan":  # a page bound from a non-finite key: NaN ranks first, whatever its sign bit
+    elif kind == "nan":  # a page bound from a non-finite key: NaN counts as +inf, whatever its sign bit
         scores[..., ::3] = float("nan")
         scores[..., 1::6] = -float("nan")
+        scores[..., 2::5] = float("inf")
     got = kernels.select_pages(scores, num_pages, budget_pages, newest)
     assert got.dtype == torch.int32 and got.shape == (batch, 3, min(budget_pages, num_pages))
     assert torch.equal(got, select_pages(scores, num_pages, budget_pages, newest))

@@ -138,8 +138,8 @@ def test_select_pages_with_a_budget_of_zero_pages_raises():
 
 
 def test_non_finite_keys_are_selected_and_propagate_like_dense():
-    """Defined behaviour (ours): a page holding a NaN key gets a NaN bound, which ranks above every
-    finite score in both selections (as torch.sort ranks NaN), so a sparse step reads it and its
+    """Defined behaviour (ours): a page holding a NaN key gets a NaN bound, which both selections
+    count as +inf (above every finite score; ties: lower page first), so a sparse step reads it and its
     output is NaN for that KV head's query heads, as dense attention's is. Nothing is silently dropped."""
     import kernels
     from attention import decode_ref, paged_decode_ref
