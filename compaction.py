@@ -364,7 +364,8 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             PtY += P.transpose(-1, -2) @ y[:, :, s:s + chunk]
         lam = ridge * PtP.diagonal(dim1=-2, dim2=-1).sum(-1) / budget + 1e-12
         eye = torch.eye(t, device=k.device)
-        delta = torch.linalg.solve(PtP + lam[..., None, None] * eye, PtY - PtP @ v_sel)
+        # symmetric positive definite (lam > 0): Cholesky, not an LU solve (see _active_set_polish)
+        delta = torch.cholesky_solve(PtY - PtP @ v_sel, torch.linalg.cholesky(PtP + lam[..., None, None] * eye))
         cv = v_sel + delta * valid.unsqueeze(-1)
     else:
         cv = v_sel
