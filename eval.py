@@ -70,6 +70,7 @@ import generate as gen
 import train
 from generate import DTYPES, generate, make_attention
 import kvcache
+import ruler
 from kvcache import KVCache
 from model import Transformer
 from tokenizer import CHAT_TEMPLATES, Tokenizer
@@ -527,8 +528,9 @@ def agreement_prompts(stream, prompt_len, n_new, n_prompts):
 
 @torch.no_grad()
 def real_runs(model, tokenizer, runs, ppl_stream, ppl_contexts, n_windows, suite, prompts, agree_prompt, n_new_pk,
-              dtype, device, use_kernels, prefill_chunk, log=print):
-    """Dense perplexity, then for every run (dense first) passkey accuracy and agreement with dense."""
+              dtype, device, use_kernels, prefill_chunk, log=print, on_row=None):
+    """Dense perplexity, then for every run (dense first) passkey accuracy and agreement with dense.
+    on_row(result): called after each run (run_real saves the runs so far)."""
     from compaction import repeat_separator
     sep = repeat_separator(tokenizer)
     result = {"perplexity": {}, "rows": []}
@@ -565,6 +567,8 @@ def real_runs(model, tokenizer, runs, ppl_stream, ppl_contexts, n_windows, suite
             row["agreement"] = agreement(*(torch.cat(x) for x in zip(*steps)))
         row["seconds"] = time.time() - t0
         result["rows"].append(row)
+        if on_row:
+            on_row(result)
         pk = [(r["correct"], r["n"]) for d in row["passkey"].values() for r in d.values()]
         ag = row.get("agreement", {})
         log(f"  {label:24s} passkey {sum(c for c, _ in pk)}/{sum(n for _, n in pk)}  "
@@ -658,22 +662,412 @@ def run_real(opts, st, data, model, tokenizer, dtype, use_kernels):
              f"{st['n_windows']} windows; {len(suite)} passkey prompts ({opts.passkey_format}, {opts.haystack}) at "
              f"{st['passkey_contexts']}; agreement on {st['n_prompts']} x ({opts.agree_prompt} + {opts.agree_new}) "
              f"tokens; {opts.device} {dtype}")
+    settings = {"model": str(opts.model), "device": opts.device, "dtype": str(dtype),
+                "date": time.strftime("%Y-%m-%d"), "text": source,
+                "text_tokens": len(stream), "windows_per_context": st["n_windows"],
+                "passkey": {"contexts": st["passkey_contexts"], "depths": opts.depths, "keys": st["n_keys"],
+                            "format": opts.passkey_format, "haystack": opts.haystack,
+                            "new_tokens": opts.passkey_new},
+                "agreement": {"prompt": opts.agree_prompt, "new": opts.agree_new, "prompts": st["n_prompts"]}}
+
+    def save(partial, complete=False):  # after every run: a long run that is stopped keeps what it measured
+        if opts.out:
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text(json.dumps(dict(partial, **settings, seconds=time.time() - t0, complete=complete,
+                                                runs_total=len(st["runs"])), indent=1) + "\n")
     result = real_runs(model, tokenizer, st["runs"], stream, st["contexts"], st["n_windows"], suite, prompts,
                        opts.agree_prompt, opts.passkey_new, dtype, opts.device, use_kernels, opts.prefill_chunk,
-                       progress)
-    result.update({"model": str(opts.model), "device": opts.device, "dtype": str(dtype),
-                   "date": time.strftime("%Y-%m-%d"), "seconds": time.time() - t0, "text": source,
-                   "text_tokens": len(stream), "windows_per_context": st["n_windows"],
-                   "passkey": {"contexts": st["passkey_contexts"], "depths": opts.depths, "keys": st["n_keys"],
-                               "format": opts.passkey_format, "haystack": opts.haystack,
-                               "new_tokens": opts.passkey_new},
-                   "agreement": {"prompt": opts.agree_prompt, "new": opts.agree_new, "prompts": st["n_prompts"]}})
+                       progress, on_row=save)
+    result.update(settings, seconds=time.time() - t0, complete=True, runs_total=len(st["runs"]))
     print_real_tables(result, f"\n{opts.model.name}  {opts.device} {dtype}  {result['date']}  "
                               f"({result['seconds']:.0f} s)  text: {source}")
     if opts.out:
-        opts.out.parent.mkdir(parents=True, exist_ok=True)
-        opts.out.write_text(json.dumps(result, indent=1) + "\n")
+        save(result, complete=True)
         print(f"\nwrote {opts.out}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# RULER-style tasks (--ruler): every method at two KV budgets, exact match with a Wilson interval
+
+BUDGET_FRACTIONS = ((8, "1/8"), (4, "1/4"))  # budgets as fractions of the context: C/8 and C/4 tokens
+PAGE = 16  # generate.py's --page-size default: quest / retro budgets are whole pages
+
+
+RULER_METHODS = ("quest", "retro", "token_sparse", "compact")
+
+
+def ruler_runs(context, windows, methods=RULER_METHODS):
+    """(method label, budget label, method, generate.py flags) of every --ruler run at one context:
+    dense (the ceiling), then per budget C/8 and C/4: Quest (RetroAttention with w = 1), RetroAttention
+    (each w), Token Sparse Attention at a fixed keep fraction (a prefill method: decoding stays dense)
+    and KV compaction at ratio 8 / 4 (the question stays whole)."""
+    runs = [("dense", "full", "dense", [])]
+    for d, frac in BUDGET_FRACTIONS:
+        b = str(max(PAGE, context // d // PAGE * PAGE))  # whole pages of generate.py's default size
+        runs.append(("quest", frac, "retro", ["--budget", b, "--window", "1"]))
+        runs += [(f"retro w={w}", frac, "retro", ["--budget", b, "--window", str(w)]) for w in windows]
+        runs.append(("token_sparse", frac, "token_sparse", ["--keep", str(1 / d), "--min-tokens", "16",
+                                                            "--ts-window", "64"]))
+        runs.append(("compact", frac, "compact", ["--ratio", str(d)]))
+    return [r for r in runs if r[0] == "dense" or r[0].split()[0] in methods]
+
+
+@torch.no_grad()
+def ruler_cell(model, tokenizer, samples, start):
+    """Greedy-decode each sample's answer through a fresh method state from start(prompt, n_new,
+    keep_last) -> [(score 0/1, decoded text)]; a sample the method refuses (compaction's
+    repeat-prefill beyond the model's context) -> (None, reason)."""
+    device = next(model.parameters()).device
+    out = []
+    for s in samples:
+        x = torch.from_numpy(s.ids).to(device)[None]
+        try:
+            attn, s0, win = start(x, s.n_new, s.question_len)
+        except ValueError as e:
+            out.append((None, str(e)))
+            continue
+        new, _ = generate(model, attn, x[:, s0:], s.n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words)
+        text = tokenizer.decode([int(t) for t in new[0]])
+        out.append((ruler.score(text, s.answers), text))
+    return out
+
+
+def ruler_table(cells, contexts, tasks):
+    """Markdown: one table per context, a row per run, a column per task: correct/n [95% Wilson]."""
+    lines = []
+    for c in [c for c in contexts if any(x["context"] == c for x in cells)]:
+        lines += [f"\nContext {c} tokens: exact match, correct/n [95% Wilson interval]\n",
+                  "| method | budget | " + " | ".join(tasks) + " | all tasks |",
+                  "| --- | --- |" + " ---: |" * (len(tasks) + 1)]
+        runs = list(dict.fromkeys((x["run"], x["budget"]) for x in cells if x["context"] == c))
+        for run, budget in runs:
+            row = {x["task"]: x for x in cells if x["context"] == c and x["run"] == run and x["budget"] == budget}
+
+            def cell(k, n):
+                if not n:
+                    return "n/a"
+                lo, hi = ruler.wilson(k, n)
+                return f"{k}/{n} [{lo:.2f}, {hi:.2f}]"
+            ks = [row[t]["correct"] if t in row else 0 for t in tasks]
+            ns = [row[t]["n"] if t in row else 0 for t in tasks]
+            lines.append(f"| {run} | {budget} | " + " | ".join(cell(k, n) for k, n in zip(ks, ns))
+                         + f" | {cell(sum(ks), sum(ns))} |")
+    return "\n".join(lines)
+
+
+def run_ruler(opts, model, tokenizer, dtype, use_kernels):
+    """--ruler: the suite of ruler.py at each context, every run of ruler_runs, a JSON (and its
+    markdown table) written after each cell so that a stopped run keeps what it measured."""
+    from compaction import repeat_separator
+    t0 = time.time()
+    a = model.args
+    style = opts.ruler_style or ("code" if is_train_tokenizer(tokenizer) else "prose")
+    contexts = opts.contexts or [c for c in ((1024, 2048, 4096, 8192) if opts.full else (1024, 2048))
+                                 if c <= a.max_seq_len]
+    for c in contexts:
+        if c > a.max_seq_len:
+            raise ValueError(f"--contexts {c} exceeds the model's context of {a.max_seq_len} tokens")
+    n_samples = opts.n_samples or (50 if opts.full else 2)
+    windows = [8] if opts.windows is None else opts.windows
+    stream = heldout_stream(tokenizer, opts.data)[0] if style == "code" else None
+    samples = ruler.suite(tokenizer, opts.tasks, style, contexts, n_samples, stream, opts.seed)
+    sep = repeat_separator(tokenizer)
+    plan = [(c, run, task) for c in contexts for run in ruler_runs(c, windows, opts.methods) for task in opts.tasks]
+    progress(f"ruler: {style} style, tasks {', '.join(opts.tasks)}; contexts {contexts}; {n_samples} samples per "
+             f"cell; {len(plan)} cells; {opts.device} {dtype}")
+    result = {"model": str(opts.model), "style": style, "device": opts.device, "dtype": str(dtype),
+              "date": time.strftime("%Y-%m-%d"), "contexts": contexts, "tasks": list(opts.tasks),
+              "samples_per_cell": n_samples, "windows": windows, "seed": opts.seed,
+              "score": "exact match: every expected answer occurs in the greedy answer as a whole word "
+                       "(string_match_all, all-or-nothing); interval: 95% Wilson",
+              "cells": [], "complete": False}
+
+    def save():
+        if opts.out:
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text(json.dumps(result, indent=1) + "\n")
+            opts.out.with_suffix(".md").write_text(ruler_table(result["cells"], contexts, opts.tasks) + "\n")
+    done_samples, total_samples = 0, len(plan) * n_samples
+    for i, (c, (run, budget, method, flags), task) in enumerate(plan):
+        t = time.time()
+        mopts = method_options(method, flags)
+
+        def start(x, n, keep_last=1):
+            return start_method(model, method, mopts, x, n, dtype, opts.device, use_kernels, sep, keep_last,
+                                opts.prefill_chunk, bos_id=tokenizer.bos_id)
+        scored = ruler_cell(model, tokenizer, samples[task, c], start)
+        hits = [s for s, _ in scored if s is not None]
+        k, n = sum(hits), len(hits)
+        result["cells"].append({"task": task, "context": c, "run": run, "budget": budget, "method": method,
+                                "flags": flags, "correct": k, "n": n, "skipped": len(scored) - n,
+                                "accuracy": k / n if n else None, "wilson95": list(ruler.wilson(k, n)) if n else None,
+                                "seconds": time.time() - t,
+                                "examples": [{"answers": s.answers, "decoded": text, "score": sc}
+                                             for s, (sc, text) in list(zip(samples[task, c], scored))[:2]]})
+        save()
+        done_samples += n_samples
+        el = time.time() - t0
+        progress(f"  [{i + 1}/{len(plan)}] C={c} {run} {budget} {task}: {k}/{n}  "
+                 f"elapsed {el:.0f} s, ETA {el / done_samples * (total_samples - done_samples):.0f} s")
+    result["complete"] = True
+    result["seconds"] = time.time() - t0
+    save()
+    print(f"\n{opts.model.name}  RULER-style ({style})  {opts.device} {dtype}  {result['date']}  "
+          f"({result['seconds']:.0f} s)")
+    print(ruler_table(result["cells"], contexts, opts.tasks))
+    if opts.out:
+        print(f"\nwrote {opts.out} and {opts.out.with_suffix('.md')}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Long generation (--longgen): the RetroAttention regime, with intervals over prompts
+
+def longgen_runs(prompt_len, windows, methods=RULER_METHODS):
+    """The --longgen runs: ruler_runs' methods at budgets P/8 and P/4 of the prompt (the cache the
+    decode reads is the prompt plus what was generated; the budget is what each step may read)."""
+    return ruler_runs(prompt_len, windows, methods)
+
+
+def position_bins(values, n_bins=8):
+    """(prompts, N) per-step values -> the mean of each of n_bins equal stretches of the N steps."""
+    v = np.asarray(values, dtype=np.float64)
+    edges = np.linspace(0, v.shape[1], n_bins + 1).round().astype(int)
+    return [float(v[:, a:b].mean()) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+class AttentionOutputs:
+    """Records what every layer's attention hands to its output projection, (T, Hq * D) fp32 per
+    model call, through a forward pre-hook on o_proj (model.py is not changed): `with
+    AttentionOutputs(model) as rec: model(...)`, then rec.calls[layer] is the list of calls' rows."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, [[] for _ in model.layers]
+
+    def __enter__(self):
+        def hook(i):
+            return lambda module, args: self.calls[i].append(args[0].detach()[0].float())
+        self.handles = [layer.self_attn.o_proj.register_forward_pre_hook(hook(i))
+                        for i, layer in enumerate(self.model.layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def attention_errors(calls, reference, prompt_len, window):
+    """Relative L2 error of each layer's attention output against dense's at the same position,
+    ||o - o_dense|| / ||o_dense||, by steps back: the rows of a teacher-forced decode (calls[l][0]
+    is the prefill; call 1 + i fed the rows ending at position prompt_len + i, RetroAttention's w
+    of them: the new token, s = 0, and the w - 1 before it, revised s = 1 .. w - 1 steps after
+    their first computation). reference[l]: (P + N, Hq * D) dense's outputs.
+    -> (layers, window) mean errors (NaN where no row was that many steps back)."""
+    err = np.zeros((len(calls), window))
+    cnt = np.zeros((len(calls), window))
+    for l, layer_calls in enumerate(calls):
+        for i, rows in enumerate(layer_calls[1:]):
+            last = prompt_len + i
+            for j in range(rows.shape[0]):
+                s = rows.shape[0] - 1 - j
+                ref = reference[l][last - s]
+                err[l, s] += ((rows[j] - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                cnt[l, s] += 1
+    with np.errstate(invalid="ignore"):
+        return err / cnt
+
+
+@torch.no_grad()
+def dense_attention_outputs(model, seq):
+    """Each layer's attention output rows (T, Hq * D) of one plain causal forward of seq (1, T)."""
+    with AttentionOutputs(model) as rec:
+        model(seq)
+    return [c[0] for c in rec.calls]
+
+
+@torch.no_grad()
+def longgen_measure(model, prompts, dense_tokens, dense_logits, start, n_vocab, references=None):
+    """One run over every prompt: -> per prompt, the teacher-forced top-1 agreement with dense and
+    mean KL(dense || method) along dense's continuation (each step's match / KL kept for the
+    position curve), the first step where the run's own greedy generation leaves dense's, and
+    with references (dense_attention_outputs per prompt) each layer's attention output error by
+    steps back (attention_errors)."""
+    out = {"top1": [], "kl": [], "first_divergence": [], "match_steps": [], "kl_steps": [], "attn_error": []}
+    for k, (prompt, toks, dl) in enumerate(zip(prompts, dense_tokens, dense_logits)):
+        n = toks.shape[1]
+        attn, s0, win = start(prompt, n)
+        with AttentionOutputs(model) as rec:
+            logits = teacher_forced_logits(model, attn, prompt[:, s0:], toks, s0, win)[:, :n_vocab]
+        if references is not None:
+            out["attn_error"].append(attention_errors(rec.calls, references[k], prompt.shape[1], win))
+        del rec
+        log_p, log_q = F.log_softmax(dl.double(), -1), F.log_softmax(logits.double(), -1)
+        match = (logits.argmax(-1) == dl.argmax(-1)).double()
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        attn, s0, win = start(prompt, n)
+        new, _ = generate(model, attn, prompt[:, s0:], n, window=win, start_pos=s0, n_vocab=n_vocab)
+        diff = (new[0] != toks[0]).nonzero()
+        out["top1"].append(match.mean().item())
+        out["kl"].append(kl.mean().item())
+        out["first_divergence"].append(int(diff[0]) if len(diff) else n)
+        out["match_steps"].append(match.tolist())
+        out["kl_steps"].append(kl.tolist())
+    return out
+
+
+def attn_error_summary(per_prompt, first_layer):
+    """Per-prompt (layers, w) errors -> by steps back, the mean over the layers from first_layer on
+    (the sparse ones: quest and retro keep the first --dense-layers dense) with a bootstrap interval
+    over prompts, and the per-layer means."""
+    e = np.stack(per_prompt)  # (prompts, layers, w)
+    sparse = np.nanmean(e[:, first_layer:], axis=1) if first_layer < e.shape[1] else np.nanmean(e, axis=1)
+    return {"layers_from": first_layer,
+            "by_steps_back": [interval_dict(sparse[:, s]) for s in range(e.shape[2])],
+            "by_layer": np.nanmean(e, axis=0).tolist()}
+
+
+def interval_dict(values):
+    mean, lo, hi = ruler.bootstrap(values)
+    return {"mean": mean, "lo": lo, "hi": hi}
+
+
+def longgen_table(result):
+    lines = [f"\nLong generation: {result['prompts']} prompts x {result['new_tokens']} greedy tokens after "
+             f"{result['prompt_tokens']}-token prompts; mean over prompts [95% bootstrap interval]\n",
+             "| method | budget | top-1 agreement | KL(dense, method) | first divergence |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        if "top1" not in r:
+            lines.append(f"| {r['run']} | {r['budget']} | skipped: {r.get('skipped', '')} | | |")
+            continue
+        lines.append(f"| {r['run']} | {r['budget']} | " + " | ".join(
+            f"{r[k]['mean']:.3f} [{r[k]['lo']:.3f}, {r[k]['hi']:.3f}]" if k != "first_divergence" else
+            f"{r[k]['mean']:.1f} [{r[k]['lo']:.1f}, {r[k]['hi']:.1f}]" for k in ("top1", "kl", "first_divergence"))
+            + " |")
+    errs = [r for r in result["rows"] if "attn_error" in r and r["method"] in ("retro", "dense")]
+    if errs:
+        w = max(len(r["attn_error"]["by_steps_back"]) for r in errs)
+        lines += ["\nAttention output error vs dense, relative L2, mean over the sparse layers, by steps back "
+                  "(0: the new token; s: a row revised s steps after it was first computed) [95% bootstrap]\n",
+                  "| method | budget | " + " | ".join(f"s={s}" for s in range(w)) + " |",
+                  "| --- | --- |" + " ---: |" * w]
+        for r in errs:
+            by = r["attn_error"]["by_steps_back"]
+            lines.append(f"| {r['run']} | {r['budget']} | " + " | ".join(
+                f"{by[s]['mean']:.4f} [{by[s]['lo']:.4f}, {by[s]['hi']:.4f}]" if s < len(by) else ""
+                for s in range(w)) + " |")
+    if result.get("retro_minus_quest"):
+        lines += ["\nRetroAttention minus Quest, paired by prompt (same budget) [95% bootstrap interval]\n",
+                  "| retro run | budget | top-1 agreement | KL(dense, method) | first divergence |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for d in result["retro_minus_quest"]:
+            lines.append(f"| {d['run']} | {d['budget']} | " + " | ".join(
+                f"{d[k]['mean']:+.3f} [{d[k]['lo']:+.3f}, {d[k]['hi']:+.3f}]" if k != "first_divergence" else
+                f"{d[k]['mean']:+.1f} [{d[k]['lo']:+.1f}, {d[k]['hi']:+.1f}]"
+                for k in ("top1", "kl", "first_divergence")) + " |")
+    return "\n".join(lines)
+
+
+def retro_minus_quest(rows):
+    """Each retro row minus the quest row of the same budget, paired by prompt (the same prompts and
+    dense continuation): -> [{run, budget, top1/kl/first_divergence: {mean, lo, hi}}]."""
+    quest = {r["budget"]: r for r in rows if r["run"] == "quest" and "per_prompt" in r}
+    out = []
+    for r in rows:
+        q = quest.get(r["budget"])
+        if r["run"].startswith("retro") and q is not None and "per_prompt" in r:
+            d = {"run": r["run"], "budget": r["budget"]}
+            for k in ("top1", "kl", "first_divergence"):
+                mean, lo, hi = ruler.paired_difference(r["per_prompt"][k], q["per_prompt"][k])
+                d[k] = {"mean": mean, "lo": lo, "hi": hi}
+            out.append(d)
+    return out
+
+
+def run_longgen(opts, model, tokenizer, dtype, use_kernels):
+    """--longgen: n prompts of held-out text (code for a train.py tokenizer, else the essays), dense's
+    greedy continuation of each, then every run of longgen_runs measured against it; JSON and
+    markdown after each run."""
+    from compaction import repeat_separator
+    t0 = time.time()
+    a = model.args
+    P = opts.gen_prompt
+    N = opts.gen_new or (1024 if opts.full else 64)
+    n_prompts = opts.n_prompts or (32 if opts.full else 2)
+    if P < 2 or N < 1 or P + N > a.max_seq_len:
+        raise ValueError(f"--gen-prompt {P} + --gen-new {N} must fit the model's context of {a.max_seq_len} "
+                         f"tokens (prompt >= 2, new >= 1)")
+    windows = [8] if opts.windows is None else opts.windows
+    if is_train_tokenizer(tokenizer):
+        stream, source = heldout_stream(tokenizer, opts.data)[0].astype(np.int64), "held-out code (train.py's split)"
+    else:
+        texts, source = essay_texts(log=progress)
+        stream = text_stream(tokenizer, texts)
+    prompts = [p.to(opts.device) for p in agreement_prompts(stream, P, N, n_prompts)]
+    prompts = [p[:, :P] for p in prompts]
+    sep = repeat_separator(tokenizer)
+    runs = longgen_runs(P, windows, opts.methods)
+
+    def starter(method, flags):
+        mopts = method_options(method, flags)
+        return lambda x, n, keep_last=1: start_method(model, method, mopts, x, n, dtype, opts.device, use_kernels,
+                                                      sep, keep_last, opts.prefill_chunk, bos_id=tokenizer.bos_id)
+    progress(f"longgen: {source}; {n_prompts} prompts x ({P} + {N}) tokens; {len(runs)} runs; {opts.device} {dtype}")
+    dense = starter("dense", [])
+    dense_tokens, dense_logits = [], []
+    with torch.no_grad():
+        for p in prompts:
+            attn, s0, win = dense(p, N)
+            toks, _ = generate(model, attn, p[:, s0:], N, window=win, start_pos=s0, n_vocab=tokenizer.n_words)
+            dense_tokens.append(toks)
+            attn, s0, win = dense(p, N)
+            dense_logits.append(teacher_forced_logits(model, attn, p[:, s0:], toks, s0, win)[:, :tokenizer.n_words])
+        references = [dense_attention_outputs(model, torch.cat([p, t], dim=1)) for p, t in zip(prompts, dense_tokens)]
+    result = {"model": str(opts.model), "device": opts.device, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d"),
+              "text": source, "prompts": n_prompts, "prompt_tokens": P, "new_tokens": N, "windows": windows,
+              "definitions": "top-1 agreement: share of dense's continuation where the run's teacher-forced greedy "
+                             "token is dense's; KL(dense || run) in nats, mean over the steps; first divergence: "
+                             "first step where the run's own greedy generation differs from dense's (N if never); "
+                             "intervals: 95% percentile bootstrap over prompts (2000 resamples)",
+              "rows": [], "complete": False}
+
+    def save():
+        result["retro_minus_quest"] = retro_minus_quest(result["rows"])
+        if opts.out:
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text(json.dumps(result, indent=1) + "\n")
+            opts.out.with_suffix(".md").write_text(longgen_table(result) + "\n")
+    for i, (run, budget, method, flags) in enumerate(runs):
+        t = time.time()
+        row = {"run": run, "budget": budget, "method": method, "flags": flags}
+        try:
+            m = longgen_measure(model, prompts, dense_tokens, dense_logits, starter(method, flags), tokenizer.n_words,
+                                references)
+        except ValueError as e:  # compaction's repeat-prefill beyond the model's context
+            row["skipped"] = str(e)
+        else:
+            row.update({k: interval_dict(m[k]) for k in ("top1", "kl", "first_divergence")})
+            row["per_prompt"] = {k: m[k] for k in ("top1", "kl", "first_divergence")}
+            row["top1_by_position"] = position_bins(m["match_steps"])
+            row["kl_by_position"] = position_bins(m["kl_steps"])
+            row["attn_error"] = attn_error_summary(m["attn_error"], method_options(method, flags).dense_layers
+                                                   if method in ("quest", "retro") else 0)
+        row["seconds"] = time.time() - t
+        result["rows"].append(row)
+        save()
+        el = time.time() - t0
+        progress(f"  [{i + 1}/{len(runs)}] {run} {budget}: " + (
+            f"top-1 {row['top1']['mean']:.3f}  KL {row['kl']['mean']:.4f}  first divergence "
+            f"{row['first_divergence']['mean']:.1f}" if "top1" in row else f"skipped ({row['skipped']})")
+            + f"  elapsed {el:.0f} s, ETA {el / (i + 1) * (len(runs) - i - 1):.0f} s")
+    result["complete"] = True
+    result["seconds"] = time.time() - t0
+    save()
+    print(f"\n{opts.model.name}  {opts.device} {dtype}  {result['date']}  ({result['seconds']:.0f} s)  text: {source}")
+    print(longgen_table(result))
+    if opts.out:
+        print(f"\nwrote {opts.out} and {opts.out.with_suffix('.md')}")
     return result
 
 
@@ -740,6 +1134,19 @@ def build_parser():
     r.add_argument("--n-prompts", type=int, default=None, help="agreement prompts (default 1; --full: 4)")
     r.add_argument("--prefill-chunk", type=int, default=256,
                    help="prefill dense/quest/retro in chunks of this many tokens (0: one call)")
+    u = p.add_argument_group("--ruler: RULER-style tasks (ruler.py), every method at budgets C/8 and C/4")
+    u.add_argument("--ruler", action="store_true", help="this mode")
+    u.add_argument("--tasks", nargs="+", default=list(ruler.TASKS), choices=ruler.TASKS, metavar="TASK",
+                   help=f"tasks (default all: {' '.join(ruler.TASKS)})")
+    u.add_argument("--ruler-style", choices=ruler.STYLES, default=None,
+                   help="code haystacks and TABLE needles (default for a train.py tokenizer) or RULER's prose")
+    u.add_argument("--methods", nargs="+", default=list(RULER_METHODS), choices=RULER_METHODS, metavar="METHOD",
+                   help=f"--ruler and --longgen: the methods beside dense (default all: {' '.join(RULER_METHODS)})")
+    u.add_argument("--n-samples", type=int, default=None, help="samples per cell (default 2; --full: 50)")
+    g = p.add_argument_group("--longgen: long greedy generation vs dense, every method at budgets P/8 and P/4 "
+                             "(--gen-prompt, --gen-new, --n-prompts, --windows)")
+    g.add_argument("--longgen", action="store_true", help="this mode (defaults: 2 prompts x 64 new tokens; --full: "
+                                                          "32 x 1024)")
     p.epilog = ("Any other flag is a method option of generate.py (--budget, --page-size, --window, --coverage, ...), "
                 "read by generate.py's own parser with its defaults.")
     return p
@@ -748,8 +1155,10 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     opts, rest = parser.parse_known_args(argv)
-    if opts.sweep and opts.real:
-        parser.error("--sweep and --real are two different modes: pick one")
+    if sum(map(bool, (opts.sweep, opts.real, opts.ruler, opts.longgen))) > 1:
+        parser.error("--sweep, --real, --ruler and --longgen are different modes: pick one")
+    if opts.n_samples is not None and opts.n_samples < 1:
+        parser.error(f"--n-samples {opts.n_samples}: need at least 1")
     if opts.merge:
         try:
             return merge_sweeps(opts.merge, opts.out)
@@ -784,6 +1193,16 @@ def main(argv=None):
     a = model.args
     if opts.sweep:
         return run_sweep(opts, model, tokenizer, dtype, use_kernels)
+    if opts.ruler or opts.longgen:
+        mode = "--ruler" if opts.ruler else "--longgen"
+        if opts.method != "dense" or rest:
+            parser.error(f"{mode} measures every method at budgets of 1/8 and 1/4 of the context (--windows picks "
+                         f"retro's w): drop --method and generate.py's options "
+                         f"({' '.join(rest) or '--method ' + opts.method})")
+        try:
+            return (run_ruler if opts.ruler else run_longgen)(opts, model, tokenizer, dtype, use_kernels)
+        except ValueError as e:
+            parser.error(f"{mode}: {e}")
     if opts.real or not is_train_tokenizer(tokenizer):
         if opts.method != "dense" or rest:
             parser.error("--real measures every method at the --budgets/--windows/--coverages/--ratios settings: "

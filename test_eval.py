@@ -5,6 +5,7 @@ train.py-model mode of eval.py is tested after a tiny training run in test_train
 """
 
 import heapq
+import json
 import math
 import subprocess
 import zipfile
@@ -214,12 +215,110 @@ def test_real_mode_runs_every_method(tiny_checkpoint, tmp_path, monkeypatch, cap
     # compaction's repeat-prefill of a 400-token prompt needs more than the model's 512 positions: skipped
     assert all(row["passkey"][400][d]["n" if row["method"] != "compact" else "skipped"] == 1
                for row in r["rows"] for d in (0.0, 1.0))
-    assert out.is_file()
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and len(saved["rows"]) == saved["runs_total"] == 5
     printed = capsys.readouterr().out
     assert "| dense | 1.000 | 0.0000 |" in printed and "Passkey retrieval" in printed
+
+
+def test_real_mode_saves_after_each_run(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "essay_texts", lambda log=print: ([PROSE] * 6, "test prose"))
+    calls = []
+    passkey = evaluation.passkey_accuracy
+
+    def stop_at_the_third_run(*args, **kwargs):  # a run stopped during its third method
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return passkey(*args, **kwargs)
+    monkeypatch.setattr(evaluation, "passkey_accuracy", stop_at_the_third_run)
+    out = tmp_path / "real.json"
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.main(["--checkpoint", str(tiny_checkpoint), "--contexts", "128", "--passkey-contexts", "300",
+                         "--depths", "0", "--agree-prompt", "96", "--agree-new", "4", "--budgets", "32",
+                         "--ratios", "4", "--coverages", "0.01", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["run"] for r in saved["rows"]] == ["dense", "quest b=32"] and not saved["complete"]
 
 
 def test_real_mode_rejects_a_context_beyond_the_model(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit):
         evaluation.main(["--checkpoint", str(tiny_checkpoint), "--contexts", "1024", "--device", "cpu"])
     assert "--contexts 1024 exceeds the model's context of 512" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# --ruler and --longgen on the tiny checkpoint (prose style: its byte tokenizer is not train.py's)
+
+def test_ruler_mode_runs_every_method_and_saves_each_cell(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "ruler.json"
+    r = evaluation.main(["--ruler", "--checkpoint", str(tiny_checkpoint), "--contexts", "512", "--n-samples", "2",
+                         "--tasks", "niah_single", "--windows", "2", "--device", "cpu", "--prefill-chunk", "64",
+                         "--out", str(out)])
+    runs = [(c["run"], c["budget"]) for c in r["cells"]]
+    assert runs == [("dense", "full")] + [(m, b) for b in ("1/8", "1/4")
+                                          for m in ("quest", "retro w=2", "token_sparse", "compact")]
+    assert r["complete"] and r["style"] == "prose"
+    for c in r["cells"]:
+        assert c["n"] + c["skipped"] == 2
+        if c["n"]:
+            lo, hi = c["wilson95"]
+            assert lo <= c["correct"] / c["n"] <= hi
+    saved = json.loads(out.read_text())
+    assert saved["cells"] == json.loads(json.dumps(r["cells"]))
+    assert "| dense | full |" in out.with_suffix(".md").read_text()
+    err = capsys.readouterr().err
+    assert "[9/9] C=512 compact 1/4 niah_single" in err and "ETA" in err
+
+
+def test_ruler_budgets_are_an_eighth_and_a_quarter_of_the_context():
+    runs = evaluation.ruler_runs(2048, [4])
+    budgets = {(run, b): flags for run, b, _, flags in runs}
+    assert budgets["quest", "1/8"] == ["--budget", "256", "--window", "1"]
+    assert budgets["retro w=4", "1/4"] == ["--budget", "512", "--window", "4"]
+    assert budgets["compact", "1/8"] == ["--ratio", "8"]
+    assert budgets["token_sparse", "1/4"][:2] == ["--keep", "0.25"]
+
+
+def test_longgen_mode_dense_agrees_with_itself_and_pairs_retro_with_quest(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, "essay_texts", lambda log=print: ([PROSE] * 6, "test prose"))
+    out = tmp_path / "longgen.json"
+    r = evaluation.main(["--longgen", "--checkpoint", str(tiny_checkpoint), "--gen-prompt", "128", "--gen-new", "8",
+                         "--n-prompts", "3", "--windows", "2", "--methods", "quest", "retro", "--device", "cpu",
+                         "--out", str(out)])
+    dense = r["rows"][0]
+    assert dense["run"] == "dense" and dense["top1"] == {"mean": 1.0, "lo": 1.0, "hi": 1.0}
+    assert dense["first_divergence"]["mean"] == 8 and abs(dense["kl"]["mean"]) < 1e-9
+    for row in r["rows"]:
+        if "top1" in row:
+            assert len(row["per_prompt"]["top1"]) == 3
+            assert row["top1"]["lo"] <= row["top1"]["mean"] <= row["top1"]["hi"]
+    assert [(x["run"], x["budget"]) for x in r["rows"]] == [("dense", "full"), ("quest", "1/8"), ("retro w=2", "1/8"),
+                                                            ("quest", "1/4"), ("retro w=2", "1/4")]
+    (d1, d2) = r["retro_minus_quest"]
+    assert (d1["run"], d1["budget"], d2["budget"]) == ("retro w=2", "1/8", "1/4")
+    retro = next(x for x in r["rows"] if x["run"] == "retro w=2" and x["budget"] == "1/8")
+    quest = next(x for x in r["rows"] if x["run"] == "quest" and x["budget"] == "1/8")
+    assert d1["top1"]["mean"] == pytest.approx(retro["top1"]["mean"] - quest["top1"]["mean"])
+    assert json.loads(out.read_text())["complete"] and "minus Quest" in out.with_suffix(".md").read_text()
+    # dense through its cache reproduces plain attention's outputs; retro has w = 2 rows per step
+    assert dense["attn_error"]["by_steps_back"][0]["mean"] < 1e-5
+    assert len(retro["attn_error"]["by_steps_back"]) == 2 and len(quest["attn_error"]["by_steps_back"]) == 1
+    assert retro["attn_error"]["by_steps_back"][0]["mean"] > 1e-4  # a budget of 16 of 128 tokens is lossy
+
+
+def test_attention_errors_by_hand():
+    # one layer, prompt of 2 tokens, two decode steps of w = 2 rows (positions 1-2, then 2-3)
+    ref = [torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.0, 1.0]])]
+    calls = [[torch.zeros(2, 2),                                   # the prefill: not scored
+              torch.tensor([[0.0, 2.0], [3.0, 4.0]]) * 1.1,        # rows at 1 (s=1), 2 (s=0): error 0.1 each
+              torch.tensor([[3.0, 4.0], [0.0, 0.5]])]]             # rows at 2 (s=1): 0; 3 (s=0): 0.5
+    e = evaluation.attention_errors(calls, ref, prompt_len=2, window=2)
+    assert e.shape == (1, 2)
+    assert e[0, 0] == pytest.approx((0.1 + 0.5) / 2) and e[0, 1] == pytest.approx((0.1 + 0.0) / 2)
+
+
+def test_modes_exclude_each_other(tiny_checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        evaluation.main(["--ruler", "--longgen", "--checkpoint", str(tiny_checkpoint)])
+    assert "different modes" in capsys.readouterr().err

@@ -1,0 +1,410 @@
+"""
+RULER-style long-context tasks, generated here, and the intervals that make their scores a claim.
+
+Why a file of its own: the attention methods trade accuracy for a smaller KV budget, and the papers
+measure that trade on RULER (Hsieh et al., arXiv 2404.06654): synthetic prompts of an exact length
+whose answer is known, so that a score depends on the context length and nothing else. This file is
+the data and the scoring; eval.py runs the methods on it. A score from a few dozen prompts is only a
+claim together with its uncertainty, so the intervals live here too (section "Intervals"), and every
+table of eval.py uses them.
+
+The tasks (RULER Sec. 3; the prompts follow its task definitions, in our own words):
+
+    niah_single     one needle "the special magic number for KEY is VALUE" in a haystack; ask for KEY
+    niah_multikey   the same, plus needles of other keys (distractors)
+    niah_multivalue one key with several values in several needles; ask for all of them
+    niah_multiquery several keys, one needle each; ask for all of their values
+    vt              variable tracking: X1 = VALUE, X2 = X1, ... (one hop per needle); ask which
+                    variables hold VALUE
+    cwe             common words: a numbered list where 10 words appear far more often than the
+                    rest; ask for those 10
+    fwe             frequent words: coded words drawn from a Zipf distribution (alpha 2); ask for
+                    the 3 most frequent
+
+Two styles of the same tasks: "prose" (RULER's wording, for a chat/instruct model; the haystack is
+the classic repeated noise paragraph) and "code" (for a model trained on Python, like nanokv's
+default model: the haystack is held-out code and the needle is a line the model knows,
+`TABLE["key"] = "value"`, asked as `assert TABLE["key"] == "`).
+
+A sample is correct when every expected answer occurs in the decoded text as a whole word
+(case-insensitive): RULER's string_match_all, counted all-or-nothing, so that a cell is a binomial
+count and its 95% interval is Wilson's.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
+STYLES = ("prose", "code")
+SNAP = 64  # a needle goes after the last line/sentence end at most this many tokens before its depth
+
+# Words for keys, values and word lists: short, common, one or two tokens in most vocabularies.
+WORDS = tuple("""
+able acid aged army away baby back ball band bank base bath bear beat bell belt bird blow blue boat
+body bone book boot born boss bowl bulk burn bush busy cafe cake calm camp card care cart case cash
+cast cell chef chip city clay club coal coat code cold cook cool copy corn cost crew crop dark data
+dawn deal deck deep deer desk diet dish disk dock door dose down draw drop drum duck dust duty earn
+east easy edge face fact fair fall farm fast fear feed film fire firm fish flag flat flow folk food
+foot fork form fort frog fuel gain game gate gear gift girl glad goal gold golf good grey grid grip
+hall hand harm hawk head heat herb hero hill hole home hook horn host hour idea iron item jazz joke
+jump jury keen kind king kite knee lake lamp land lane lawn leaf lens life lift lime lion list loan
+lock loop lord luck mail male mask meal meat menu mild milk mill mind mint mist moon moss nest news
+note oven pace pack page pain pair palm park path peak pear pine pink plan plot pond pool port pump
+rail rain ramp rice ring road rock roof room root rope rose ruby sail salt sand seat seed ship shoe
+shop silk sink site skin snow sock soil song soup star step stem tank tape task taxi team tent test
+tide tile tool tour town tree trip tube tune vase vest view vote wall wave weed well wind wine wing
+wire wolf wood wool yard year zone
+""".split())
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates: what a needle, the instruction and the question say, in each style
+
+PROSE = {
+    "noise": " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+    "niah_intro": "Some special magic numbers are hidden within the following text. Make sure to memorize "
+                  "them. I will quiz you about the numbers afterwards.\n",
+    "needle": " One of the special magic numbers for {key} is: {value}.",
+    "q_one": "\nWhat is the special magic number for {key} mentioned in the provided text? "
+             "The special magic number for {key} mentioned in the provided text is",
+    "q_all": "\nWhat are all the special magic numbers for {key} mentioned in the provided text? "
+             "The special magic numbers for {key} mentioned in the provided text are",
+    "vt_intro": "Memorize and track the chain(s) of variable assignment hidden in the following text.\n",
+    "vt_first": " VAR {name} = {value}.",
+    "vt_hop": " VAR {name} = VAR {prev}.",
+    "vt_q": "\nQuestion: Find all variables that are assigned the value {value} in the text above. Answer: "
+            "According to the chain(s) of variable assignment in the text above, {n} variables are assigned "
+            "the value {value}, they are:",
+    "cwe_intro": "Below is a numbered list of words. In these words, some appear more often than others. "
+                 "Memorize the ones that appear most often.\n",
+    "cwe_entry": "{i}. {word}\n",
+    "cwe_q": "Question: What are the {n} most common words in the above list? Answer: The top {n} words "
+             "that appear most often in the list are:",
+    "fwe_intro": "Read the following coded text and track the frequency of each coded word. Find the three "
+                 "most frequently appeared coded words.\n",
+    "fwe_entry": " {word}",
+    "fwe_q": "\nQuestion: What are the three most frequently appeared words in the above coded text? Answer: "
+             "According to the coded text above, the three most frequently appeared words are:",
+}
+
+CODE = {
+    "niah_intro": "TABLE = {}\n",
+    "needle": 'TABLE["{key}"] = "{value}"\n',
+    "mv_intro": "VALUES = collections.defaultdict(list)\n",
+    "mv_needle": 'VALUES["{key}"].append("{value}")\n',
+    "q_one": '\nassert TABLE["{key}"] == "',
+    "q_mv": '\nassert VALUES["{key}"] == ["',
+    "q_mq": "\nassert ({lookups}) == (\"",
+    "vt_intro": "",
+    "vt_first": '{name} = "{value}"\n',
+    "vt_hop": "{name} = {prev}\n",
+    "vt_q": '\nnames = [k for k, v in dict(globals()).items() if v == "{value}"]  # {n} names\nassert names == ["',
+    "cwe_intro": "WORDS = [\n",
+    "cwe_entry": '    "{word}",\n',
+    "cwe_q": "]\n# the {n} most common words of WORDS, most common first\nassert top(WORDS, {n}) == [\"",
+    "fwe_intro": 'CODED = """\n',
+    "fwe_entry": " {word}",
+    "fwe_q": '\n"""\n# the 3 most frequent words of CODED, most frequent first\nassert top(CODED.split(), 3) == ["',
+}
+
+
+@dataclass
+class Sample:
+    task: str
+    ids: np.ndarray            # (T,) int64: the prompt; it ends where the answer begins
+    answers: list              # strings that must all occur in the decoded text
+    n_new: int                 # tokens to decode (the answers plus some slack)
+    question_len: int          # tokens at the end of ids after the context (kept whole by compaction)
+    depth: float = None        # NIAH / vt: fraction of the haystack before the first needle
+    needle_pos: list = field(default_factory=list)  # index in ids of each needle's first token
+    needles: list = field(default_factory=list)     # each needle's token ids (to check needle_pos)
+
+
+# ----------------------------------------------------------------------------------------------
+# Haystacks and needles
+
+def boundary_mask(tokenizer, filler, style):
+    """(len(filler),) bool: True where a token ends a line (code) or a sentence (prose), so that a
+    needle inserted after it starts a line or a sentence of its own."""
+    ends = ("\n",) if style == "code" else (".", "!", "?")
+    uniq = np.unique(filler)
+    ok = {int(t): tokenizer.decode([int(t)]).rstrip(" ").endswith(ends) for t in uniq}
+    return np.array([ok[int(t)] for t in filler], dtype=bool)
+
+
+def place_needles(intro, filler, boundary, needles, depths, question, budget):
+    """intro + filler with each needle inserted after depth * (filler length) filler tokens (moved back
+    to a boundary within SNAP tokens if there is one) + question, budget tokens in all. The needles
+    keep their order (a chain's hops stay in order: depths are sorted). -> (ids, needle_pos)."""
+    n_filler = budget - len(intro) - sum(len(n) for n in needles) - len(question)
+    if n_filler < 0:
+        raise ValueError(f"a prompt of {budget} tokens is too short: its needles and question alone take "
+                         f"{budget - n_filler}")
+    if len(filler) < n_filler:
+        raise ValueError(f"a prompt of {budget} tokens needs {n_filler} haystack tokens, got {len(filler)}")
+    ats = []
+    for d in sorted(depths):
+        at = round(d * n_filler)
+        for i in range(at, max(0, at - SNAP), -1):
+            if boundary[i - 1]:
+                at = i
+                break
+        ats.append(max(at, ats[-1] if ats else 0))
+    pieces, pos, prev, n = [np.asarray(intro, dtype=np.int64)], [], 0, len(intro)
+    for at, needle in zip(ats, needles):
+        pieces.append(np.asarray(filler[prev:at], dtype=np.int64))
+        n += at - prev
+        pos.append(n)
+        pieces.append(np.asarray(needle, dtype=np.int64))
+        n += len(needle)
+        prev = at
+    pieces += [np.asarray(filler[prev:n_filler], dtype=np.int64), np.asarray(question, dtype=np.int64)]
+    return np.concatenate(pieces), pos
+
+
+def haystack_for(tokenizer, style, stream, rng, n_tokens):
+    """n_tokens of filler: a random stretch of `stream` (held-out code) for code, the repeated noise
+    paragraph for prose (stream unused)."""
+    if style == "prose":
+        one = tokenizer.encode(PROSE["noise"])
+        return np.asarray(one * (n_tokens // len(one) + 1), dtype=np.int64)[:n_tokens]
+    if stream is None or len(stream) < n_tokens:
+        raise ValueError(f"the code haystack needs a stream of at least {n_tokens} tokens")
+    off = int(rng.integers(0, len(stream) - n_tokens + 1))
+    return np.asarray(stream[off:off + n_tokens], dtype=np.int64)
+
+
+def distinct_words(rng, n, exclude=()):
+    """n distinct words of WORDS (pairs joined by '_' when WORDS runs out), none in exclude."""
+    pool = [w for w in WORDS if w not in exclude]
+    if n > len(pool):
+        pool = pool + [f"{a}_{b}" for a in WORDS[:60] for b in WORDS[60:120] if f"{a}_{b}" not in exclude]
+    if n > len(pool):
+        raise ValueError(f"{n} distinct words asked, {len(pool)} available")
+    return [pool[i] for i in rng.choice(len(pool), n, replace=False)]
+
+
+def number(rng):
+    return str(int(rng.integers(1_000_000, 10_000_000)))  # RULER's needles: 7-digit numbers
+
+
+# ----------------------------------------------------------------------------------------------
+# The generators: one function per family, -> Sample of exactly `context` tokens with its answer
+
+def niah(tokenizer, task, style, context, depth, rng, stream=None, n_keys=4, n_values=4, n_queries=4):
+    """A needle-in-a-haystack prompt. The first needle (the one asked about) sits at `depth`; the
+    others (distractors, further values, further queried keys) at random depths."""
+    t = PROSE if style == "prose" else CODE
+    n_needles = {"niah_single": 1, "niah_multikey": n_keys, "niah_multivalue": n_values,
+                 "niah_multiquery": n_queries}[task]
+    keys = distinct_words(rng, 2 * n_needles)
+    if style == "prose":
+        keys = [f"{a}-{b}" for a, b in zip(keys[::2], keys[1::2])]  # RULER's keys: word-word
+        values = [number(rng) for _ in range(n_needles)]
+    else:
+        keys, values = keys[:n_needles], keys[n_needles:]  # the default model copies words, not digits
+    if task == "niah_multivalue":
+        keys = [keys[0]] * n_needles
+    needle = t["mv_needle"] if task == "niah_multivalue" and style == "code" else t["needle"]
+    needles = [tokenizer.encode(needle.format(key=k, value=v)) for k, v in zip(keys, values)]
+    intro = t["mv_intro"] if task == "niah_multivalue" and style == "code" else t["niah_intro"]
+    if task in ("niah_single", "niah_multikey"):
+        answers = values[:1]
+        question = t["q_one"].format(key=keys[0])
+    elif task == "niah_multivalue":
+        answers = values
+        question = (t["q_mv"] if style == "code" else t["q_all"]).format(key=keys[0])
+    else:
+        answers = values
+        question = (t["q_mq"].format(lookups=", ".join(f'TABLE["{k}"]' for k in keys)) if style == "code" else
+                    t["q_all"].format(key=", ".join(keys[:-1]) + " and " + keys[-1]))
+    depths = [depth] + [float(d) for d in rng.uniform(0, 1, n_needles - 1)]
+    # the asked needle first in the prompt's order only if its depth is the smallest: keep track
+    order = np.argsort(depths, kind="stable")
+    return _assemble(tokenizer, task, style, context, rng, stream, intro, [needles[i] for i in order],
+                     [depths[i] for i in order], question, answers, depth, first=int(np.flatnonzero(order == 0)[0]))
+
+
+def variable_tracking(tokenizer, style, context, depth, rng, stream=None, n_hops=4):
+    """RULER's vt with one chain: VAR X1 = VALUE, then X2 = X1, ..., n_hops hops, the first at
+    `depth` and the rest after it; the answer is all n_hops + 1 names."""
+    t = PROSE if style == "prose" else CODE
+    value = number(rng) if style == "prose" else distinct_words(rng, 1)[0]
+    if style == "prose":
+        names = ["".join(chr(ord("A") + int(c)) for c in rng.integers(0, 26, 5)) for _ in range(n_hops + 1)]
+    else:
+        names = [f"{w}_{i}" for i, w in enumerate(distinct_words(rng, n_hops + 1))]
+    texts = [t["vt_first"].format(name=names[0], value=value)]
+    texts += [t["vt_hop"].format(name=names[i], prev=names[i - 1]) for i in range(1, n_hops + 1)]
+    needles = [tokenizer.encode(x) for x in texts]
+    depths = [depth] + sorted(float(d) for d in rng.uniform(depth, 1, n_hops))
+    question = t["vt_q"].format(value=value, n=n_hops + 1)
+    return _assemble(tokenizer, "vt", style, context, rng, stream, t["vt_intro"], needles, depths, question,
+                     names, depth)
+
+
+def _assemble(tokenizer, task, style, context, rng, stream, intro, needles, depths, question, answers, depth,
+              first=0):
+    n_new = answer_tokens(tokenizer, answers)
+    intro, question = tokenizer.encode(intro) if intro else [], tokenizer.encode(question)
+    filler = haystack_for(tokenizer, style, stream, rng, context)
+    ids, pos = place_needles(intro, filler, boundary_mask(tokenizer, filler, style), needles, depths, question,
+                             context - n_new)
+    if first:  # the asked needle first in the lists
+        pos = [pos[first]] + pos[:first] + pos[first + 1:]
+        needles = [needles[first]] + needles[:first] + needles[first + 1:]
+    return Sample(task, ids, list(answers), n_new, len(question), depth, pos, [list(n) for n in needles])
+
+
+def answer_tokens(tokenizer, answers):
+    """Tokens to decode: the answers' tokens with a separator each (', "') plus 4 of slack."""
+    return sum(len(tokenizer.encode(f' {a}", ')) for a in answers) + 4
+
+
+def common_words(tokenizer, style, context, rng, n_common=10, freq_uncommon=3):
+    """RULER's cwe: a numbered list of words, each of n_common words appearing freq_common times
+    and other words freq_uncommon times, as many as fit; freq_common grows with the context
+    (at least 2 * freq_uncommon) so that the common words stay the most common at every length."""
+    t = PROSE if style == "prose" else CODE
+    common = distinct_words(rng, n_common)
+    n_new = answer_tokens(tokenizer, common)
+    intro = tokenizer.encode(t["cwe_intro"])
+    question = tokenizer.encode(t["cwe_q"].format(n=n_common))
+    room = context - n_new - len(intro) - len(question)
+    per_entry = np.mean([len(tokenizer.encode(t["cwe_entry"].format(i=100 + i, word=w))) for i, w in
+                         enumerate(WORDS[:50])])
+    n_entries = int(room / per_entry)
+    while True:
+        freq_common = max(2 * freq_uncommon, n_entries // (2 * n_common))
+        n_uncommon = max(0, (n_entries - n_common * freq_common) // freq_uncommon)
+        uncommon = distinct_words(rng, n_uncommon, exclude=common)
+        words = common * freq_common + uncommon * freq_uncommon
+        words = [words[i] for i in rng.permutation(len(words))]
+        body = [tokenizer.encode(t["cwe_entry"].format(i=i + 1, word=w)) for i, w in enumerate(words)]
+        if sum(len(b) for b in body) <= room or n_entries <= n_common * 2 * freq_uncommon:
+            break
+        n_entries = int(n_entries * 0.95)
+    ids = np.concatenate([intro] + body + [question]).astype(np.int64)
+    if len(ids) + n_new > context:
+        raise ValueError(f"cwe: a context of {context} tokens is too short for {n_common} common words")
+    return Sample("cwe", ids, common, n_new, len(question))
+
+
+def frequent_words(tokenizer, style, context, rng, alpha=2.0, n_top=3, vocab=200):
+    """RULER's fwe: coded words (random 4-letter strings) drawn from a Zipf distribution over a
+    vocabulary (p(rank r) ~ 1 / r^alpha); the answer is the n_top most frequent, which must be
+    strictly more frequent than every other word (else the draw is repeated)."""
+    t = PROSE if style == "prose" else CODE
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    coded = sorted({"".join(rng.choice(letters, 4)) for _ in range(2 * vocab)})[:vocab]
+    coded = [coded[i] for i in rng.permutation(len(coded))]
+    p = 1.0 / np.arange(1, len(coded) + 1) ** alpha
+    p /= p.sum()
+    intro = tokenizer.encode(t["fwe_intro"])
+    question = tokenizer.encode(t["fwe_q"])
+    n_new = answer_tokens(tokenizer, coded[:n_top])
+    room = context - n_new - len(intro) - len(question)
+    enc = {w: tokenizer.encode(t["fwe_entry"].format(word=w)) for w in coded}
+    for _ in range(100):
+        body, n = [], 0
+        while True:
+            w = coded[int(rng.choice(len(coded), p=p))]
+            if n + len(enc[w]) > room:
+                break
+            body.append(w)
+            n += len(enc[w])
+        counts = {w: 0 for w in coded}
+        for w in body:
+            counts[w] += 1
+        ranked = sorted(coded, key=lambda w: -counts[w])
+        if counts[ranked[n_top - 1]] > counts[ranked[n_top]]:
+            break
+    else:
+        raise ValueError(f"fwe: no draw of {context} tokens with a strict top {n_top}")
+    ids = np.concatenate([intro] + [enc[w] for w in body] + [question]).astype(np.int64)
+    return Sample("fwe", ids, ranked[:n_top], n_new, len(question))
+
+
+def make_sample(tokenizer, task, style, context, depth, seed, stream=None):
+    """One sample of a task, deterministic given (task, style, context, depth, seed)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown RULER task {task!r}: choose from {', '.join(TASKS)}")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}: choose prose or code")
+    rng = np.random.default_rng([seed, TASKS.index(task), context, round(1000 * depth)])
+    if task.startswith("niah"):
+        return niah(tokenizer, task, style, context, depth, rng, stream)
+    if task == "vt":
+        return variable_tracking(tokenizer, style, context, depth, rng, stream)
+    if task == "cwe":
+        return common_words(tokenizer, style, context, rng)
+    return frequent_words(tokenizer, style, context, rng)
+
+
+def suite(tokenizer, tasks, style, contexts, n_samples, stream=None, seed=1234):
+    """n_samples per (task, context), depths spread evenly over 0..1: -> {(task, context): [Sample]}."""
+    out = {}
+    for task in tasks:
+        for c in contexts:
+            depths = [i / max(1, n_samples - 1) for i in range(n_samples)]
+            out[task, c] = [make_sample(tokenizer, task, style, c, d, seed + i, stream) for i, d in enumerate(depths)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+def found(text, answer):
+    """answer occurs in text as a whole word (not inside a longer word or number), case-insensitive."""
+    return re.search(r"(?<![\w-])" + re.escape(answer.lower()) + r"(?![\w-])", text.lower()) is not None
+
+
+def score(text, answers):
+    """1 if every expected answer occurs in the decoded text, else 0 (string_match_all, all-or-nothing)."""
+    return int(all(found(text, a) for a in answers))
+
+
+# ----------------------------------------------------------------------------------------------
+# Intervals
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson(k, n, z=Z95):
+    """The Wilson score interval of a binomial proportion k/n (Wilson 1927): the p for which
+    |k/n - p| <= z sqrt(p (1 - p) / n), i.e. center (k/n + z^2/2n) / (1 + z^2/n) +- half-width
+    z sqrt(k/n (1 - k/n) / n + z^2/4n^2) / (1 + z^2/n). Unlike k/n +- z sqrt(...), it stays in
+    [0, 1] and is not empty at 0/n or n/n. -> (lo, hi)."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"wilson: need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    p, z2 = k / n, z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    # at k = 0 (k = n) the bound is 0 (1) exactly; rounding would leave ~1e-17 of it
+    return (0.0 if k == 0 else center - half), (1.0 if k == n else center + half)
+
+
+def bootstrap(values, n_boot=2000, seed=0, level=0.95):
+    """Percentile bootstrap interval of the mean of `values` (one number per prompt): resample the
+    prompts with replacement n_boot times, take the mean of each, -> (mean, lo, hi)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError(f"bootstrap: need a non-empty 1-D list of values, got shape {x.shape}")
+    idx = np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))
+    means = x[idx].mean(axis=1)
+    a = (1 - level) / 2
+    return float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def paired_difference(a, b, n_boot=2000, seed=0, level=0.95):
+    """mean(a - b) with a bootstrap interval that resamples the prompts, the same indices for both:
+    a and b measured on the same prompts are correlated, and pairing removes the prompt-to-prompt
+    variation that both share. -> (mean difference, lo, hi)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference: a and b must be measured on the same prompts, got {a.shape}, {b.shape}")
+    return bootstrap(a - b, n_boot, seed, level)
