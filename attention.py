@@ -19,6 +19,7 @@ k/v (B, Hkv, N, D). Grouped-query attention: query head h reads KV head h // G, 
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def _check_gqa(q, k):
@@ -99,9 +100,89 @@ def merge_attention(o1, lse1, o2, lse2):
     return o.to(o1.dtype), lse
 
 
-def prefill_decode_attention(q, k_cache, v_cache, input_pos, use_kernels):
+# ----------------------------------------------------------------------------------------------
+# The run path on PyTorch ops (a CPU, or --kernels torch). Same contracts and results as the
+# references above, which stay the specification: these only skip what the references spend to be
+# plain (a (Tq, Tk) matrix of every score, a mask over every cache row). On a GPU kernels.py runs.
+
+SCORES_PER_CHUNK = 1 << 20  # fp32 scores held at once by attention() (4 MiB: they stay in cache)
+
+
+def attention(q, k, v, causal=True, q_offset=None, scale=None, need_lse=True):
+    """attention_ref, fast. Without need_lse: F.scaled_dot_product_attention (lse is None). With it:
+    chunks of query rows, each scoring only the keys its rows can see (causally, half the matrix)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = _check_gqa(q, k)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q_offset = Tk - Tq if q_offset is None else q_offset
+    if not need_lse and q_offset >= 0:  # (no fully masked row: sdpa would give NaN where the reference gives 0)
+        square, mask = causal and q_offset == 0 and Tq == Tk, None  # sdpa's is_causal: query i sees keys <= i
+        if causal and not square and q_offset < Tk - 1:  # some key lies after some query
+            q_pos = torch.arange(Tq, device=q.device) + q_offset
+            mask = torch.arange(Tk, device=q.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=square,
+                                           scale=scale, enable_gqa=G > 1)
+        return o, None
+    o = torch.empty(B, Hkv, G, Tq, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, Hkv, G, Tq, device=q.device, dtype=torch.float32)
+    qg = q.float().view(B, Hkv, G, Tq, D)
+    kf, vf = k.float(), v.float()
+    rows = max(1, SCORES_PER_CHUNK // max(1, B * Hq * Tk))
+    for i0 in range(0, Tq, rows):
+        i1 = min(Tq, i0 + rows)
+        n = max(0, min(Tk, q_offset + i1)) if causal else Tk  # the keys any row of the chunk can see
+        qc = qg[:, :, :, i0:i1].reshape(B, Hkv, G * (i1 - i0), D)  # the G heads of a KV head share its keys
+        s = (qc @ kf[:, :, :n].transpose(-1, -2) * scale).view(B, Hkv, G, i1 - i0, n)
+        if causal:
+            q_pos = torch.arange(i0, i1, device=q.device) + q_offset
+            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
+        p, lse[:, :, :, i0:i1] = _softmax_with_lse(s)
+        o[:, :, :, i0:i1] = (p.view(B, Hkv, G * (i1 - i0), n) @ vf[:, :, :n]).view(B, Hkv, G, i1 - i0, D)
+    return o.view(B, Hq, Tq, D).to(q.dtype), lse.view(B, Hq, Tq)
+
+
+def gathered_attention(q, k_cache, v_cache, pos, visible, bias=None, scale=None):
+    """Attention of R rows per query head over the cache rows pos of their KV head only (gathered).
+    q (B, Hq, R, D); k_cache, v_cache (B, Hkv, Nmax, D); pos (B, Hkv, M) long, each row listed once,
+    in [0, Nmax); visible (B, Hkv, R, M) bool: which of them row r sees; bias (B, Hkv, Nmax) fp32 or
+    None. -> o (B, Hq, R, D) in q.dtype, lse (B, Hq, R) fp32 (a row that sees nothing: 0, -inf)."""
+    B, Hq, R, D = q.shape
+    Hkv = k_cache.shape[1]
+    G = _check_gqa(q, k_cache)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    at = pos[..., None].expand(-1, -1, -1, D)
+    k, v = k_cache.gather(2, at).float(), v_cache.gather(2, at).float()  # (B, Hkv, M, D)
+    s = (q.float().reshape(B, Hkv, G * R, D) @ k.transpose(-1, -2) * scale).view(B, Hkv, G, R, -1)
+    if bias is not None:
+        s = s + bias.float().gather(2, pos)[:, :, None, None, :]
+    s = s.masked_fill(~visible[:, :, None], float("-inf"))
+    p, lse = _softmax_with_lse(s)
+    o = (p.view(B, Hkv, G * R, -1) @ v).view(B, Hq, R, D)
+    return o.to(q.dtype), lse.reshape(B, Hq, R)
+
+
+def page_rows(page_idx, page_size):
+    """page_idx (B, Hkv, K) int, -1 = unused -> the cache rows of those pages (B, Hkv, K * S) long
+    (an unused slot's rows point at page 0) and whether each belongs to a listed page."""
+    offs = torch.arange(page_size, device=page_idx.device)
+    pos = (page_idx.long().clamp(min=0)[..., None] * page_size + offs).flatten(-2)
+    return pos, (page_idx >= 0).repeat_interleave(page_size, dim=-1)
+
+
+def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, scale=None):
+    """paged_decode_ref, fast: reads the listed pages (each listed once) instead of masking every row."""
+    pos, listed = page_rows(page_idx, page_size)
+    visible = listed & (pos < seq_len)
+    pos = pos.clamp(max=k_cache.shape[2] - 1)  # the last page may end past the cache (masked anyway)
+    o, lse = gathered_attention(q.unsqueeze(2), k_cache, v_cache, pos, visible[:, :, None], bias, scale)
+    return o.squeeze(2), lse.squeeze(2)
+
+
+def prefill_decode_attention(q, k_cache, v_cache, input_pos, use_kernels, need_lse=True):
     """Attention of T new queries (already written to the cache) over the cache, causally.
-    q (B, T, Hq, D) at positions input_pos; caches (B, Hkv, Nmax, D) -> (o (B, T, Hq, D), lse (B, Hq, T))."""
+    q (B, T, Hq, D) at positions input_pos; caches (B, Hkv, Nmax, D) -> (o (B, T, Hq, D), lse (B, Hq, T)).
+    need_lse=False lets the PyTorch path skip the lse (then None)."""
     T = q.shape[1]
     n = int(input_pos[-1]) + 1  # keys [0, n) are valid; we always write before attending
     qh = q.transpose(1, 2)
@@ -115,7 +196,7 @@ def prefill_decode_attention(q, k_cache, v_cache, input_pos, use_kernels):
         else:
             o, lse = kernels.flash_prefill(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True)
     else:
-        o, lse = attention_ref(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True)
+        o, lse = attention(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True, need_lse=need_lse)
     return o.transpose(1, 2), lse
 
 
@@ -139,7 +220,7 @@ class DenseAttention:
             self.stats["kv_bytes_read"] += 2 * kc.shape[0] * kc.shape[1] * n * kc.shape[3] * kc.element_size()
             if layer_idx == 0:
                 self.stats["decode_steps"] += 1
-        o, _ = prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)
+        o, _ = prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)
         return o
 
     def forward_on_device(self, layer_idx, q, k, v, input_pos):

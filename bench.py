@@ -23,24 +23,35 @@ Timings: triton.testing.do_bench (warm-up excluded, L2 flushed between runs), mi
 import argparse
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+if not torch.cuda.is_available():  # before triton is imported, as conftest.py (main() then stops: no GPU)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+import kernels  # noqa: E402
+import token_sparse as ts  # noqa: E402
+from compaction import compact_cache  # noqa: E402
+from kernels import select_pages  # noqa: E402
+from retro import retro_decode, window_merge  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128  # Llama-3-8B attention
 
 
 def ms(fn, rep=100):
-    import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=rep)
 
 
 def ms_graph(fn, rep=100):
     """The same call replayed from a CUDA graph: GPU time without Python's launch overhead, which at
     batch 1 is larger than the kernels themselves. None if the call cannot be captured."""
-    import triton.testing
     try:
         return triton.testing.do_bench_cudagraph(fn, rep=rep)
     except Exception:
@@ -79,9 +90,6 @@ def rotating(fn, n):
 
 
 def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), ratios=(10, 50), S=16, copies=3):
-    import kernels
-    from kernels import select_pages
-    from retro import retro_decode, window_merge
     rows = []
     for B in batches:
         for N in contexts:
@@ -163,8 +171,6 @@ def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), rati
 
 
 def bench_prefill(lengths, keeps=(0.5, 0.25, 0.125), coverage=0.005):
-    import kernels
-    import token_sparse as ts
     rows = []
     for L in lengths:
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -209,7 +215,6 @@ def bench_compaction(ctx_len=32768, ref_queries=4096, ratios=(10, 50), n_layers=
     random with a low-rank structure and an attention sink, so attention is neither flat nor one-hot.
     -> one dict per ratio: seconds for all layers and per layer, peak extra memory, KV MiB before
     and after, and the mean output / mass errors on the reference queries."""
-    from compaction import compact_cache
     dev = torch.device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
@@ -308,7 +313,6 @@ def main():
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.py measures GPU kernels: no CUDA GPU is available")
-    import triton
     info = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
                 triton=triton.__version__)
     bw = copy_bandwidth()

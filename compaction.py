@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attention import attention_ref, merge_attention, paged_decode_ref
+from attention import attention, merge_attention, paged_decode
 from kvcache import KVCache
 
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."  # the authors' request (github adamzweiger/compaction)
@@ -153,6 +153,17 @@ def _projected_gradient(H, c, iters, lo, hi):
     return w
 
 
+def _spd_solve(A, b):
+    """A x = b for symmetric positive definite A (..., t, t), by Cholesky: batched LU of such blocks
+    (t ~ 400) fails inside MKL on 2 CPU threads ("Parameter 6 was incorrect on entry to DLASWP",
+    torch 2.13). A block that is not positive definite in floating point falls back to LU alone."""
+    chol, info = torch.linalg.cholesky_ex(A)
+    x = torch.cholesky_solve(b, chol)
+    for i in (info != 0).nonzero().tolist():
+        x[tuple(i)] = torch.linalg.solve(A[tuple(i)], b[tuple(i)])
+    return x
+
+
 def _active_set_polish(H, c, w, rounds):
     t = H.shape[-1]
     H64, c64, w64 = H.double(), c.double(), w.double()
@@ -163,12 +174,11 @@ def _active_set_polish(H, c, w, rounds):
     for _ in range(rounds):
         # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
         Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
-        # Hp is symmetric positive (semi)definite: Cholesky. A problem whose block is not positive
-        # definite even with the jitter keeps its w (the projected-gradient answer) instead of failing
-        # the whole batch. (Not an LU solve: on a CPU, MKL's batched LU intermittently returned pivot 0
-        # for a finite, well-conditioned 239 x 239 block here, and lu_solve then raised.)
+        # Cholesky (Hp is symmetric, positive definite unless the support block is singular even with
+        # the jitter: such a problem keeps its w, the projected-gradient answer, instead of failing the
+        # batch; see _spd_solve for why not an LU)
         chol, info = torch.linalg.cholesky_ex(Hp)
-        chol = torch.where((info == 0)[..., None, None], chol, eye)
+        chol = torch.where((info != 0)[..., None, None], eye, chol)
         sol = torch.cholesky_solve(torch.where(P, c64, 0.0).unsqueeze(-1), chol)
         solved = (info == 0).unsqueeze(-1)
         sol = torch.where(P & solved, sol.squeeze(-1), 0.0)
@@ -364,8 +374,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             PtY += P.transpose(-1, -2) @ y[:, :, s:s + chunk]
         lam = ridge * PtP.diagonal(dim1=-2, dim2=-1).sum(-1) / budget + 1e-12
         eye = torch.eye(t, device=k.device)
-        # symmetric positive definite (lam > 0): Cholesky, not an LU solve (see _active_set_polish)
-        delta = torch.cholesky_solve(PtY - PtP @ v_sel, torch.linalg.cholesky(PtP + lam[..., None, None] * eye))
+        delta = _spd_solve(PtP + lam[..., None, None] * eye, PtY - PtP @ v_sel)
         cv = v_sel + delta * valid.unsqueeze(-1)
     else:
         cv = v_sel
@@ -436,7 +445,7 @@ class CompactedAttention:
         if T == 1:
             B, Hkv, S = kc.shape[0], kc.shape[1], self.cache.page_size
             pages = torch.arange(-(-n // S), device=q.device, dtype=torch.int32).expand(B, Hkv, -1)
-            decode = paged_decode_ref
+            decode = paged_decode
             if self.use_kernels:
                 import kernels
                 decode = kernels.paged_decode
@@ -452,7 +461,7 @@ class CompactedAttention:
             import kernels
             o2, lse2 = kernels.flash_prefill(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
         else:
-            o2, lse2 = attention_ref(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
+            o2, lse2 = attention(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
         o, _ = merge_attention(o1, lse1, o2, lse2)
         return o.transpose(1, 2)
 
@@ -469,11 +478,13 @@ class CompactingAttention:
 
     budget: keys per KV head (int, or a function of the layer index); ref_queries: use at most this
     many second-copy positions (evenly spaced) as reference queries; skip_first: the second copy
-    leaves out the context's first skip_first tokens (its BOS); compact_kwargs: compact_cache's."""
+    leaves out the context's first skip_first tokens (its BOS); compact_kwargs: compact_cache's.
+    on_layer(layer_idx): called after each layer is compacted (progress)."""
 
     def __init__(self, ctx_len, sep_len, budget, ref_queries=None, use_kernels=False, page_size=16,
-                 skip_first=0, **compact_kwargs):
+                 on_layer=None, skip_first=0, **compact_kwargs):
         self.ctx_len, self.sep_len = ctx_len, sep_len
+        self.on_layer = on_layer
         self.copy_len = ctx_len - skip_first  # tokens of the second copy
         self.budget = budget
         self.ref_queries = ref_queries
@@ -484,20 +495,20 @@ class CompactingAttention:
         self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
 
     def forward(self, layer_idx, q, k, v, input_pos):
-        L, S = self.ctx_len, self.sep_len
+        L, sep = self.ctx_len, self.sep_len
         T = q.shape[1]
-        if int(input_pos[0]) != 0 or T != L + S + self.copy_len:
+        if int(input_pos[0]) != 0 or T != L + sep + self.copy_len:
             raise ValueError(f"CompactingAttention serves one forward of context + separator + context "
-                             f"= {L + S + self.copy_len} tokens from position 0; got {T} tokens from "
+                             f"= {L + sep + self.copy_len} tokens from position 0; got {T} tokens from "
                              f"{int(input_pos[0])}")
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        prefill = attention_ref
+        prefill = attention
         if self.use_kernels:
             import kernels
             prefill = kernels.flash_prefill
         o_ctx, _ = prefill(qh[:, :, :L], kh[:, :, :L], vh[:, :, :L], causal=True)
 
-        q_ref = qh[:, :, L + S:]
+        q_ref = qh[:, :, L + sep:]
         if self.ref_queries is not None and self.ref_queries < self.copy_len:
             pick = torch.linspace(0, self.copy_len - 1, self.ref_queries, device=q.device).round().long()
             q_ref = q_ref[:, :, pick]
@@ -508,6 +519,8 @@ class CompactingAttention:
         o1, lse1 = biased_attention_ref(qh[:, :, L:], c.ck, c.cv, c.beta)
         o2, lse2 = prefill(qh[:, :, L:], kh[:, :, L:], vh[:, :, L:], causal=True)
         o_rest, _ = merge_attention(o1, lse1, o2, lse2)
+        if self.on_layer is not None:
+            self.on_layer(layer_idx)
         return torch.cat([o_ctx, o_rest], dim=2).transpose(1, 2)
 
     def decoder(self, max_new_tokens):
@@ -538,7 +551,8 @@ def repeat_separator(tokenizer):
 
 @torch.no_grad()
 def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_tokens=256,
-                   ref_queries=None, use_kernels=False, page_size=16, bos_id=None, **compact_kwargs):
+                   ref_queries=None, use_kernels=False, page_size=16, bos_id=None, on_layer=None,
+                   **compact_kwargs):
     """Compact a prompt's KV cache by a factor `ratio` (>= 1) with the repeat-prefill pass.
 
     prompt (B, N) long; the first N - keep_last tokens form the context that is compacted (keep at
@@ -546,7 +560,8 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
     bos_id: the tokenizer's BOS id (None if it has none); a context that starts with it is repeated
     without it, so the pass has one BOS, as in the authors' prompt.
     Then: generate(model, res.attn, prompt[:, res.start_pos:], ..., start_pos=res.start_pos).
-    max_new_tokens: room for the suffix and the generated tokens after the compact part."""
+    max_new_tokens: room for the suffix and the generated tokens after the compact part.
+    on_layer(layer_idx): called as each layer is compacted (progress)."""
     B, N = prompt.shape
     L = N - keep_last
     if ratio < 1 or keep_last < 1 or L < 1:
@@ -559,7 +574,8 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
         raise ValueError(f"the repeat-prefill pass needs {L} + {sep.shape[1]} + {L - skip} = {seq.shape[1]} "
                          f"positions, more than the model's {model.args.max_seq_len} (shorten the prompt)")
     budget = max(1, round(L / ratio))
-    compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, skip_first=skip,
+    compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, on_layer,
+                                    skip_first=skip,
                                     **compact_kwargs)
     sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     sync()

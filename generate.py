@@ -3,7 +3,8 @@ Generate text with a Llama checkpoint, decoding with one of the attention method
 
     python generate.py --method dense|quest|retro|token_sparse|compact [--prompt TEXT] ...
 
-Prefill runs the whole prompt through the model once; decoding then feeds one token per step
+Prefill runs the prompt through the model (in chunks of --prefill-chunk tokens, with a progress
+line); decoding then feeds one token per step
 (RetroAttention feeds the last w tokens: the new one and the w-1 it revises). The attention
 object chosen by --method owns the KV cache; model.py never sees the method's name.
 At the end we print prefill time, decode speed, peak memory and KV bytes read per decoded token.
@@ -111,11 +112,15 @@ def graph_unsupported(attn, window, device, first_len):
 
 @torch.no_grad()
 def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, window=1,
-             stop_ids=(), on_token=None, generator=None, start_pos=0, n_vocab=None, cuda_graph=False):
+             stop_ids=(), on_token=None, generator=None, start_pos=0, n_vocab=None, cuda_graph=False,
+             prefill_chunk=None, on_prefill=None):
     """prompt (B, T) long on the model's device -> (new tokens (B, n), timings dict).
     window: rows fed per decode step (1; RetroAttention's w). start_pos: position of prompt[0]
     (non-zero only when the cache already holds a prefix, e.g. after KV compaction).
-    cuda_graph: decode through a GraphDecodeStep (dense, quest, retro; ValueError naming why not)."""
+    cuda_graph: decode through a GraphDecodeStep (dense, quest, retro; ValueError naming why not).
+    on_token(ids (B,)) sees each new token except a stop token (which ends the output, B == 1).
+    prefill_chunk: feed the prompt in pieces of about this many tokens (at least 2 each, so none
+    looks like a decode step), calling on_prefill(tokens done, T, seconds) after each."""
     device = prompt.device
     step = None
     if cuda_graph:
@@ -125,20 +130,40 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
         step = GraphDecodeStep(model, attn)
     B, T = prompt.shape
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # On a CPU, torch's OpenMP threads hand each op out and wait for one another: that pays for large
+    # matmuls on idle cores, but on a busy machine every wait is a trip through the scheduler (2 cores
+    # at load 8: a 3,032-token prefill of the default model 3.7-9.7 s on two threads, 2.0-2.5 s on one;
+    # a (2, 256) x (256, 768) linear 8 ms on two, 57 us on one). A batch-1 decode step is all tiny
+    # ops, so it always runs on one thread; the prefill does too when the other cores are busy.
+    threads = torch.get_num_threads()
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
+    if device.type == "cpu" and busy:
+        torch.set_num_threads(1)
     sync()
     t0 = time.perf_counter()
-    logits = model(prompt, torch.arange(start_pos, start_pos + T), attn, last_only=True)
+    bounds = [round(i * T / max(1, T // (prefill_chunk or T))) for i in range(max(1, T // (prefill_chunk or T)) + 1)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        logits = model(prompt[:, lo:hi], torch.arange(start_pos + lo, start_pos + hi), attn, last_only=True)
+        if on_prefill is not None:
+            sync()
+            on_prefill(hi, T, time.perf_counter() - t0)
     tokens = prompt
     nxt = sample(logits[:, -1], temperature, top_k, generator, n_vocab)
     sync()
     t_prefill = time.perf_counter() - t0
     out = [nxt]
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     t0 = time.perf_counter()
+
+    def stop(t):
+        return bool(stop_ids) and B == 1 and int(t[0]) in stop_ids
+
     for _ in range(max_new_tokens - 1):
+        if stop(nxt):
+            break
         if on_token is not None:
             on_token(nxt)
-        if stop_ids and B == 1 and int(nxt[0]) in stop_ids:
-            break
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         n = start_pos + tokens.shape[1]  # positions [start_pos, n) exist; the newest is n - 1
         w = min(window, tokens.shape[1])
@@ -148,10 +173,11 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
             logits = model(tokens[:, -w:], torch.arange(n - w, n), attn, last_only=True)[:, -1]
         nxt = sample(logits, temperature, top_k, generator, n_vocab)
         out.append(nxt)
-    if on_token is not None:
+    if on_token is not None and not stop(nxt):
         on_token(nxt)
     sync()
     t_decode = time.perf_counter() - t0
+    torch.set_num_threads(threads)
     if step is not None:
         step.close()
     return torch.stack(out, dim=1), {"prefill_s": t_prefill, "decode_s": t_decode, "decode_steps": len(out) - 1}
@@ -187,15 +213,35 @@ def default_prompt(max_bytes=14000):
     """The first held-out file (train.py's split: never trained on) of this interpreter's standard
     library that is long enough to show long-context decoding: -> (text, path)."""
     import train
-    files = sorted(p for p in Path(train.stdlib_dir()).rglob("*.py")
-                   if "site-packages" not in p.parts and train.is_heldout(p.relative_to(train.stdlib_dir()).as_posix()))
-    # real code, not a codec table or a test
-    code = [p for p in files if not ({"encodings"} & set(p.parts) or any(s.startswith("test") for s in p.parts[-3:]))]
-    sized = [p for p in code if 8000 <= p.stat().st_size <= max_bytes] or files
-    if not sized:
+    root = Path(train.stdlib_dir())
+    first = None
+    for p in _py_files_sorted(root):
+        if not train.is_heldout(p.relative_to(root).as_posix()):
+            continue
+        first = first or p
+        # real code, not a codec table or a test
+        if {"encodings"} & set(p.parts) or any(s.startswith("test") for s in p.parts[-3:]):
+            continue
+        if 8000 <= p.stat().st_size <= max_bytes:
+            return p.read_text(errors="replace"), p
+    if first is None:
         return "def fibonacci(n):\n", None
-    path = sized[0]
-    return path.read_text(errors="replace"), path
+    return first.read_text(errors="replace"), first
+
+
+def _py_files_sorted(root):
+    """root's *.py files in sorted(path) order, lazily (a walk with each directory's entries sorted by
+    name), not entering site-packages or symlinked directories: the first match ends the walk."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            if e.name != "site-packages":
+                yield from _py_files_sorted(e.path)
+        elif e.name.endswith(".py"):
+            yield Path(e.path)
 
 
 BIAS_BOX_DEFAULT = "none"
@@ -214,29 +260,79 @@ def check_budget(opts, parser):
         parser.error(str(e))
 
 
+def check_options(opts, parser):
+    """The flags' values that need no checkpoint, each refused in one line naming it."""
+    if opts.method not in METHODS:
+        parser.error(f"--method {opts.method!r} is not a method; choose one of: {', '.join(METHODS)}")
+    for flag, value, ok, expected in [
+            ("--max-new-tokens", opts.max_new_tokens, opts.max_new_tokens >= 1, ">= 1"),
+            ("--temperature", opts.temperature, opts.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("--top-k", opts.top_k, opts.top_k >= 0, ">= 0 (0 = all tokens)"),
+            ("--prefill-chunk", opts.prefill_chunk, opts.prefill_chunk >= 0, ">= 0 (0 = the whole prompt at once)"),
+            ("--dense-layers", opts.dense_layers, opts.dense_layers >= 0, ">= 0"),
+            ("--window", opts.window, opts.window >= 1, ">= 1"),
+            ("--ratio", opts.ratio, opts.ratio >= 1, ">= 1"),
+            ("--max-seq-len", opts.max_seq_len, opts.max_seq_len is None or opts.max_seq_len >= 2, ">= 2")]:
+        if not ok:
+            parser.error(f"{flag} {value}: expected {expected}")
+    check_budget(opts, parser)
+
+
+def check_against_model(opts, parser, args, tokenizer, ckpt):
+    """The flags and files that must agree with the loaded checkpoint."""
+    if tokenizer.n_words > args.vocab_size:
+        raise SystemExit(f"error: {ckpt}: the tokenizer has ids up to {tokenizer.n_words - 1}, but config.json's "
+                         f"vocab_size is {args.vocab_size} (expected a tokenizer of at most {args.vocab_size} ids)")
+    paged = opts.method in ("quest", "retro") or (opts.method == "token_sparse" and opts.decode != "dense")
+    if paged and opts.dense_layers >= args.n_layers:
+        parser.error(f"--dense-layers {opts.dense_layers}: the model has {args.n_layers} layers, so every layer "
+                     f"would be dense (expected < {args.n_layers}; or use --method dense)")
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the usage block is what --help is for)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every flag's default (flags off by default, or with no default, show none)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="generate.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"Hugging Face Llama checkpoint directory (default: {DEFAULT_CHECKPOINT.name} if present)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", type=str, default=None, help="prompt text")
     g.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's instruct chat template")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (what the exactness tests use)")
     p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache size (default: prompt + new tokens)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="attention implementation: Triton kernels or the PyTorch references (auto: triton on cuda)")
+                   help="attention implementation: Triton kernels or PyTorch ops (auto: triton on cuda)")
     p.add_argument("--method", default="dense",
                    help=f"attention method, one of: {', '.join(METHODS)}")
-    p.add_argument("--quiet", action="store_true", help="do not stream the text, print only the statistics")
+    p.add_argument("--prefill-chunk", type=int, default=1024,
+                   help="feed a long prompt in chunks of about this many tokens (0 = at once; token_sparse "
+                        "and compact always prefill at once)")
+    p.add_argument("--quiet", action="store_true", help="do not stream the text or progress, print only the statistics")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture the decode step in a CUDA graph and replay it (dense, quest, retro; on a GPU); "
                         "statistics of KV bytes read are not counted then")
@@ -247,12 +343,12 @@ def build_parser():
     q.add_argument("--page-choice", choices=["kv_head", "query_head"], default="kv_head",
                    help="quest: one page list per KV head, the group's bounds summed (default, ours: a page "
                         "is read once per group), or one per query head (Quest's own GQA code: up to G x the reads)")
-    q.add_argument("--page-size", type=int, default=16)
+    q.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     q.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense (Quest's default: 2)")
     r = p.add_argument_group("RetroAttention (retro)")
     r.add_argument("--window", type=int, default=2,
                    help="w: rows per decode step, the new token and the w-1 past tokens whose outputs it revises "
-                        "(w = 1 is Quest; default 2 as in the paper's main experiments)")
+                        "(w = 1 is Quest; 2 as in the paper's main experiments)")
     t = p.add_argument_group("Token Sparse Attention (token_sparse): a PREFILL method; --decode picks the decoding")
     t.add_argument("--decode", choices=["dense", "quest", "retro"], default="dense",
                    help="how to decode after a token-sparse prefill")
@@ -288,11 +384,7 @@ def resolve_checkpoint(opts, parser):
 def main(argv=None):
     parser = build_parser()
     opts = parser.parse_args(argv)
-    if opts.method not in METHODS:
-        parser.error(f"--method {opts.method!r} is not a method; choose one of: {', '.join(METHODS)}")
-    if opts.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be >= 1")
-    check_budget(opts, parser)
+    check_options(opts, parser)
     if opts.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
     ckpt = resolve_checkpoint(opts, parser)
@@ -309,6 +401,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(f"error: cannot load checkpoint {ckpt}: {e}")
     args = model.args
+    check_against_model(opts, parser, args, tokenizer, ckpt)
 
     default = opts.prompt is None and opts.prompt_file is None
     if opts.prompt_file is not None:
@@ -326,8 +419,17 @@ def main(argv=None):
         ids = tokenizer.chat_prompt(text) if opts.chat else tokenizer.encode(text, bos=True)
     except ValueError as e:
         parser.error(str(e))
+    context = min(opts.max_seq_len or args.max_seq_len, args.max_seq_len)
     if default:  # the default prompt is cut to leave room for the new tokens
-        ids = ids[:max(1, min(opts.max_seq_len or args.max_seq_len, args.max_seq_len) - opts.max_new_tokens)]
+        ids = ids[:max(1, context - opts.max_new_tokens)]
+    if default and opts.method == "compact":
+        from compaction import REPEAT_PROMPT
+        fits = (context - len(tokenizer.encode(REPEAT_PROMPT))) // 2 + 1  # compaction feeds the prompt twice
+        if len(ids) > fits:
+            if not opts.quiet:
+                print(f"[compact] the default prompt is cut from {len(ids)} to {fits} tokens: the repeat-prefill "
+                      f"pass feeds it twice, with a separator, in the model's {context} positions", file=sys.stderr)
+            ids = ids[:fits]
     if not ids:
         parser.error("the prompt is empty")
     need = len(ids) + opts.max_new_tokens
@@ -343,17 +445,26 @@ def main(argv=None):
     if opts.method == "compact":
         # prefill + compaction happen in one repeat-prefill pass; decoding continues after the context
         from compaction import compact_prompt, repeat_separator
+        t0 = time.perf_counter()
+
+        def on_layer(i):
+            if not opts.quiet:
+                print(f"[compact] layer {i + 1}/{args.n_layers} compacted ({time.perf_counter() - t0:.1f} s)",
+                      file=sys.stderr)
         try:
             res = compact_prompt(model, prompt, opts.ratio, separator_ids=repeat_separator(tokenizer),
                                  bos_id=tokenizer.bos_id, w_box=bias_box(opts.bias_box),
                                  max_new_tokens=opts.max_new_tokens, use_kernels=use_kernels,
-                                 page_size=opts.page_size)
+                                 page_size=opts.page_size, on_layer=on_layer)
         except ValueError as e:
             parser.error(str(e))
         attn, cache, start_pos = res.attn, res.attn.cache, res.start_pos
         prompt = prompt[:, start_pos:]
-        print(f"[compact] {start_pos} prompt tokens compacted {opts.ratio}x in {res.stats['compaction_s']:.2f} s: "
-              f"KV {res.stats['kv_mib_before']:.2f} -> {res.stats['kv_mib_after']:.2f} MiB", file=sys.stderr)
+        keys = res.stats["keys_per_head"]
+        print(f"[compact] {start_pos} prompt tokens -> {keys} keys per KV head ({start_pos / keys:.1f}x; --ratio "
+              f"{opts.ratio:g}) in {res.stats['compaction_s']:.2f} s: KV {res.stats['kv_mib_before']:.2f} -> "
+              f"{res.stats['kv_mib_after']:.2f} MiB; the last {prompt.shape[1]} prompt token(s) are prefilled next",
+              file=sys.stderr)
     else:
         paged = opts.method in ("quest", "retro") or (opts.method == "token_sparse" and opts.decode != "dense")
         cache = KVCache(args.n_layers, 1, args.n_kv_heads, max_seq_len, args.head_dim, dtype, opts.device,
@@ -386,14 +497,24 @@ def main(argv=None):
 
     if opts.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # token_sparse selects tokens over the whole prompt (and compact's prompt is its last token): one pass
+    chunk = None if opts.method in ("token_sparse", "compact") else opts.prefill_chunk or None
+    progress = not opts.quiet and chunk is not None and prompt.shape[1] > chunk
     if not opts.quiet:
-        print(f"[{opts.method}] prompt: {len(ids)} tokens, generating {opts.max_new_tokens}\n", file=sys.stderr)
+        print(f"[{opts.method}] prompt: {len(ids)} tokens, generating {opts.max_new_tokens}",
+              end="\n" if progress else "\n\n", file=sys.stderr)
+
+    def on_prefill(done, total, seconds):
+        end = "\n\n" if done == total else "\n" if not sys.stderr.isatty() else ""
+        print(f"\r[prefill] {done}/{total} tokens ({done / seconds:.0f} tok/s)", end=end, file=sys.stderr, flush=True)
+
     gen = torch.Generator(device=opts.device).manual_seed(opts.seed)
     _, t = generate(model, attn, prompt, opts.max_new_tokens, opts.temperature, opts.top_k, window,
                     stop_ids=tokenizer.stop_ids if opts.chat else (), on_token=on_token, generator=gen,
-                    start_pos=start_pos, n_vocab=tokenizer.n_words, cuda_graph=opts.cuda_graph)
+                    start_pos=start_pos, n_vocab=tokenizer.n_words, cuda_graph=opts.cuda_graph,
+                    prefill_chunk=chunk, on_prefill=on_prefill if progress else None)
     print()
-    report(opts, len(ids), t, attn, cache)
+    report(opts, prompt.shape[1], t, attn, cache)
 
 
 def peak_memory_bytes(device):

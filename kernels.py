@@ -5,10 +5,13 @@ kvcache.page_scores_ref) and test_attention.py holds it to that reference.
 Online softmax (FlashAttention, arXiv 2205.14135). Keys are visited a tile at a time while each
 query row keeps the largest score m seen so far, l = sum_j exp(s_j - m) and acc = sum_j exp(s_j - m) v_j.
 When a tile raises the max to m', l and acc are rescaled by exp(m - m'). At the end o = acc / l and
-lse = m + log l; no (Tq, Tk) matrix is ever stored.
+lse = m + log l; no (Tq, Tk) matrix is ever stored. attend_tile below is that step, written once:
+every attention kernel of nanokv (here, retro.py, token_sparse.py) is a loop over key tiles that
+calls it, and shows only what is its own: which keys a tile holds and which row may see which key.
 
 Split-K decode (flash-decoding). One decode query is too little work to fill a GPU, so the keys are
-cut into chunks, each attended to by its own program, and the partial results are merged:
+cut into chunks (num_splits of them, see plan_splits), each attended to by its own program, and the
+partial results are merged:
     lse = log sum_s exp(lse_s),   o = sum_s exp(lse_s - lse) o_s.
 The G query heads that share a KV head are the rows of one tile, so each K/V tile is read once.
 
@@ -28,7 +31,7 @@ LOG2E = 1.4426950408889634  # host side: folded into the scale passed to the ker
 # kernels may only read globals that are constexpr (the CPU interpreter does not enforce this)
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(0.6931471805599453)
-MAX_SPLITS = 128  # the merge kernel holds all splits of a row in one tile
+MAX_SPLITS = 128  # merge_partials holds all splits of a row in one tile
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,9 +41,13 @@ def _num_sms(device):
     return 4  # the CPU interpreter runs programs one by one: keep their number small
 
 
-def _dot_precision(dtype):
+def dot_precision(dtype):
     # fp32 inputs must not be rounded to tf32 (tests compare fp32 results at 2e-4)
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tile_size(n):
+    return max(16, triton.next_power_of_2(n))  # a power of two, and tl.dot wants at least 16
 
 
 def _check(q, k, v, q_dims):
@@ -51,6 +58,111 @@ def _check(q, k, v, q_dims):
         raise ValueError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)}: need the same batch and "
                          f"head dim, and query heads a multiple of KV heads")
     return q.shape[1] // k.shape[1]
+
+
+def device_length(seq_len, Nmax):
+    """A kernel's key count: an int, or a (1,) int32 tensor on the device that the kernel reads
+    itself. The second needs no host sync, so the call can be captured in a CUDA graph and replayed
+    as the sequence grows; the work is then planned for the largest length, Nmax (programs past the
+    real length find no keys). -> (length to plan for, tensor or None)."""
+    if torch.is_tensor(seq_len):
+        if seq_len.dtype != torch.int32 or seq_len.numel() != 1:
+            raise ValueError(f"a device length must be one int32 value, got {seq_len.dtype} {tuple(seq_len.shape)}")
+        return Nmax, seq_len
+    seq_len = int(seq_len)
+    if not 0 <= seq_len <= Nmax:
+        raise ValueError(f"seq_len {seq_len} must lie in [0, {Nmax}] (the cache length)")
+    return seq_len, None
+
+
+def prefill_tiles(q):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a prefill kernel: the Triton tutorial's H100 choice
+    for 2-byte inputs, smaller tiles for fp32 (shared memory) and for the CPU interpreter (numpy cost per tile)."""
+    if q.device.type != "cuda":
+        return 32, 32, 4, 1
+    if q.element_size() <= 2 and q.shape[-1] <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 4, 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The tile every attention kernel shares
+
+@triton.jit
+def online_softmax(m, l, s):
+    """Fold a tile of base-2 scores s (M, N), -inf where a row may not see a key, into each row's
+    running max m (M,) and sum l (M,). -> (m', l', alpha = exp2(m - m'), the factor that rescales
+    what was summed over earlier keys, p = exp2(s - m') (M, N), this tile's weights)."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    # a row with no visible key so far keeps m = -inf; shift it by 0 so exp gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, l * alpha + tl.sum(p, 1), alpha, p
+
+
+@triton.jit
+def attend_tile(q, K, V, k_pos, k_ok, visible, m, l, acc, skn, skd, svn, svd, d, d_ok, qk_scale,
+                PRECISION: tl.constexpr, BIAS=0, sbn=0, HAS_BIAS: tl.constexpr = False):
+    """One online-softmax step: the rows q (M, BLOCK_D) attend to the keys at rows k_pos (N,) of K and
+    V (pointers to one head's (N, D) matrices, strides skn, skd / svn, svd; rows ~k_ok are not read).
+    visible (M, N): which row sees which key. With HAS_BIAS, BIAS[k_pos * sbn] (one head's per-key
+    bias) is added to the natural-log scores. -> the running (m, l, acc) after this tile."""
+    kv_ok = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + k_pos[:, None] * skn + d[None, :] * skd, mask=kv_ok, other=0.0)
+    v = tl.load(V + k_pos[:, None] * svn + d[None, :] * svd, mask=kv_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:  # convert the bias to base 2 like the scores
+        s += tl.load(BIAS + k_pos * sbn, mask=k_ok, other=0.0)[None, :] * LOG2E_C
+    m, l, alpha, p = online_softmax(m, l, tl.where(visible, s, float("-inf")))
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m, l, acc
+
+
+@triton.jit
+def finish_rows(m, l, acc):
+    """-> o = acc / l (M, BLOCK_D) and lse = m ln 2 + log l (M,), natural log; a row that saw no key
+    gets o = 0 and lse = -inf."""
+    has_keys = l > 0
+    l_safe = tl.where(has_keys, l, 1.0)
+    return acc / l_safe[:, None], tl.where(has_keys, m * LN2_C + tl.log(l_safe), float("-inf"))
+
+
+@triton.jit
+def store_split(OP, LP, m, l, acc, row, row_ok, split, num_splits, d, D: tl.constexpr):
+    """Write one split's (o, lse) of the rows row (M,) (indices into B * Hq, or B * Hq * W with a window)
+    into OP (rows, num_splits, D) and LP (rows, num_splits) fp32."""
+    o, lse = finish_rows(m, l, acc)
+    tl.store(OP + (row[:, None] * num_splits + split) * D + d[None, :], o, mask=row_ok[:, None] & (d[None, :] < D))
+    tl.store(LP + row * num_splits + split, lse, mask=row_ok)
+
+
+@triton.jit
+def merge_splits(lse_s, o_s):
+    """The split-K merge for a block of rows (retro.window_merge): lse_s (M, NS), o_s (M, NS, BLOCK_D) fp32,
+    attentions over disjoint key sets -> their union's o (M, BLOCK_D) and lse (M,); empty parts
+    (lse = -inf) add nothing. merge_partials' kernel is the same for one row, in 1-D."""
+    m = tl.max(lse_s, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every part empty: all weights 0, no NaN
+    w = tl.exp(lse_s - m[:, None])
+    total = tl.sum(w, 1)
+    total_safe = tl.where(total > 0, total, 1.0)
+    o = tl.sum(w[:, :, None] * o_s, 1) / total_safe[:, None]
+    return o, tl.where(total > 0, m + tl.log(total_safe), float("-inf"))
+
+
+def plan_splits(n, batch_heads, device, waves, block_n, num_splits=None, unit=None):
+    """Split-K plan for n key rows and batch_heads (batch, KV head) pairs: by default enough programs
+    to fill the GPU `waves` times over, each chunk a whole number of `unit` rows (default: the tile,
+    block_n); a caller forcing num_splits gets chunks of 16 rows at least. Never more than MAX_SPLITS.
+    -> (chunk, num_splits) with num_splits = ceil(n / chunk) >= 1."""
+    if num_splits is None:
+        num_splits = triton.cdiv(waves * _num_sms(device), batch_heads)
+        unit = unit or block_n
+    unit = unit or 16
+    num_splits = max(1, min(num_splits, triton.cdiv(n, 16), MAX_SPLITS))
+    chunk = max(unit, triton.cdiv(triton.cdiv(n, num_splits), unit) * unit)
+    return chunk, max(1, triton.cdiv(n, chunk))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,16 +183,14 @@ def _prefill_kernel(Q, K, V, O, LSE, SEQ_LEN,
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)  # int64: batch offsets of a long cache overflow int32
     h = (pid_bh % Hq).to(tl.int64)
-    hk = h // G
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + d[None, :] * sqd,
                 mask=(rows[:, None] < Tq) & d_ok[None, :], other=0.0)
-    K += b * skb + hk * skh
-    V += b * svb + hk * svh
     q_pos = q_offset + rows  # absolute position of each query
+    K += b * skb + (h // G) * skh
+    V += b * svb + (h // G) * svh
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -89,30 +199,16 @@ def _prefill_kernel(Q, K, V, O, LSE, SEQ_LEN,
     if CAUSAL:  # keys after the last query of this block are invisible to all of it
         hi = tl.maximum(tl.minimum(Tk, q_offset + pid_m * BLOCK_M + BLOCK_M), 0)
     for start in range(0, hi, BLOCK_N):
-        k_pos = start + cols
-        kv_ok = (k_pos[:, None] < Tk) & d_ok[None, :]
-        k = tl.load(K + k_pos[:, None] * skt + d[None, :] * skd, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        k_pos = start + tl.arange(0, BLOCK_N)
         visible = k_pos[None, :] < Tk
         if CAUSAL:
             visible = visible & (k_pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        # a row with no visible key so far keeps m = -inf; shift it by 0 so exp gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + k_pos[:, None] * svt + d[None, :] * svd, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = attend_tile(q, K, V, k_pos, k_pos < Tk, visible, m, l, acc, skt, skd, svt, svd, d, d_ok,
+                                qk_scale, PRECISION)
 
-    has_keys = l > 0
-    l_safe = tl.where(has_keys, l, 1.0)
-    o = acc / l_safe[:, None]
+    o, lse = finish_rows(m, l, acc)
     tl.store(O + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod, o.to(O.dtype.element_ty),
              mask=(rows[:, None] < Tq) & d_ok[None, :])
-    lse = tl.where(has_keys, m * LN2_C + tl.log(l_safe), float("-inf"))
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + rows, lse, mask=rows < Tq)
 
 
@@ -125,50 +221,40 @@ def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None, seq_len=None)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    len_t = None
     if seq_len is not None:
         Tk, len_t = device_length(seq_len, Tk)
         if len_t is None:
             raise ValueError("flash_prefill: seq_len is for a device length; slice k, v for a host one")
-    else:
-        len_t = None
     q_offset = Tk - Tq if q_offset is None else int(q_offset)
     o = torch.empty(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Tq, dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages): the Triton tutorial's H100 choice for 2-byte inputs,
-    # smaller tiles for fp32 (shared memory) and for the CPU interpreter (numpy cost per tile).
-    if q.device.type != "cuda":
-        cfg = (32, 32, 4, 1)
-    elif q.element_size() <= 2 and D <= 128:
-        cfg = (128, 64, 8, 3)
-    else:
-        cfg = (64, 32, 4, 2)
-    BLOCK_M, BLOCK_N, warps, stages = cfg
-    grid = (triton.cdiv(Tq, BLOCK_M), B * Hq)
-    _prefill_kernel[grid](q, k, v, o, lse, len_t if len_t is not None else lse,
-                          *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                          Hq, G, Tq, Tk, q_offset, scale * LOG2E,
-                          LEN_ON_DEVICE=len_t is not None, CAUSAL=causal, PRECISION=_dot_precision(q.dtype),
-                          BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
-                          num_warps=warps, num_stages=stages)
+    BLOCK_M, BLOCK_N, warps, stages = prefill_tiles(q)
+    _prefill_kernel[(triton.cdiv(Tq, BLOCK_M), B * Hq)](
+        q, k, v, o, lse, len_t if len_t is not None else lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        Hq, G, Tq, Tk, q_offset, scale * LOG2E, LEN_ON_DEVICE=len_t is not None, CAUSAL=causal,
+        PRECISION=dot_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=tile_size(D), D=D,
+        num_warps=warps, num_stages=stages)
     return o, lse
 
 
 # ----------------------------------------------------------------------------------------------
-# Merging split partials: one program per output row
+# Merging split partials: one program per block of output rows
 
-@triton.jit(do_not_specialize=["S"])
-def _merge_kernel(OP, LP, O, LSE, S, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["NS"])
+def _merge_kernel(OP, LP, O, LSE, NS, D: tl.constexpr, BLOCK_NS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # merge_splits for one row, written out in 1-D: as a (1, NS, D) block it measured ~5% slower (H200)
     r = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, BLOCK_S)
+    s = tl.arange(0, BLOCK_NS)
     d = tl.arange(0, BLOCK_D)
-    lse_s = tl.load(LP + r * S + s, mask=s < S, other=float("-inf"))
+    lse_s = tl.load(LP + r * NS + s, mask=s < NS, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights 0, no NaN
     w = tl.exp(lse_s - m_safe)
     total = tl.sum(w, 0)
-    o_s = tl.load(OP + r * S * D + s[:, None] * D + d[None, :], mask=(s[:, None] < S) & (d[None, :] < D), other=0.0)
+    o_s = tl.load(OP + r * NS * D + s[:, None] * D + d[None, :], mask=(s[:, None] < NS) & (d[None, :] < D), other=0.0)
     total_safe = tl.where(total > 0, total, 1.0)
     o = tl.sum(w[:, None] * o_s, 0) / total_safe
     tl.store(O + r * D + d, o.to(O.dtype.element_ty), mask=d < D)
@@ -176,18 +262,18 @@ def _merge_kernel(OP, LP, O, LSE, S, D: tl.constexpr, BLOCK_S: tl.constexpr, BLO
 
 
 def merge_partials(o_parts, lse_parts, out_dtype=None):
-    """Merge attentions over disjoint key sets (the splits): o_parts (..., S, D), lse_parts (..., S)
+    """Merge attentions over disjoint key sets (the splits): o_parts (..., NS, D), lse_parts (..., NS)
     -> o (..., D) in out_dtype (default o_parts.dtype), lse (...) fp32. Empty splits (lse = -inf) add nothing."""
-    *lead, S, D = o_parts.shape
-    if tuple(lse_parts.shape) != (*lead, S) or S > MAX_SPLITS:
+    *lead, NS, D = o_parts.shape
+    if tuple(lse_parts.shape) != (*lead, NS) or NS > MAX_SPLITS:
         raise ValueError(f"merge_partials: o_parts {tuple(o_parts.shape)} and lse_parts {tuple(lse_parts.shape)} "
-                         f"must be (..., S, D) and (..., S) with S <= {MAX_SPLITS}")
-    op = o_parts.reshape(-1, S, D).float().contiguous()
-    lp = lse_parts.reshape(-1, S).float().contiguous()
+                         f"must be (..., NS, D) and (..., NS) with NS <= {MAX_SPLITS}")
+    op = o_parts.reshape(-1, NS, D).float().contiguous()
+    lp = lse_parts.reshape(-1, NS).float().contiguous()
     o = torch.empty(op.shape[0], D, dtype=out_dtype or o_parts.dtype, device=o_parts.device)
     lse = torch.empty(op.shape[0], dtype=torch.float32, device=o_parts.device)
     if op.shape[0] > 0:
-        _merge_kernel[(op.shape[0],)](op, lp, o, lse, S, D=D, BLOCK_S=triton.next_power_of_2(S),
+        _merge_kernel[(op.shape[0],)](op, lp, o, lse, NS, D=D, BLOCK_NS=triton.next_power_of_2(NS),
                                       BLOCK_D=triton.next_power_of_2(D), num_warps=4)
     return o.view(*lead, D), lse.view(*lead)
 
@@ -211,7 +297,6 @@ def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
     r = tl.arange(0, BLOCK_M)
     g = r // W
     i = r % W
-    cols = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqw + d[None, :] * sqd,
@@ -226,35 +311,13 @@ def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
     for start in range(lo, hi, BLOCK_N):
-        k_pos = start + cols
+        k_pos = start + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
-        kv_ok = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + k_pos[:, None] * skn + d[None, :] * skd, mask=kv_ok, other=0.0)
-        v = tl.load(V + k_pos[:, None] * svn + d[None, :] * svd, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # see _prefill_kernel
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        m, l, acc = attend_tile(q, K, V, k_pos, k_ok, visible, m, l, acc, skn, skd, svn, svd, d, d_ok, qk_scale,
+                                PRECISION)
 
-    _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G * W, num_splits, r, d, D)
-
-
-@triton.jit
-def _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G, num_splits, g, d, D: tl.constexpr):
-    """Write one split's normalized (o, lse) into OP (B, Hq, splits, D) and LP (B, Hq, splits) fp32;
-    G rows g per KV head (with a window: (B, Hq, W, splits, D), G * W rows)."""
-    has_keys = l > 0
-    l_safe = tl.where(has_keys, l, 1.0)
-    row = (b * Hkv + hk) * G + g  # index of (b, query head) in B * Hq
-    tl.store(OP + (row[:, None] * num_splits + split) * D + d[None, :], acc / l_safe[:, None],
-             mask=(g[:, None] < G) & (d[None, :] < D))
-    tl.store(LP + row * num_splits + split, tl.where(has_keys, m * LN2_C + tl.log(l_safe), float("-inf")),
-             mask=g < G)
+    store_split(OP, LP, m, l, acc, pid_bh.to(tl.int64) * G * W + r, r < G * W, split, num_splits, d, D)
 
 
 KV_TILE_BYTES = 64 * 1024  # one pipeline stage's K and V tiles at most; more fails on shared memory
@@ -273,30 +336,9 @@ def kv_tiles(block_n, num_stages, D, element_size):
     return block_n, 1
 
 
-def _splits(n_blocks, batch_heads, device, num_splits):
-    """Enough programs to fill the GPU about four times over, never more splits than tiles of work."""
-    if num_splits is None:
-        num_splits = triton.cdiv(4 * _num_sms(device), batch_heads)
-    return max(1, min(num_splits, n_blocks, MAX_SPLITS))
-
-
 DECODE_BLOCK_N = 64  # keys per tile; 64 x 128 bf16 = 16 KB per K (or V) tile, wide coalesced loads
+DECODE_WAVES = 4  # programs per SM
 MAX_DECODE_ROWS = 64  # query rows of a flash_decode tile (G heads x W window rows)
-
-
-def device_length(seq_len, Nmax):
-    """A kernel's key count: an int, or a (1,) int32 tensor on the device that the kernel reads
-    itself. The second needs no host sync, so the call can be captured in a CUDA graph and replayed
-    as the sequence grows; the work is then planned for the largest length, Nmax (programs past the
-    real length find no keys). -> (length to plan for, tensor or None)."""
-    if torch.is_tensor(seq_len):
-        if seq_len.dtype != torch.int32 or seq_len.numel() != 1:
-            raise ValueError(f"a device length must be one int32 value, got {seq_len.dtype} {tuple(seq_len.shape)}")
-        return Nmax, seq_len
-    seq_len = int(seq_len)
-    if not 0 <= seq_len <= Nmax:
-        raise ValueError(f"seq_len {seq_len} must lie in [0, {Nmax}] (the cache length)")
-    return seq_len, None
 
 
 def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
@@ -322,22 +364,16 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
     if len_t is None and W > seq_len:
         raise ValueError(f"flash_decode: {W} window rows need at least as many keys, got seq_len {seq_len}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    splits = _splits(triton.cdiv(seq_len, 16), B * Hkv, q.device, num_splits)
-    # chunk: a multiple of the tile when the defaults choose it, of 16 at least when a caller forces many splits
-    unit = DECODE_BLOCK_N if num_splits is None else 16
-    chunk = max(unit, triton.cdiv(triton.cdiv(seq_len, splits), unit) * unit)
-    splits = max(1, triton.cdiv(seq_len, chunk))
-    o_part = torch.empty(B, Hq, W, splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, W, splits, dtype=torch.float32, device=q.device)
+    chunk, num_splits = plan_splits(seq_len, B * Hkv, q.device, DECODE_WAVES, DECODE_BLOCK_N, num_splits)
+    o_part = torch.empty(B, Hq, W, num_splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=q.device)
     qs = q.stride() if window else (*q.stride()[:2], 0, q.stride(2))
     block_n, stages = kv_tiles(DECODE_BLOCK_N, 3 if q.device.type == "cuda" else 1, D, q.element_size())
-    _decode_kernel[(splits, B * Hkv)](q, k_cache, v_cache, o_part, lse_part, len_t if len_t is not None else lse_part,
-                                      *qs, *k_cache.stride(), *v_cache.stride(),
-                                      Hkv, G, W, seq_len, chunk, splits, scale * LOG2E,
-                                      LEN_ON_DEVICE=len_t is not None, PRECISION=_dot_precision(q.dtype),
-                                      BLOCK_M=max(16, triton.next_power_of_2(G * W)),
-                                      BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
-                                      num_warps=4, num_stages=stages)
+    _decode_kernel[(num_splits, B * Hkv)](
+        q, k_cache, v_cache, o_part, lse_part, len_t if len_t is not None else lse_part,
+        *qs, *k_cache.stride(), *v_cache.stride(), Hkv, G, W, seq_len, chunk, num_splits, scale * LOG2E,
+        LEN_ON_DEVICE=len_t is not None, PRECISION=dot_precision(q.dtype), BLOCK_M=tile_size(G * W),
+        BLOCK_N=block_n, BLOCK_D=tile_size(D), D=D, num_warps=4, num_stages=stages)
     o, lse = merge_partials(o_part, lse_part, out_dtype=q.dtype)
     return (o, lse) if window else (o[:, :, 0], lse[:, :, 0])
 
@@ -348,14 +384,14 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
 # each costs microseconds whatever its size: these three replace ~22 of them.
 
 @triton.jit
-def _rms_norm_kernel(X, W, Y, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, WEIGHT, Y, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     ok = c < n_cols
     x = tl.load(X + row * n_cols + c, mask=ok, other=0.0).to(tl.float32)
     y = x * tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
     y = y.to(Y.dtype.element_ty).to(tl.float32)  # as the reference: normalize in fp32, round, then scale
-    w = tl.load(W + c, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(WEIGHT + c, mask=ok, other=0.0).to(tl.float32)
     tl.store(Y + row * n_cols + c, (w * y).to(Y.dtype.element_ty), mask=ok)
 
 
@@ -402,11 +438,11 @@ def rope(x, cos, sin):
 
 
 @triton.jit
-def _silu_mul_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GATE, UP, Y, n, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
-    g = tl.load(G + i, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + i, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(GATE + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(UP + i, mask=ok, other=0.0).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)  # silu rounded, as F.silu
     tl.store(Y + i, (a * u).to(Y.dtype.element_ty), mask=ok)
 
@@ -530,7 +566,7 @@ def page_scores(q, kmin, kmax, num_pages):
 @triton.jit(do_not_specialize=["num_pages", "k", "newest"])
 def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, k, newest, page_size,
                          LEN_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr):
-    if LEN_ON_DEVICE:  # the pages of a device length (see kernels.device_length); k <= their number
+    if LEN_ON_DEVICE:  # the pages of a device length (see device_length); k <= their number
         num_pages = tl.cdiv(tl.load(SEQ_LEN), page_size)
         newest = num_pages - 1
     row = tl.program_id(0).to(tl.int64)
@@ -563,22 +599,21 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
 
 
 SELECT_TUNING = dict(max_warps=8)  # warps for a row of 8K pages (GPU)
-SELECT_MAX_PAGES = 16384  # one program holds a whole score row in registers; longer rows use torch
+SELECT_MAX_PAGES = 16384  # one program holds a whole score row in registers
 
 
 def select_pages(scores, num_pages, budget_pages, newest_page):
-    """Triton version of kvcache.select_pages (same arguments, same result, ties included)."""
+    """Triton version of kvcache.select_pages (same arguments, same result, ties included), for up to
+    SELECT_MAX_PAGES pages (kvcache.quest_pages uses the reference beyond)."""
     if budget_pages < 1 or num_pages < 1:
         raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
-    K = min(budget_pages, num_pages)
     if num_pages > SELECT_MAX_PAGES:
-        from kvcache import select_pages as select_pages_ref
-        return select_pages_ref(scores, num_pages, budget_pages, newest_page)
+        raise ValueError(f"kernels.select_pages handles up to {SELECT_MAX_PAGES} pages, got {num_pages}")
     *lead, P = scores.shape
     if P < num_pages or not 0 <= newest_page < num_pages:
         raise ValueError(f"scores {tuple(scores.shape)} must hold num_pages {num_pages} pages and newest_page "
                          f"{newest_page} must be one of them")
-    return _select(scores, num_pages, K, newest_page, None, 1)
+    return _select(scores, num_pages, min(budget_pages, num_pages), newest_page, None, 1)
 
 
 def _select(scores, num_pages, K, newest_page, len_t, page_size):
@@ -606,8 +641,24 @@ def select_pages_device(scores, seq_len, page_size, budget_pages):
     return _select(scores, P, budget_pages, 0, len_t, page_size)
 
 
+
+
 # ----------------------------------------------------------------------------------------------
 # Paged decode: flash decode over a list of pages, split along the list
+#
+# Tile rows walk a virtual sequence in which every listed page is padded to PAGE_PAD (a power of two)
+# rows: row c is row c % PAGE_PAD of the page in slot c // PAGE_PAD. A tile then holds several small
+# pages or a piece of a large one, and any page_size works (padding rows masked). retro.py walks its
+# page list the same way (paged_keys).
+
+@triton.jit
+def paged_keys(PAGES, spk, c, hi, seq_len, page_size, PAGE_PAD: tl.constexpr):
+    """The cache rows k_pos of the virtual rows c (N,) of a page list, whether they exist (k_ok), and their pages."""
+    page = tl.load(PAGES + (c // PAGE_PAD) * spk, mask=c < hi, other=-1)
+    in_page = c % PAGE_PAD
+    k_pos = page * page_size + in_page
+    return k_pos, (page >= 0) & (in_page < page_size) & (k_pos < seq_len) & (c < hi), page
+
 
 @triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
 def _paged_decode_kernel(Q, K, V, PAGES, BIAS, OP, LP, SEQ_LEN,
@@ -624,7 +675,6 @@ def _paged_decode_kernel(Q, K, V, PAGES, BIAS, OP, LP, SEQ_LEN,
     b = (pid_bh // Hkv).to(tl.int64)
     hk = (pid_bh % Hkv).to(tl.int64)
     g = tl.arange(0, BLOCK_G)
-    cols = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + d[None, :] * sqd,
@@ -637,34 +687,14 @@ def _paged_decode_kernel(Q, K, V, PAGES, BIAS, OP, LP, SEQ_LEN,
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    # Tile rows walk a virtual sequence in which every listed page is padded to PAGE_PAD (a power of
-    # two) rows: row r is row r % PAGE_PAD of the page in slot r // PAGE_PAD. A tile then holds
-    # several small pages or a piece of a large one, and any page_size works (padding rows masked).
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_slots * PAGE_PAD)
     for start in range(lo, hi, BLOCK_N):
-        r = start + cols
-        slot = r // PAGE_PAD
-        in_page = r % PAGE_PAD
-        page = tl.load(PAGES + slot * spk, mask=r < hi, other=-1)
-        k_pos = page * page_size + in_page
-        k_ok = (page >= 0) & (in_page < page_size) & (k_pos < seq_len) & (r < hi)
-        kv_ok = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + k_pos[:, None] * skn + d[None, :] * skd, mask=kv_ok, other=0.0)
-        v = tl.load(V + k_pos[:, None] * svn + d[None, :] * svd, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if HAS_BIAS:  # bias is added to the natural-log scores: convert it to base 2 like them
-            s += tl.load(BIAS + k_pos * sbn, mask=k_ok, other=0.0)[None, :] * LOG2E_C
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # see _prefill_kernel
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        k_pos, k_ok, _ = paged_keys(PAGES, spk, start + tl.arange(0, BLOCK_N), hi, seq_len, page_size, PAGE_PAD)
+        m, l, acc = attend_tile(q, K, V, k_pos, k_ok, k_ok[None, :], m, l, acc, skn, skd, svn, svd, d, d_ok,
+                                qk_scale, PRECISION, BIAS, sbn, HAS_BIAS)
 
-    _store_partial(OP, LP, acc, m, l, b, hk, split, Hkv, G, num_splits, g, d, D)
+    store_split(OP, LP, m, l, acc, pid_bh.to(tl.int64) * G + g, g < G, split, num_splits, d, D)
 
 
 PAGED_BLOCK_N = 128
@@ -691,25 +721,19 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     page_idx = page_idx.to(torch.int32)
     n_slots = page_idx.shape[2]
     page_pad = triton.next_power_of_2(page_size)
-    rows = n_slots * page_pad
-    unit = PAGED_BLOCK_N if num_splits is None else 16  # as in flash_decode
-    if num_splits is None:
-        num_splits = triton.cdiv(PAGED_TUNING["waves"] * _num_sms(q.device), B * Hkv)
-    splits = _splits(triton.cdiv(rows, 16), B * Hkv, q.device, num_splits)
-    chunk = max(unit, triton.cdiv(triton.cdiv(rows, splits), unit) * unit)
-    splits = max(1, triton.cdiv(rows, chunk))
-    o_part = torch.empty(B, Hq, splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, splits, dtype=torch.float32, device=q.device)
+    chunk, num_splits = plan_splits(n_slots * page_pad, B * Hkv, q.device, PAGED_TUNING["waves"], PAGED_BLOCK_N,
+                                    num_splits)
+    o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     bias_t = bias if bias is not None else lse_part  # any tensor: never read when HAS_BIAS is False
     bias_strides = bias.stride() if bias is not None else (0, 0, 0)
     block_n, stages = kv_tiles(PAGED_BLOCK_N, PAGED_TUNING["num_stages"] if q.device.type == "cuda" else 1, D,
                                q.element_size())
-    _paged_decode_kernel[(splits, B * Hkv)](
+    _paged_decode_kernel[(num_splits, B * Hkv)](
         q, k_cache, v_cache, page_idx, bias_t, o_part, lse_part, len_t if len_t is not None else lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *bias_strides,
-        Hkv, G, n_slots, seq_len, page_size, chunk, splits, scale * LOG2E,
-        HAS_BIAS=bias is not None, LEN_ON_DEVICE=len_t is not None, PRECISION=_dot_precision(q.dtype),
-        BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_N=block_n, PAGE_PAD=page_pad, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+        Hkv, G, n_slots, seq_len, page_size, chunk, num_splits, scale * LOG2E,
+        HAS_BIAS=bias is not None, LEN_ON_DEVICE=len_t is not None, PRECISION=dot_precision(q.dtype),
+        BLOCK_G=tile_size(G), BLOCK_N=block_n, PAGE_PAD=page_pad, BLOCK_D=tile_size(D), D=D,
         num_warps=PAGED_TUNING["num_warps"], num_stages=stages)
     return merge_partials(o_part, lse_part, out_dtype=q.dtype)

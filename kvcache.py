@@ -13,7 +13,7 @@ from that page's keys rather than updated incrementally.
 
 import torch
 
-from attention import paged_decode_ref, prefill_decode_attention
+from attention import paged_decode, prefill_decode_attention
 
 
 class KVCache:
@@ -124,6 +124,8 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
 
 def check_budget(budget, page_size):
     """A budget is a whole number of pages, at least one."""
+    if page_size < 1:
+        raise ValueError(f"--page-size {page_size}: expected a page of >= 1 tokens")
     if budget < page_size:
         raise ValueError(f"--budget {budget} is smaller than one page (--page-size {page_size})")
     if budget % page_size:
@@ -154,9 +156,11 @@ def quest_pages(q, cache, layer_idx, budget, n, use_kernels, bounds=None):
     if use_kernels:
         import kernels
         scores = kernels.page_scores(q, kmin, kmax, num_pages)
-        return kernels.select_pages(scores, num_pages, budget // S, (n - 1) // S), True
-    scores = page_scores_ref(q, kmin, kmax, num_pages)
-    return select_pages(scores, num_pages, budget // S, (n - 1) // S), True
+    else:
+        scores = page_scores_ref(q, kmin, kmax, num_pages)
+    # the kernel holds a row of scores in registers: longer rows take the reference
+    select = kernels.select_pages if use_kernels and num_pages <= kernels.SELECT_MAX_PAGES else select_pages
+    return select(scores, num_pages, budget // S, (n - 1) // S), True
 
 
 def group_view(x, G):
@@ -217,13 +221,13 @@ class QuestAttention:
         self.cache.write(layer_idx, k, v, input_pos)
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
         if q.shape[1] > 1:  # prefill: dense causal
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
+            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)[0]
         n = int(input_pos[-1]) + 1
         if layer_idx == 0:
             self.stats["decode_steps"] += 1
         if layer_idx < self.dense_layers or self.budget >= n:
             count_page_reads(self.stats, self.cache, -(-n // self.cache.page_size), n, scored=False)
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
+            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)[0]
         qh, kc, vc, bounds, G = self._page_lists(layer_idx, q[:, 0], kc, vc)
         page_idx, scored = quest_pages(qh, self.cache, layer_idx, self.budget, n, self.use_kernels, bounds)
         count_page_reads(self.stats, self.cache, page_idx.shape[-1], n, scored, readers=G)
@@ -231,7 +235,7 @@ class QuestAttention:
             import kernels
             o, _ = kernels.paged_decode(qh, kc, vc, page_idx, n, self.cache.page_size)
         else:
-            o, _ = paged_decode_ref(qh, kc, vc, page_idx, n, self.cache.page_size)
+            o, _ = paged_decode(qh, kc, vc, page_idx, n, self.cache.page_size)
         return o.reshape(q.shape)
 
     def _page_lists(self, layer_idx, qh, kc, vc):

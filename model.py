@@ -21,6 +21,7 @@ import json
 import math
 import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,11 +59,28 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg, source="config.json"):
         """Read a Hugging Face LlamaConfig dict (Llama 2/3/3.1/3.2 and Llama-compatible)."""
-        if cfg.get("model_type", "llama") != "llama":
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{source}: expected a JSON object of config keys, got a JSON {type(cfg).__name__}")
+        if "model_type" not in cfg:
+            arch = cfg.get("architectures") or []
+            if arch != ["LlamaForCausalLM"] and arch:
+                raise ValueError(f"{source}: no model_type, and architectures {arch} is not LlamaForCausalLM "
+                                 f"(only Llama checkpoints are supported)")
+            print(f"[config] {source} has no model_type: loading it as Llama", file=sys.stderr)
+        elif cfg["model_type"] != "llama":
             raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} is not supported (only 'llama')")
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             if key not in cfg:
                 raise ValueError(f"{source}: missing key {key!r}")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = cfg.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = cfg.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{source}: {key} must be a positive number, got {value!r}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
@@ -307,7 +325,11 @@ class Transformer(nn.Module):
         args = ModelArgs.from_hf_config(cfg, source=str(cfg_file))
         if max_seq_len is not None:
             args.max_seq_len = max_seq_len
-        with torch.device("meta"):
+        a = args  # a large model is built on the meta device (no memory, no init); a small one on the CPU,
+        # whose init takes milliseconds where meta tensors first import torch._dynamo (1-2 s)
+        n_params = 2 * a.vocab_size * a.dim + a.n_layers * (2 * a.dim * a.head_dim * (a.n_heads + a.n_kv_heads)
+                                                            + 3 * a.dim * a.hidden_dim)
+        with torch.device("meta" if n_params > 50_000_000 else "cpu"):
             model = cls(args)
         state = load_safetensors_dir(path)
         expected = {k: p for k, p in model.state_dict().items()}
@@ -370,14 +392,26 @@ def load_safetensors(file):
             raise ValueError(f"{file} is not a safetensors file (header is not JSON)") from None
         # copy-on-write mapping: pages are read lazily and the tensors may be written without touching the file
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the safetensors header must be a JSON object {{name: {{dtype, shape, "
+                         f"data_offsets}}}}, got a JSON {type(header).__name__}")
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info] if isinstance(info, dict) else None
+        if missing is None or missing:
+            raise ValueError(f"{file}: header entry for tensor {name!r} must be an object with dtype, shape and "
+                             f"data_offsets; " + (f"it lacks {', '.join(missing)}" if missing else f"got {info!r:.60}"))
         if info["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
         dtype = _ST_DTYPES[info["dtype"]]
-        begin, end = info["data_offsets"]
+        shape, offsets = info["shape"], info["data_offsets"]
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"{file}: tensor {name!r} needs shape a list of sizes and data_offsets [begin, end], "
+                             f"got {shape!r} and {offsets!r}")
+        begin, end = offsets
         count = math.prod(info["shape"])
         if end - begin != count * torch.empty((), dtype=dtype).element_size() or 8 + n + end > size:
             raise ValueError(f"{file}: tensor {name!r} has inconsistent data_offsets")

@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 import kernels
-from attention import _check_gqa, merge_attention, paged_decode_ref, prefill_decode_attention
+from attention import (_check_gqa, gathered_attention, merge_attention, page_rows, paged_decode_ref,
+                       prefill_decode_attention)
 from kvcache import check_sparse_args, count_page_reads, quest_pages
 
 
@@ -115,14 +116,30 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
     return torch.stack(outs, 2), torch.stack(lses, 2)
 
 
+def retro_decode_torch(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None,
+                       update_last_loaded=False):
+    """retro_decode_ref's contract on PyTorch ops, for the CPU run path: the pages of S_t gathered
+    once (attention.gathered_attention), every window row masked by its own rule in one pass."""
+    W = q.shape[2]
+    pos, listed = page_rows(page_idx, page_size)  # (B, Hkv, K * S)
+    A = last_loaded.gather(-1, page_idx.clamp(min=0).long()).repeat_interleave(page_size, dim=-1)
+    tau = torch.arange(seq_len - W, seq_len, device=q.device)[:, None]  # (W, 1): each row's position
+    visible = listed[:, :, None] & (A[:, :, None] < tau) & (pos[:, :, None] <= tau)  # (B, Hkv, W, K * S)
+    o, lse = gathered_attention(q, k_cache, v_cache, pos.clamp(max=k_cache.shape[2] - 1), visible, scale=scale)
+    if update_last_loaded:
+        b, h, slot = (page_idx >= 0).nonzero(as_tuple=True)
+        last_loaded[b, h, page_idx[b, h, slot].long()] = seq_len - 1
+    return o, lse
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernel: every row of the window from one pass over S_t
 #
 # One program per (split of the page list, batch * KV head). The tile's rows are the G query heads of
 # the KV head times the W window rows (row r = g * W + i), so each K/V tile is loaded once for all
 # G * W queries; each (row, key) pair is masked by the row's own rule (page new to it, key not after
-# it). The page list is walked as in kernels.paged_decode: every page padded to PAGE_PAD rows, so any
-# page size works. Splits are merged by kernels.merge_partials (flash-decoding). With
+# it). The page list is walked as in kernels.paged_decode (kernels.paged_keys), the keys attended by
+# kernels.attend_tile, the splits merged by kernels.merge_partials (flash-decoding). With
 # update_last_loaded each program then sets A = t for its own pages, once it has read their A.
 
 @triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
@@ -142,12 +159,10 @@ def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
     r = tl.arange(0, BLOCK_M)  # rows r >= G * W are padding (tl.dot wants >= 16 rows)
     g = r // W
     i = r % W
-    r_ok = r < G * W
-    cols = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + i[:, None] * sqw + d[None, :] * sqd,
-                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+                mask=(r[:, None] < G * W) & d_ok[None, :], other=0.0)
     q_pos = seq_len - W + i  # absolute position of each row
     K += b * skb + hk * skh
     V += b * svb + hk * svh
@@ -160,40 +175,20 @@ def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
     lo = split * chunk
     hi = tl.minimum(lo + chunk, n_slots * PAGE_PAD)
     for start in range(lo, hi, BLOCK_N):
-        c = start + cols
-        slot = c // PAGE_PAD
-        in_page = c % PAGE_PAD
-        page = tl.load(PAGES + slot * spk, mask=c < hi, other=-1)
-        k_pos = page * page_size + in_page
-        k_ok = (page >= 0) & (in_page < page_size) & (k_pos < seq_len) & (c < hi)
+        k_pos, k_ok, page = kernels.paged_keys(PAGES, spk, start + tl.arange(0, BLOCK_N), hi, seq_len, page_size,
+                                               PAGE_PAD)
         seen_at = tl.load(LAST + page * sap, mask=page >= 0, other=0)  # A[page] of each key
-        kv_ok = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + k_pos[:, None] * skn + d[None, :] * skd, mask=kv_ok, other=0.0)
-        v = tl.load(V + k_pos[:, None] * svn + d[None, :] * svd, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         # row tau sees a key iff its page is new to tau and the key is not after tau
         visible = k_ok[None, :] & (seen_at[None, :] < q_pos[:, None]) & (k_pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp gives 0, not NaN
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l, acc = kernels.attend_tile(q, K, V, k_pos, k_ok, visible, m, l, acc, skn, skd, svn, svd, d, d_ok,
+                                        qk_scale, PRECISION)
 
-    has_keys = l > 0
-    l_safe = tl.where(has_keys, l, 1.0)
-    row = (b * Hkv + hk) * G * W + r  # index of (b, query head, window row) in B * Hq * W
-    tl.store(OP + (row[:, None] * num_splits + split) * D + d[None, :], acc / l_safe[:, None],
-             mask=r_ok[:, None] & d_ok[None, :])
-    lse = tl.where(has_keys, m * 0.6931471805599453 + tl.log(l_safe), float("-inf"))  # base 2 -> natural
-    tl.store(LP + row * num_splits + split, lse, mask=r_ok)
+    kernels.store_split(OP, LP, m, l, acc, pid_bh.to(tl.int64) * G * W + r, r < G * W, split, num_splits, d, D)
 
     if UPDATE_LAST:  # A[p] = t for this program's pages (a chunk holds whole pages: no other program reads them)
         tl.debug_barrier()  # every thread has read A
         for start in range(lo, hi, BLOCK_N * PAGE_PAD):
-            slot = start // PAGE_PAD + cols
+            slot = start // PAGE_PAD + tl.arange(0, BLOCK_N)
             page = tl.load(PAGES + slot * spk, mask=slot * PAGE_PAD < hi, other=-1)
             tl.store(LAST + page * sap, seq_len - 1, mask=page >= 0)
 
@@ -229,7 +224,7 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
                  update_last_loaded=False, partials=False):
     """Triton version of retro_decode_ref (same arguments, same result). seq_len may also be a device
     length (kernels.device_length), for a step captured in a CUDA graph. partials: return the splits'
-    unmerged (o (B, Hq, W, S, D), lse (B, Hq, W, S)) fp32, for window_merge."""
+    unmerged (o (B, Hq, W, NS, D), lse (B, Hq, W, NS)) fp32, NS splits, for window_merge."""
     G = _check_retro_shapes(q, k_cache, v_cache, page_idx, last_loaded, page_size)
     B, Hq, W, D = q.shape
     Hkv = k_cache.shape[1]
@@ -241,27 +236,22 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     last_loaded = last_loaded.to(torch.int32)
     n_slots = page_idx.shape[2]
     page_pad = triton.next_power_of_2(page_size)
-    rows = n_slots * page_pad
-    # enough programs to fill the GPU about four times over (as kernels.paged_decode), at least one tile each
-    programs = RETRO_TUNING["waves"] * kernels._num_sms(q.device)  # (SM count cached per device)
-    splits = max(1, min(triton.cdiv(programs, B * Hkv), triton.cdiv(rows, RETRO_BLOCK_N), kernels.MAX_SPLITS))
-    unit = max(RETRO_BLOCK_N, page_pad)  # a chunk holds whole tiles and whole pages
-    chunk = max(1, triton.cdiv(triton.cdiv(rows, splits), unit)) * unit
-    splits = max(1, triton.cdiv(rows, chunk))
-    o_part = torch.empty(B, Hq, W, splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, W, splits, dtype=torch.float32, device=q.device)
-    BLOCK_M = max(16, triton.next_power_of_2(G * W))
+    # a chunk holds whole tiles and whole pages (each page's A is updated by the program that read it)
+    chunk, num_splits = kernels.plan_splits(n_slots * page_pad, B * Hkv, q.device, RETRO_TUNING["waves"],
+                                            RETRO_BLOCK_N, unit=max(RETRO_BLOCK_N, page_pad))
+    o_part = torch.empty(B, Hq, W, num_splits, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=q.device)
+    BLOCK_M = kernels.tile_size(G * W)
     # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory, and a
     # wide head (160, 256) in fp32 gets one stage and fewer keys per tile (kernels.kv_tiles)
     stages = 1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else RETRO_TUNING["num_stages"]
     block_n, stages = kernels.kv_tiles(RETRO_BLOCK_N, stages, D, q.element_size())
-    _retro_decode_kernel[(splits, B * Hkv)](
+    _retro_decode_kernel[(num_splits, B * Hkv)](
         q, k_cache, v_cache, page_idx, last_loaded, o_part, lse_part, len_t if len_t is not None else lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *last_loaded.stride(),
-        Hkv, G, W, n_slots, seq_len, page_size, chunk, splits, scale * kernels.LOG2E,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 must not be rounded to tf32
-        UPDATE_LAST=update_last_loaded, LEN_ON_DEVICE=len_t is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n,
-        PAGE_PAD=page_pad, BLOCK_D=max(16, triton.next_power_of_2(D)), D=D,
+        Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, scale * kernels.LOG2E,
+        UPDATE_LAST=update_last_loaded, LEN_ON_DEVICE=len_t is not None, PRECISION=kernels.dot_precision(q.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, PAGE_PAD=page_pad, BLOCK_D=kernels.tile_size(D), D=D,
         num_warps=8 if BLOCK_M >= 128 else 4, num_stages=stages)
     if partials:
         return o_part, lse_part
@@ -274,7 +264,7 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
 # few microseconds of launch under a CUDA graph, more than the attention kernel itself at batch 1.)
 
 def window_merge_ref(o_part, lse_part, o_cache, lse_cache, out_dtype):
-    """o_part (B, Hq, W, S, D), lse_part (B, Hq, W, S): retro_decode's splits for the W window rows;
+    """o_part (B, Hq, W, NS, D), lse_part (B, Hq, W, NS): retro_decode's NS splits for the W window rows;
     o_cache (B, Hq, W-1, D), lse_cache (B, Hq, W-1) fp32: the past rows' outputs so far.
     -> out (B, W, Hq, D) in out_dtype: the past rows revised (cache merged with their supplement),
     then the current row. The cache is updated in place to the last W-1 rows of that (the oldest row
@@ -289,42 +279,29 @@ def window_merge_ref(o_part, lse_part, o_cache, lse_cache, out_dtype):
     return o_all.to(out_dtype).transpose(1, 2).contiguous()
 
 
-@triton.jit(do_not_specialize=["S"])
-def _window_merge_kernel(OP, LP, OC, LC, OUT, S, Hq, scb, sch, scw, slb, slh, slw, sob, sow, soh,
-                         W: tl.constexpr, D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_S: tl.constexpr,
+@triton.jit(do_not_specialize=["NS"])
+def _window_merge_kernel(OP, LP, OC, LC, OUT, NS, Hq, scb, sch, scw, slb, slh, slw, sob, sow, soh,
+                         W: tl.constexpr, D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_NS: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # one program per (batch, query head), all its W rows at once
     b = pid // Hq
     h = pid % Hq
     i = tl.arange(0, BLOCK_W)  # window row, oldest first
-    s = tl.arange(0, BLOCK_S)
+    s = tl.arange(0, BLOCK_NS)
     d = tl.arange(0, BLOCK_D)
     i_ok, d_ok = i < W, d < D
-    # the splits of each row merged: (BLOCK_W, BLOCK_S) weights, (BLOCK_W, BLOCK_S, BLOCK_D) partial outputs
+    # the splits of each row merged: (BLOCK_W, BLOCK_NS) lse, (BLOCK_W, BLOCK_NS, BLOCK_D) partial outputs
     row = pid * W + i
-    lse_s = tl.load(LP + row[:, None] * S + s[None, :], mask=i_ok[:, None] & (s[None, :] < S), other=float("-inf"))
-    m = tl.max(lse_s, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)  # a row with no key in any split: all weights 0, no NaN
-    w_s = tl.exp(lse_s - m[:, None])
-    total = tl.sum(w_s, 1)
-    o_s = tl.load(OP + (row[:, None, None] * S + s[None, :, None]) * D + d[None, None, :],
-                  mask=i_ok[:, None, None] & (s[None, :, None] < S) & d_ok[None, None, :], other=0.0)
-    total_safe = tl.where(total > 0, total, 1.0)
-    o = tl.sum(w_s[:, :, None] * o_s, 1) / total_safe[:, None]
-    lse = tl.where(total > 0, m + tl.log(total_safe), float("-inf"))
-    # the past rows (all but the last) merged with what they attended to before: a cache row with
-    # lse = -inf (and the current row, which has none) leaves a row unchanged
+    lse_s = tl.load(LP + row[:, None] * NS + s[None, :], mask=i_ok[:, None] & (s[None, :] < NS), other=float("-inf"))
+    o_s = tl.load(OP + (row[:, None, None] * NS + s[None, :, None]) * D + d[None, None, :],
+                  mask=i_ok[:, None, None] & (s[None, :, None] < NS) & d_ok[None, None, :], other=0.0)
+    o, lse = kernels.merge_splits(lse_s, o_s)
+    # the past rows (all but the last) merged with what they attended to before, two more disjoint
+    # parts: a cache row with lse = -inf (and the current row, which has none) leaves a row unchanged
     past = i < W - 1
     oc = tl.load(OC + b * scb + h * sch + i[:, None] * scw + d[None, :], mask=past[:, None] & d_ok[None, :], other=0.0)
     lc = tl.load(LC + b * slb + h * slh + i * slw, mask=past, other=float("-inf"))
-    mm = tl.maximum(lse, lc)
-    mm = tl.where(mm == float("-inf"), 0.0, mm)
-    w1 = tl.exp(lc - mm)
-    w2 = tl.exp(lse - mm)
-    tot = w1 + w2
-    tot_safe = tl.where(tot > 0, tot, 1.0)
-    o = (w1[:, None] * oc + w2[:, None] * o) / tot_safe[:, None]
-    lse = tl.where(tot > 0, mm + tl.log(tot_safe), float("-inf"))
+    o, lse = kernels.merge_splits(tl.join(lc, lse), tl.permute(tl.join(oc, o), 0, 2, 1))  # (BLOCK_W, 2, BLOCK_D)
     tl.debug_barrier()  # every cache row is read before the shift overwrites one
     # shift: row i (i >= 1) enters the cache one slot older; row 0 leaves (its output is final)
     keep = i_ok & (i >= 1)
@@ -334,28 +311,28 @@ def _window_merge_kernel(OP, LP, OC, LC, OUT, S, Hq, scb, sch, scw, slb, slh, sl
              mask=i_ok[:, None] & d_ok[None, :])
 
 
-WINDOW_MERGE_MAX_TILE = 16384  # fp32 partials one window_merge program holds (W x splits x D, padded)
+WINDOW_MERGE_MAX_TILE = 16384  # fp32 partials one window_merge program holds (W x NS x D, padded)
 
 
 def window_merge(o_part, lse_part, o_cache, lse_cache, out_dtype, max_tile=WINDOW_MERGE_MAX_TILE):
     """Triton version of window_merge_ref (same arguments, same result, the cache updated in place).
-    max_tile: above this many partial-output elements per program (W x splits x D, padded to powers of
+    max_tile: above this many partial-output elements per program (W x NS x D, padded to powers of
     two), the splits are merged first, in a separate launch of one program per row."""
-    B, Hq, W, S, D = o_part.shape
+    B, Hq, W, NS, D = o_part.shape
     if W < 2 or tuple(o_cache.shape) != (B, Hq, W - 1, D) or tuple(lse_cache.shape) != (B, Hq, W - 1):
         raise ValueError(f"window_merge: o_part {tuple(o_part.shape)} needs W >= 2 rows and a cache of W - 1: "
                          f"got o_cache {tuple(o_cache.shape)}, lse_cache {tuple(lse_cache.shape)}")
     if o_cache.dtype != torch.float32 or lse_cache.dtype != torch.float32 or o_cache.stride(-1) != 1:
         raise ValueError("window_merge: the output cache must be fp32 with a unit stride along D")
     pow2 = triton.next_power_of_2
-    if pow2(W) * pow2(S) * pow2(D) > max_tile:
+    if pow2(W) * pow2(NS) * pow2(D) > max_tile:
         o, lse = kernels.merge_partials(o_part, lse_part)
-        o_part, lse_part, S = o.unsqueeze(-2), lse.unsqueeze(-1), 1
+        o_part, lse_part, NS = o.unsqueeze(-2), lse.unsqueeze(-1), 1
     op, lp = o_part.contiguous(), lse_part.contiguous()
     out = torch.empty(B, W, Hq, D, dtype=out_dtype, device=o_part.device)
-    _window_merge_kernel[(B * Hq,)](op, lp, o_cache, lse_cache, out, S, Hq,
+    _window_merge_kernel[(B * Hq,)](op, lp, o_cache, lse_cache, out, NS, Hq,
                                     *o_cache.stride()[:3], *lse_cache.stride(), out.stride(0), out.stride(1),
-                                    out.stride(2), W=W, D=D, BLOCK_W=pow2(W), BLOCK_S=pow2(S), BLOCK_D=pow2(D),
+                                    out.stride(2), W=W, D=D, BLOCK_W=pow2(W), BLOCK_NS=pow2(NS), BLOCK_D=pow2(D),
                                     num_warps=4)
     return out
 
@@ -424,7 +401,7 @@ class RetroAttention:
             # Dense layers attend every key anyway, so the past rows are simply recomputed, exactly,
             # with their fresh queries: no output cache, nothing to merge.
             count_page_reads(self._stats, self.cache, -(-(t + 1) // self.cache.page_size), t + 1, scored=False)
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels)[0]
+            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)[0]
         return self._sparse_decode(layer_idx, q, input_pos)
 
     def _check_decode_rows(self, layer_idx, input_pos):
@@ -442,9 +419,14 @@ class RetroAttention:
             raise ValueError(f"RetroAttention: a prefill must only append (positions {input_pos.tolist()}, "
                              f"{self.cache.lengths[layer_idx]} already in the cache)")
         self.cache.write(layer_idx, k, v, input_pos)
-        o, lse = prefill_decode_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos,
-                                          self.use_kernels)
-        self.record_prefill(layer_idx, input_pos, o, lse)
+        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        o, lse = prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=self.use_kernels)
+        if lse is None:  # the PyTorch path skipped it: only the last rows (the output cache's) need theirs
+            r = max(1, self.window - 1)
+            o_r, lse = prefill_decode_attention(q[:, -r:], kc, vc, input_pos[-r:], False)
+            self.record_prefill(layer_idx, input_pos[-r:], o_r, lse)
+        else:
+            self.record_prefill(layer_idx, input_pos, o, lse)
         return o
 
     def record_prefill(self, layer_idx, input_pos, o, lse):
@@ -477,7 +459,7 @@ class RetroAttention:
         cache, S, w, t = self.cache, self.cache.page_size, self.window, n - 1
         kc, vc = cache.k[layer_idx], cache.v[layer_idx]
         A = self.last_loaded[layer_idx]  # (B, Hkv, Pmax)
-        attend = retro_decode if self.use_kernels else retro_decode_ref
+        attend = retro_decode if self.use_kernels else retro_decode_torch
         # (B, Hq, T, D), (B, Hq, T); then A[p] = t for the pages of S_t
         o, lse = attend(q.transpose(1, 2), kc, vc, page_idx, A, n, S, update_last_loaded=True)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import attention
 from attention import attention_ref, decode_ref, merge_attention, paged_decode_ref
 from conftest import ATOL, DEVICE, dtypes, gqa_heads, head_dims, rand, seq_lens
 import kernels
@@ -373,3 +374,51 @@ def test_kernels_reject_bad_inputs():
         kernels.flash_decode(q[:, :4], kc, kc, 33)
     with pytest.raises(ValueError, match="page_idx"):
         kernels.paged_decode(q[:, :4], kc, kc, torch.zeros(1, 3, 2, dtype=torch.int32, device=DEVICE), 32, 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# The PyTorch run path (CPU): same contracts as the references, checked against them
+
+
+@given(Tk=seq_lens(), Tq_frac=st.floats(0, 1), offset=st.sampled_from(["default", "shifted", "before"]),
+       heads=gqa_heads(), D=st.sampled_from([8, 64]), causal=st.booleans(), need_lse=st.booleans(),
+       small_chunks=st.booleans(), batch=st.integers(1, 2), seed=seeds)
+def test_fast_attention_matches_reference(Tk, Tq_frac, offset, heads, D, causal, need_lse, small_chunks, batch,
+                                          seed):
+    """attention.attention (sdpa without lse, query chunks with it) = attention_ref in float64,
+    with rows placed before every key (o = 0, lse = -inf), Tq = 1 and chunks of a few rows."""
+    Hq, Hkv = heads
+    Tq = max(1, round(Tq_frac * Tk))
+    q_offset = {"default": None, "shifted": Tk - Tq - min(2, Tk - Tq), "before": -min(3, Tq - 1)}[offset]
+    q, k, v = rand(batch, Hq, Tq, D, seed=seed), rand(batch, Hkv, Tk, D, seed=seed + 1), rand(batch, Hkv, Tk, D, seed=seed + 2)
+    chunk = attention.SCORES_PER_CHUNK
+    attention.SCORES_PER_CHUNK = 3 * batch * Hq * Tk if small_chunks else chunk  # 3 rows per chunk
+    try:
+        o, lse = attention.attention(q, k, v, causal=causal, q_offset=q_offset, need_lse=need_lse)
+    finally:
+        attention.SCORES_PER_CHUNK = chunk
+    o_ref, lse_ref = attention_ref(q, k, v, causal=causal, q_offset=q_offset)
+    assert o.dtype == q.dtype and o.shape == q.shape
+    assert_attention_close(o, lse if lse is not None else lse_ref, o_ref, lse_ref, torch.float32)
+    if need_lse or (q_offset or 0) < 0:
+        assert lse is not None
+    else:
+        assert lse is None
+
+
+@given(seq_len=seq_lens(), page_size=st.sampled_from([1, 5, 16]), extra_pages=st.integers(0, 2),
+       budget_frac=st.floats(0, 1), n_pad=st.integers(0, 3), with_bias=st.booleans(), heads=gqa_heads(),
+       batch=st.integers(1, 2), seed=seeds)
+def test_fast_paged_decode_matches_reference(seq_len, page_size, extra_pages, budget_frac, n_pad, with_bias, heads,
+                                             batch, seed):
+    """attention.paged_decode (the listed pages gathered) = paged_decode_ref."""
+    Hq, Hkv, D = *heads, 16
+    n_pages = -(-seq_len // page_size) + extra_pages
+    Nmax = n_pages * page_size
+    q = rand(batch, Hq, D, seed=seed)
+    k_cache, v_cache = rand(batch, Hkv, Nmax, D, seed=seed + 1), rand(batch, Hkv, Nmax, D, seed=seed + 2)
+    bias = rand(batch, Hkv, Nmax, seed=seed + 3) if with_bias else None
+    page_idx = random_page_lists(batch, Hkv, n_pages, max(1, round(budget_frac * n_pages)), n_pad, seed)
+    o, lse = attention.paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=bias)
+    o_ref, lse_ref = paged_decode_ref(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=bias)
+    assert_attention_close(o, lse, o_ref, lse_ref, torch.float32)

@@ -151,8 +151,9 @@ def test_unpermuted_weights_give_the_same_attention_scores_under_hf_rope():
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden=48)
 
 
-def tiny_llama_gguf(path, rng, arch="llama", tied=True, embd_type=8):
-    """A byte-level BPE vocabulary (256 bytes + 2 merges + 2 specials) and random weights."""
+def tiny_llama_gguf(path, rng, arch="llama", tied=True, embd_type=8, drop=()):
+    """A byte-level BPE vocabulary (256 bytes + 2 merges + 2 specials) and random weights; without
+    the metadata keys in drop."""
     b2u = bytes_to_unicode()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens = specials + [b2u[b] for b in range(256)] + ["Ġt", "Ġth"]
@@ -169,6 +170,7 @@ def tiny_llama_gguf(path, rng, arch="llama", tied=True, embd_type=8):
           "tokenizer.ggml.token_type": (ARR, (I32, ttypes)), "tokenizer.ggml.merges": (ARR, (STR, ["Ġ t", "Ġt h"])),
           "tokenizer.ggml.bos_token_id": (U32, 1), "tokenizer.ggml.eos_token_id": (U32, 2),
           "tokenizer.ggml.add_bos_token": (BOOL, False)}
+    md = {key: value for key, value in md.items() if key not in drop}
     f32 = lambda *s: (0, s, rng.standard_normal(s).astype(np.float32).tobytes())  # noqa: E731
     q41 = lambda o, i: (3, (o, i), q4_1_blocks(rng, o * i // 32).tobytes())     # noqa: E731
     tensors = {"token_embd.weight": (8, (V, d), q8_0_blocks(rng, V * d // 32).tobytes()) if embd_type == 8
@@ -251,3 +253,20 @@ def test_other_architectures_are_rejected(tmp_path):
     path = tiny_llama_gguf(tmp_path / "tiny.gguf", np.random.default_rng(4), arch="qwen2")
     with pytest.raises(ValueError, match="architecture 'qwen2' is not supported"):
         convert(str(path), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("key", ["llama.embedding_length", "llama.block_count", "tokenizer.ggml.tokens"])
+def test_missing_metadata_is_one_line_naming_the_key_and_nothing_is_written(tmp_path, capsys, key):
+    path = tiny_llama_gguf(tmp_path / "tiny.gguf", np.random.default_rng(5), drop=(key,))
+    with pytest.raises(SystemExit) as e:
+        convert_gguf.main([str(path), str(tmp_path / "out"), "--quiet"])
+    assert e.value.code != 0 and f"lacks {key!r}" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_conversion_prints_progress_unless_quiet(tmp_path, capsys):
+    path = tiny_llama_gguf(tmp_path / "tiny.gguf", np.random.default_rng(6))
+    convert_gguf.main([str(path), str(tmp_path / "a")])
+    assert "[convert] dequantizing tensor 1/" in capsys.readouterr().out
+    convert_gguf.main([str(path), str(tmp_path / "b"), "--quiet"])
+    assert "[convert]" not in capsys.readouterr().out

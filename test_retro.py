@@ -17,7 +17,8 @@ from attention import DenseAttention, attention_ref, merge_attention
 from conftest import ATOL, DEVICE, dtypes, gqa_heads, head_dims, rand, tiny_model
 from generate import generate
 from kvcache import KVCache, QuestAttention, page_scores_ref, select_pages
-from retro import OutputCache, RetroAttention, retro_decode, retro_decode_ref, window_merge, window_merge_ref
+from retro import (OutputCache, RetroAttention, retro_decode, retro_decode_ref, retro_decode_torch, window_merge,
+                   window_merge_ref)
 
 seeds = st.integers(0, 2**16)
 
@@ -136,12 +137,14 @@ def test_supplement_merge_equals_union_attention():
     assert torch.equal(o_s2[:, :, :3], o_s[:, :, :3]) and torch.equal(lse_s2[:, :, :3], lse_s[:, :, :3])
 
 
+@pytest.mark.parametrize("attend", [retro_decode, retro_decode_torch], ids=["triton", "torch"])
 @given(W=st.integers(1, 16), extra=st.integers(0, 40), page_size=st.sampled_from([1, 4, 5, 16, 80]),
        n_listed=st.integers(0, 6), n_pad=st.integers(0, 2), heads=gqa_heads(), D=head_dims(), dtype=dtypes(),
        batch=st.integers(1, 2), seed=seeds)
-def test_kernel_matches_reference(W, extra, page_size, n_listed, n_pad, heads, D, dtype, batch, seed):
+def test_kernel_matches_reference(attend, W, extra, page_size, n_listed, n_pad, heads, D, dtype, batch, seed):
     """Window sizes 1..16, ragged page lists (different lengths per KV head, -1 slots anywhere), a
-    partial last page, A values around the window (pages new to some rows and not to others)."""
+    partial last page, A values around the window (pages new to some rows and not to others).
+    Both fast paths: the Triton kernel and the CPU run path's retro_decode_torch."""
     Hq, Hkv = heads
     n = W + extra
     n_pages = -(-n // page_size)
@@ -160,7 +163,7 @@ def test_kernel_matches_reference(W, extra, page_size, n_listed, n_pad, heads, D
     A_ref = A.clone()
     o_ref, lse_ref = retro_decode_ref(q.float(), kc.float(), vc.float(), page_idx, A_ref, n, page_size,
                                       update_last_loaded=True)
-    o, lse = retro_decode(q, kc, vc, page_idx, A, n, page_size, update_last_loaded=True)
+    o, lse = attend(q, kc, vc, page_idx, A, n, page_size, update_last_loaded=True)
     assert torch.equal(A, A_ref)  # A = t for exactly the listed pages, updated after they were read
     assert o.dtype == dtype and o.shape == q.shape and lse.shape == q.shape[:3]
     assert not o.isnan().any() and not lse.isnan().any()

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attention import attention_ref, prefill_decode_attention
+import kernels
+from attention import attention, attention_ref, prefill_decode_attention
 
 POOL_KERNEL = 7  # paper: scores are average-pooled along the tokens with a window of 7
-LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,16 +149,23 @@ def sparse_attention_ref(q, k, v, idx, n_keep, scale=None):
     return o
 
 
+def sparse_attention_torch(q, k, v, idx, n_keep, scale=None):
+    """sparse_attention_ref on the CPU run path: each head's subset through attention.attention
+    (F.scaled_dot_product_attention), without the lse the reference computes."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    o = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(Hq):
+            rows = idx[b, h, :int(n_keep[b, h])].long()
+            o_h, _ = attention(q[b, h, rows][None, None], k[b, h // G, rows][None, None],
+                               v[b, h // G, rows][None, None], causal=True, scale=scale, need_lse=False)
+            o[b, h, rows] = o_h[0, 0]
+    return o
+
+
 # ----------------------------------------------------------------------------------------------
-# Triton kernels (same signatures as the references). Scores are kept in base 2, as in kernels.py.
-
-def _dot_precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 tests must not round to tf32
-
-
-def _block_d(D):
-    return max(16, triton.next_power_of_2(D))
-
+# Triton kernels (same signatures as the references), on kernels.py's tile. Scores are kept in base 2.
 
 @triton.jit(do_not_specialize=["W", "Tk"])
 def _window_lse_kernel(Q, K, LSE, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
@@ -182,11 +189,7 @@ def _window_lse_kernel(Q, K, LSE, sqb, sqh, sqt, sqd, skb, skh, skt, skd,
         k = tl.load(K + k_pos[:, None] * skt + d[None, :] * skd,
                     mask=(k_pos[:, None] < Tk) & (d[None, :] < D), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see nothing: no NaN
-        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
-        m = m_new
+        m, l, _, _ = kernels.online_softmax(m, l, tl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf")))
     tl.store(LSE + pid_bh.to(tl.int64) * W + rows, m + tl.log2(tl.where(l > 0, l, 1.0)), mask=rows < W)
 
 
@@ -235,12 +238,12 @@ def window_scores(q_win, k, scale=None):
         raise ValueError(f"window_scores: q_win {tuple(q_win.shape)} does not fit k {tuple(k.shape)}: need "
                          f"query heads a multiple of KV heads and W <= Tk")
     G = Hq // Hkv
-    qk_scale = (1.0 / math.sqrt(D) if scale is None else scale) * LOG2E
+    qk_scale = (1.0 / math.sqrt(D) if scale is None else scale) * kernels.LOG2E
     lse = torch.empty(B, Hq, W, dtype=torch.float32, device=q_win.device)
     out = torch.empty(B, Hq, Tk, dtype=torch.float32, device=q_win.device)
     gpu = q_win.device.type == "cuda"
     BM, BN, warps = (64, 64, 4) if gpu else (32, 32, 4)
-    common = dict(PRECISION=_dot_precision(q_win.dtype), BLOCK_D=_block_d(D), D=D, num_warps=warps)
+    common = dict(PRECISION=kernels.dot_precision(q_win.dtype), BLOCK_D=kernels.tile_size(D), D=D, num_warps=warps)
     _window_lse_kernel[(triton.cdiv(W, BM), B * Hq)](q_win, k, lse, *q_win.stride(), *k.stride(),
                                                      Hq, G, W, Tk, qk_scale, BLOCK_M=BM, BLOCK_N=BN, **common)
     _window_scores_kernel[(triton.cdiv(Tk, BN), B * Hkv)](q_win, k, lse, out, *q_win.stride(), *k.stride(),
@@ -280,20 +283,11 @@ def _sparse_attn_kernel(Q, K, V, O, IDX, NKEEP,
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < n
         k_pos = tl.load(IDX + cols * sit, mask=col_ok, other=0).to(tl.int64)
-        kv_ok = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + k_pos[:, None] * skt + d[None, :] * skd, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padding rows see nothing: no NaN
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + k_pos[:, None] * svt + d[None, :] * svd, mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
+        visible = col_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        m, l, acc = kernels.attend_tile(q, K, V, k_pos, col_ok, visible, m, l, acc, skt, skd, svt, svd, d, d_ok,
+                                        qk_scale, PRECISION)
 
-    o = acc / tl.where(l > 0, l, 1.0)[:, None]
+    o, _ = kernels.finish_rows(m, l, acc)
     tl.store(O + b * sob + h * soh + q_pos[:, None] * sot + d[None, :] * sod, o.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
@@ -334,18 +328,12 @@ def sparse_attention(q, k, v, idx, n_keep, scale=None):
     n_keep = n_keep.to(torch.int32).contiguous()
     if idx.shape[2] == 0 or T == 0:
         return o
-    if q.device.type != "cuda":
-        cfg = (32, 32, 4, 1)
-    elif q.element_size() <= 2 and D <= 128:
-        cfg = (128, 64, 8, 3)  # as kernels.flash_prefill, so the two options compare like for like
-    else:
-        cfg = (64, 32, 4, 2)
-    BLOCK_M, BLOCK_N, warps, stages = cfg
+    BLOCK_M, BLOCK_N, warps, stages = kernels.prefill_tiles(q)  # as flash_prefill: the options compare like for like
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     grid = (triton.cdiv(idx.shape[2], BLOCK_M), B * Hq)
     _sparse_attn_kernel[grid](q, k, v, o, idx, n_keep, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                              *idx.stride(), Hq, G, scale * LOG2E, PRECISION=_dot_precision(q.dtype),
-                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D), D=D,
+                              *idx.stride(), Hq, G, scale * kernels.LOG2E, PRECISION=kernels.dot_precision(q.dtype),
+                              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=kernels.tile_size(D), D=D,
                               num_warps=warps, num_stages=stages)
     return o
 
@@ -354,7 +342,6 @@ def sparse_attention_gathered(q, k, v, idx, n_keep, scale=None):
     """Option 2, same result: gather the rows into dense (B, Hq, N, D) tensors (K/V repeated per
     query head), run kernels.flash_prefill, scatter back. Padding rows (past n_keep) come after every
     kept row, so causally they never touch a kept row; they are scattered into a dummy row T."""
-    import kernels
     _check_idx(q, k, v, idx, n_keep)
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
@@ -379,12 +366,11 @@ def token_sparse_attention(q, k, v, coverage=0.005, min_tokens=1024, window=128,
     sel = select_tokens(q, k, coverage, min_tokens, window, keep, use_kernels, scale, coverage_rule)
     if sel is None:
         if use_kernels:
-            import kernels
             return kernels.flash_prefill(q, k, v, causal=True, scale=scale)[0], None
-        return attention_ref(q, k, v, causal=True, scale=scale)[0], None
+        return attention(q, k, v, causal=True, scale=scale, need_lse=False)[0], None
     idx, n_keep = sel
     if not use_kernels:
-        return sparse_attention_ref(q, k, v, idx, n_keep, scale), n_keep
+        return sparse_attention_torch(q, k, v, idx, n_keep, scale), n_keep
     fn = sparse_attention if attn_kernel == "varlen" else sparse_attention_gathered
     return fn(q, k, v, idx, n_keep, scale), n_keep
 
@@ -466,7 +452,7 @@ class TokenSparseAttention:
         self.kept_fraction[layer_idx] = float(n_keep.float().mean()) / L
 
         if not self.use_kernels:
-            o = sparse_attention_ref(qh, kh, vh, idx, n_keep)
+            o = sparse_attention_torch(qh, kh, vh, idx, n_keep)
         elif self.attn_kernel == "varlen":
             o = sparse_attention(qh, kh, vh, idx, n_keep)
         else:

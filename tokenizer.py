@@ -51,8 +51,12 @@ def bytes_to_unicode():
 
 
 def read_rank_file(file):
+    try:
+        text = Path(file).read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{file} is not a tiktoken rank file ('base64-token rank' lines of text)") from None
     ranks = {}
-    for i, line in enumerate(Path(file).read_text().splitlines()):
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
@@ -84,6 +88,10 @@ class Tokenizer:
         json_file = path if path.name == "tokenizer.json" else d / "tokenizer.json"
         cfg_file = d / "tokenizer_config_nanokv.json"
         if model_file.is_file():
+            if model_file.read_bytes()[:1] == b"\x0a":  # a protobuf's first field tag: SentencePiece
+                raise ValueError(f"{model_file} is a SentencePiece model (Llama 2 / CodeLlama / TinyLlama), which "
+                                 f"is not supported: expected a tiktoken rank file (Llama 3.x) or a byte-level BPE "
+                                 f"tokenizer.json")
             ranks = read_rank_file(model_file)
             if cfg_file.is_file():
                 cfg = json.loads(cfg_file.read_text())
@@ -127,10 +135,20 @@ class Tokenizer:
 def _hf_tokenizer_json(file):
     """Convert an HF byte-level BPE tokenizer.json to tiktoken ranks. tiktoken merges by the rank of
     the merged token; HF byte-level vocabularies assign ids in merge order, so rank = id."""
-    tj = json.loads(Path(file).read_text())
-    m = tj.get("model", {})
-    if m.get("type") != "BPE":
-        raise ValueError(f"{file}: only byte-level BPE tokenizers are supported, got model type {m.get('type')!r}")
+    try:
+        tj = json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    m = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(m, dict) or m.get("type") != "BPE" or not isinstance(m.get("vocab"), dict):
+        kind = m.get("type") if isinstance(m, dict) else None
+        raise ValueError(f"{file}: only byte-level BPE tokenizers are supported, got model type {kind!r}")
+    parts = _pre_tokenizers(tj.get("pre_tokenizer")) + _pre_tokenizers(tj.get("decoder"))
+    if m.get("byte_fallback") or any(p.get("type") == "Metaspace" for p in parts):
+        raise ValueError(f"{file} is a SentencePiece-style BPE (Metaspace / byte fallback: Llama 2, CodeLlama, "
+                         f"TinyLlama), which is not supported: expected a byte-level BPE (Llama 3.x, SmolLM2, GPT-2)")
+    if any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in _pre_tokenizers(tj.get("pre_tokenizer"))):
+        raise ValueError(f"{file}: ByteLevel add_prefix_space=true (a space added before the text) is not supported")
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
     ranks = {}
@@ -141,19 +159,24 @@ def _hf_tokenizer_json(file):
             ranks[bytes(byte_of[c] for c in tok)] = i
         except KeyError:
             raise ValueError(f"{file}: token {tok!r} is not byte-level BPE") from None
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:  # tiktoken needs every byte as a token (it would panic on the first text holding one)
+        raise ValueError(f"{file}: the byte-level vocabulary lacks {len(missing)} of the 256 single-byte tokens "
+                         f"(e.g. byte {missing[0]:#04x}, spelled {bytes_to_unicode()[missing[0]]!r})")
     pattern = GPT2_PATTERN
-
-    def find_split(p):
-        nonlocal pattern
-        if not p:
-            return
+    for p in _pre_tokenizers(tj.get("pre_tokenizer")):
         if p.get("type") == "Split" and "Regex" in p.get("pattern", {}):
             pattern = p["pattern"]["Regex"]
-        for sub in p.get("pretokenizers", []):
-            find_split(sub)
-    find_split(tj.get("pre_tokenizer"))
     names = set(added)
     bos = next((n for n in ("<|begin_of_text|>", "<s>") if n in names), None)
     eos = [n for n in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|endoftext|>", "</s>") if n in names]
     chat = "llama3" if "<|start_header_id|>" in names else "chatml" if "<|im_start|>" in names else None
     return ranks, {"pattern": pattern, "special_tokens": added, "bos": bos, "eos": eos, "chat_format": chat}
+
+
+def _pre_tokenizers(p):
+    """A tokenizer.json pre_tokenizer (or decoder) and those of a Sequence, flattened, in order."""
+    if not isinstance(p, dict):
+        return []
+    subs = p.get("pretokenizers") or p.get("decoders") or []
+    return [p] + [q for sub in subs for q in _pre_tokenizers(sub)]
