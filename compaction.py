@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from attention import attention, merge_attention, paged_decode
 from kvcache import KVCache
 
@@ -429,41 +430,50 @@ class CompactedAttention:
             self.cache.write(i, pad(c.ck).transpose(1, 2), pad(c.cv).transpose(1, 2), rows)
             self.bias[i, :, :, :n] = c.beta
         self.compact_rows = sum(int(c.budget.sum()) for c in layers)  # kept (key, value) rows, all heads
-        self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
+        self.every_page = torch.arange(self.cache.num_pages_max, dtype=torch.int32, device=ref.device).expand(B, Hkv, -1)
+        self.compaction_stats = {}  # compact_prompt's figures, reported with the decode counters
 
-    def forward(self, layer_idx, q, k, v, input_pos):
-        """q (B, T, Hq, D) at positions input_pos >= ctx_len; k, v (B, T, Hkv, D) -> (B, T, Hq, D)."""
-        p0, T = int(input_pos[0]), q.shape[1]
+    prefill_rows = 0
+
+    def record_prefill(self, layer_idx, input_pos, o, lse):
+        pass
+
+    def _rows(self, input_pos):
+        """The cache rows of positions input_pos >= ctx_len."""
+        return input_pos - self.ctx_len + self.t
+
+    def decode(self, layer_idx, q, k, v, input_pos):
+        """q (B, 1, Hq, D) at the device position input_pos (1,) >= ctx_len; k, v (B, 1, Hkv, D) -> (B, 1, Hq, D):
+        every row, the compact ones with their bias, in one paged decode over all pages."""
+        seq_len = self.cache.append(layer_idx, k, v, self._rows(input_pos), self.use_kernels)  # rows [0, seq_len)
+        decode = kernels.paged_decode if self.use_kernels else paged_decode  # (attention.paged_decode: CPU run path)
+        o, _ = decode(q[:, 0], self.cache.k[layer_idx], self.cache.v[layer_idx], self.every_page, seq_len,
+                      self.cache.page_size, bias=self.bias[layer_idx])
+        return o.unsqueeze(1)
+
+    def prefill(self, layer_idx, q, k, v, input_pos):
+        """Several new tokens at host positions input_pos >= ctx_len: [compact part with bias, all
+        visible] merged with [appended rows, causal]."""
+        p0 = int(input_pos[0])
         if p0 < self.ctx_len:
             raise ValueError(f"position {p0} lies inside the compacted context of {self.ctx_len} tokens; "
                              f"continue at position {self.ctx_len} or later")
-        rows = input_pos - self.ctx_len + self.t
+        rows = self._rows(input_pos)
         self.cache.write(layer_idx, k, v, rows)
         kc, vc, bias = self.cache.k[layer_idx], self.cache.v[layer_idx], self.bias[layer_idx]
-        n = int(rows[-1]) + 1  # rows [0, n) are valid
-        qh = q.transpose(1, 2)
-        if T == 1:
-            B, Hkv, S = kc.shape[0], kc.shape[1], self.cache.page_size
-            pages = torch.arange(-(-n // S), device=q.device, dtype=torch.int32).expand(B, Hkv, -1)
-            decode = paged_decode
-            if self.use_kernels:
-                import kernels
-                decode = kernels.paged_decode
-            o, _ = decode(qh[:, :, 0], kc, vc, pages, n, S, bias=bias)
-            self.stats["kv_bytes_read"] += B * Hkv * n * (2 * kc.shape[3] * kc.element_size() + 4)
-            if layer_idx == 0:
-                self.stats["decode_steps"] += 1
-            return o.unsqueeze(1)
-        # several new tokens: [compact part with bias, all visible] merged with [appended rows, causal]
-        t = self.t
+        n, t, qh = int(rows[-1]) + 1, self.t, q.transpose(1, 2)
         o1, lse1 = biased_attention_ref(qh, kc[:, :, :t], vc[:, :, :t], bias[:, :, :t])
-        if self.use_kernels:
-            import kernels
-            o2, lse2 = kernels.flash_prefill(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
-        else:
-            o2, lse2 = attention(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
+        prefill = kernels.flash_prefill if self.use_kernels else attention
+        o2, lse2 = prefill(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
         o, _ = merge_attention(o1, lse1, o2, lse2)
         return o.transpose(1, 2)
+
+    @property
+    def stats(self):
+        n, steps = self.cache.decoded_lengths()  # n: cache rows, compact ones included
+        L, B, Hkv = self.cache.k.shape[:3]  # per layer and step: K and V of every row plus its fp32 bias
+        return {"kv_bytes_read": int((n * steps).sum()) * (self.cache.row_bytes() + 4 * B * Hkv) * L,
+                "decode_steps": int(steps.sum()), **self.compaction_stats}
 
 
 class CompactingAttention:
@@ -494,7 +504,12 @@ class CompactingAttention:
         self.layers = {}
         self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
 
-    def forward(self, layer_idx, q, k, v, input_pos):
+    prefill_rows = 0
+
+    def decode(self, layer_idx, q, k, v, input_pos):
+        raise ValueError("CompactingAttention serves one prefill; decode with its decoder()")
+
+    def prefill(self, layer_idx, q, k, v, input_pos):
         L, sep = self.ctx_len, self.sep_len
         T = q.shape[1]
         if int(input_pos[0]) != 0 or T != L + sep + self.copy_len:
@@ -502,10 +517,7 @@ class CompactingAttention:
                              f"= {L + sep + self.copy_len} tokens from position 0; got {T} tokens from "
                              f"{int(input_pos[0])}")
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        prefill = attention
-        if self.use_kernels:
-            import kernels
-            prefill = kernels.flash_prefill
+        prefill = kernels.flash_prefill if self.use_kernels else attention
         o_ctx, _ = prefill(qh[:, :, :L], kh[:, :, :L], vh[:, :, :L], causal=True)
 
         q_ref = qh[:, :, L + sep:]
@@ -592,5 +604,5 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
              "kv_mib_before": dense_bytes / 2**20, "kv_mib_after": compact_bytes / 2**20,
              "ref_out_err": sum(float(c.out_err.mean()) for c in layers) / len(layers),
              "ref_mass_err": sum(float(c.mass_err.mean()) for c in layers) / len(layers)}
-    attn.stats.update(stats)
+    attn.compaction_stats = stats
     return CompactedPrompt(attn=attn, start_pos=L, stats=stats)

@@ -258,7 +258,8 @@ def teacher_forced_logits(model, attn, prompt, forced, start_pos=0, window=1):
         tokens = torch.cat([tokens, forced[:, i:i + 1]], dim=1)
         n = start_pos + tokens.shape[1]
         w = min(window, tokens.shape[1])
-        logits.append(model(tokens[:, -w:], torch.arange(n - w, n), attn, last_only=True)[0, -1])
+        logits.append(model(tokens[:, -w:], torch.arange(n - w, n, device=prompt.device), attn, last_only=True,
+                            decode=True)[0, -1])
     return torch.stack(logits).float()
 
 
@@ -307,7 +308,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
                 logits = [model(x, torch.arange(s0, half), attn, last_only=True)[0, -1:]]
                 for t in range(half, c - 1):  # one decode step per token, as generation would
                     lo = max(s0, t + 1 - win)
-                    logits.append(model(w[:, lo:t + 1], torch.arange(lo, t + 1), attn, last_only=True)[0, -1:])
+                    logits.append(model(w[:, lo:t + 1], torch.arange(lo, t + 1, device=w.device), attn, last_only=True,
+                                        decode=True)[0, -1:])
                 total += F.cross_entropy(torch.cat(logits).float(), w[0, half:c], reduction="sum").item()
                 count += c - half
             row[f"loss@{c}"] = total / count if count else None

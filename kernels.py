@@ -619,7 +619,7 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
 def _select(scores, num_pages, K, newest_page, len_t, page_size):
     *lead, P = scores.shape
     s = scores.reshape(-1, P)
-    out = torch.empty(s.shape[0], K, dtype=torch.int32, device=scores.device)
+    out = torch.full((s.shape[0], K), -1, dtype=torch.int32, device=scores.device)  # -1: slots past the pages
     BLOCK_P = max(16, triton.next_power_of_2(num_pages))
     _select_pages_kernel[(s.shape[0],)](s, out, len_t if len_t is not None else out, s.stride(0), s.stride(1),
                                         out.stride(0), num_pages, K, newest_page, page_size,
@@ -630,8 +630,9 @@ def _select(scores, num_pages, K, newest_page, len_t, page_size):
 
 def select_pages_device(scores, seq_len, page_size, budget_pages):
     """select_pages for the pages of a device length seq_len (see device_length): num_pages =
-    ceil(seq_len / page_size), the newest page is the last. The caller guarantees budget_pages <=
-    num_pages (no sync here to check it). scores (B, Hkv, Pmax) -> (B, Hkv, budget_pages) int32."""
+    ceil(seq_len / page_size), the newest page is the last; with fewer pages than budget_pages all are
+    kept and the slots left hold -1 (reference: kvcache.select_pages_upto).
+    scores (B, Hkv, Pmax) -> (B, Hkv, budget_pages) int32."""
     P = scores.shape[-1]
     if P > SELECT_MAX_PAGES:
         raise ValueError(f"select_pages_device handles up to {SELECT_MAX_PAGES} pages, got {P}")

@@ -123,7 +123,8 @@ def test_append_after_compaction_equals_biased_concatenation(use_kernels):
     done = 0
     for step, n in enumerate([3, 1, 1, 1]):  # a 3-token prefill of new text, then decode steps
         q, kn, vn = rand(B, n, Hq, D, seed=10 + step), rand(B, n, Hkv, D, seed=20 + step), rand(B, n, Hkv, D, seed=30 + step)
-        o = attn.forward(0, q, kn, vn, torch.arange(ctx_len + done, ctx_len + done + n))  # positions go on after L
+        pos = torch.arange(ctx_len + done, ctx_len + done + n)  # positions go on after L
+        o = attn.prefill(0, q, kn, vn, pos) if n > 1 else attn.decode(0, q, kn, vn, pos.to(DEVICE))
         done += n
         keys, values = torch.cat([keys, kn.transpose(1, 2)], 2), torch.cat([values, vn.transpose(1, 2)], 2)
         bias = torch.cat([bias, torch.zeros(B, Hkv, n, device=DEVICE)], 2)
@@ -215,9 +216,12 @@ def test_reference_queries_are_on_policy(monkeypatch):
         def __init__(self, inner):
             self.inner, self.q = inner, {}
 
-        def forward(self, layer_idx, q, k, v, input_pos):
+        def prefill(self, layer_idx, q, k, v, input_pos):
             self.q[layer_idx] = q.transpose(1, 2)
-            return self.inner.forward(layer_idx, q, k, v, input_pos)
+            return self.inner.prefill(layer_idx, q, k, v, input_pos)
+
+        def __getattr__(self, name):  # everything else is the wrapped object's
+            return getattr(self.inner, name)
 
     on_policy = Record(compactor.decoder(max_new_tokens=L + len(sep)))
     from attention import DenseAttention

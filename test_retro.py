@@ -36,11 +36,11 @@ def drive(attn, q, k, v, n_prompt, last, window):
     """Prefill [0, n_prompt), then decode steps t = n_prompt .. last feeding the last `window` rows.
     Returns each step's output, (B, rows, Hq, D)."""
     pos = torch.arange(n_prompt)
-    attn.forward(0, q[:, pos], k[:, pos], v[:, pos], pos)
+    attn.prefill(0, q[:, pos], k[:, pos], v[:, pos], pos)
     outs = []
     for t in range(n_prompt, last + 1):
         pos = torch.arange(max(0, t - window + 1), t + 1)
-        outs.append(attn.forward(0, q[:, pos], k[:, pos], v[:, pos], pos))
+        outs.append(attn.decode(0, q[:, pos], k[:, pos], v[:, pos], pos.to(DEVICE)))  # (on the CPU: rows checked)
     return outs
 
 
@@ -253,18 +253,18 @@ def test_overwritten_kv_equals_fresh_forward():
         def __init__(self):
             self.out = {}
 
-        def forward(self, layer, q, k, v, pos):
-            self.out[layer] = retro.forward(layer, q, k, v, pos)
+        def decode(self, layer, q, k, v, pos):
+            self.out[layer] = retro.decode(layer, q, k, v, pos)
             return self.out[layer]
 
     rec = Recorder()
-    model(tokens[:, t - w + 1:], torch.arange(t - w + 1, t + 1), rec)
+    model(tokens[:, t - w + 1:], torch.arange(t - w + 1, t + 1, device=DEVICE), rec, decode=True)
 
     class Replay:  # attention that answers with the recorded output of one row and keeps k, v
         def __init__(self, row):
             self.row, self.k, self.v = row, {}, {}
 
-        def forward(self, layer, q, k, v, pos):
+        def prefill(self, layer, q, k, v, pos):
             self.k[layer], self.v[layer] = k, v
             return rec.out[layer][:, self.row:self.row + 1]
 
@@ -331,8 +331,11 @@ def test_output_cache_size_is_independent_of_length():
     q, k, v = stream(1, 64, 4, 2, 16, seed=1)
     retro = RetroAttention(make_cache(N=64), 8, 4, window=4, dense_layers=0)
     drive(retro, q, k, v, 10, 63, 4)
-    assert retro.outputs.pos[0] == [61, 62, 63]
     assert retro.outputs.o[0].shape == (1, 4, 3, 16) and retro.outputs.lse[0].shape == (1, 4, 3)
+    # the rows are those of positions 61, 62, 63 (the step of t = 63 shifted its row in): decode 64 and compare
+    ref = RetroAttention(make_cache(N=65), 8, 4, window=4, dense_layers=0)
+    drive(ref, q, k, v, 10, 63, 4)
+    torch.testing.assert_close(retro.outputs.o, ref.outputs.o)
 
 
 def test_output_cache_storage_does_not_grow_with_the_prompt():
@@ -347,15 +350,17 @@ def test_output_cache_storage_does_not_grow_with_the_prompt():
     assert sizes[0] == sizes[1] == (2 * 4 * 16 * 4, 2 * 4 * 4)  # w - 1 = 2 rows, 4 heads, D 16, fp32
 
 
-def test_output_cache_push_update_pop():
-    cache = OutputCache(n_layers=1, size=2)
+def test_output_cache_push_keeps_the_last_rows():
+    cache = OutputCache(n_layers=2, size=2)
     o, lse = rand(1, 2, 3, 4, seed=1), rand(1, 2, 3, seed=2)
-    cache.push(0, [5, 6, 7], o, lse)  # a prefill: only the last w - 1 rows stay
-    assert cache.pos[0] == [6, 7] and torch.equal(cache.o[0], o[:, :, 1:])
-    empty = torch.full((1, 2, 2), float("-inf"), device=DEVICE)
-    o2, lse2 = cache.update(0, torch.zeros(1, 2, 2, 4, device=DEVICE), empty)  # empty supplements change nothing
-    assert torch.equal(o2, o[:, :, 1:]) and torch.equal(lse2, lse[:, :, 1:])
-    assert cache.pop(0) == 6 and cache.pos[0] == [7]
+    cache.push(1, o, lse)  # a prefill: only the last w - 1 rows stay
+    assert torch.equal(cache.o[1], o[:, :, 1:]) and torch.equal(cache.lse[1], lse[:, :, 1:])
+    assert not cache.o[0].any() and (cache.lse[0] == float("-inf")).all()  # an untouched layer: empty rows
+    short = OutputCache(n_layers=1, size=3)
+    short.push(0, o[:, :, :1], lse[:, :, :1])  # a prompt shorter than w - 1: empty rows before it
+    assert torch.equal(short.o[0, :, :, 2], o[:, :, 0]) and (short.lse[0, :, :, :2] == float("-inf")).all()
+    short.push(0, o[:, :, 1:], lse[:, :, 1:])  # a second prefill chunk appends
+    assert torch.equal(short.o[0], o) and torch.equal(short.lse[0], lse)
 
 
 def test_misfed_steps_and_bad_flags_raise():
@@ -364,7 +369,7 @@ def test_misfed_steps_and_bad_flags_raise():
     drive(retro, q, k, v, 20, 21, 3)
     pos = torch.tensor([22])  # one row where the window needs three
     with pytest.raises(ValueError, match=r"last min\(w, n\) positions, \[20, 21, 22\]"):
-        retro.forward(0, q[:, pos], k[:, pos], v[:, pos], pos)
+        retro.decode(0, q[:, pos], k[:, pos], v[:, pos], pos)
     with pytest.raises(ValueError, match="--budget 6 is not a multiple of --page-size 4"):
         RetroAttention(make_cache(), 6, 4)
     with pytest.raises(ValueError, match="--window must be >= 1"):

@@ -120,9 +120,15 @@ class Recorder:
     def __init__(self, attn):
         self.attn, self.kv = attn, {}
 
-    def forward(self, layer_idx, q, k, v, input_pos):
+        self.prefill_rows = attn.prefill_rows
+
+    def prefill(self, layer_idx, q, k, v, input_pos):
         self.kv[layer_idx] = (k.clone(), v.clone())
-        return self.attn.forward(layer_idx, q, k, v, input_pos)
+        return self.attn.prefill(layer_idx, q, k, v, input_pos)
+
+    def decode(self, layer_idx, q, k, v, input_pos):
+        self.kv[layer_idx] = (k.clone(), v.clone())
+        return self.attn.decode(layer_idx, q, k, v, input_pos)
 
 
 @pytest.mark.parametrize("keep", [None, 0.5])
@@ -145,10 +151,10 @@ def test_cache_after_sparse_prefill_equals_dense_cache(keep):
         assert torch.equal(cache.v[layer, :, :, :64], v.transpose(1, 2))
     for layer in (0, 1):
         assert torch.equal(cache.k[layer], dense_cache.k[layer]) and torch.equal(cache.v[layer], dense_cache.v[layer])
-    assert cache.lengths == [64, 64, 64]
+    assert cache.lengths.tolist() == [64, 64, 64]
     # decoding goes to the decode object and reads the full cache
-    model(tokens[:, :1], torch.tensor([64]), attn=attn)
-    assert attn.stats["decode_steps"] == 1 and cache.lengths == [65, 65, 65]
+    model(tokens[:, :1], torch.tensor([64], device=DEVICE), attn=attn, decode=True)
+    assert attn.stats["decode_steps"] == 1 and cache.lengths.tolist() == [65, 65, 65]
 
 
 def authors_budget(scores, tau, min_tokens):

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 import kernels
-from attention import attention, attention_ref, prefill_decode_attention
+from attention import attention, attention_ref, prefill_attention
 
 POOL_KERNEL = 7  # paper: scores are average-pooled along the tokens with a window of 7
 
@@ -402,9 +402,10 @@ def parse_sparse_layers(spec, n_layers):
 class TokenSparseAttention:
     """Token Sparse Attention in prefill, any method's decoding after it.
 
-    The prefill call (input_pos[0] == 0, T > 1) of a sparse layer writes the full K/V into the
-    cache, then attends sparsely; every other call (dense layers' prefill, chunked prefill, decode)
-    is handed to decode_attn (a DenseAttention, Quest or Retro object sharing the same cache)."""
+    The prefill from position 0 of a sparse layer writes the full K/V into the cache, then attends
+    sparsely, and hands decode_attn the prompt's last prefill_rows outputs (record_prefill); every
+    other call (dense layers' prefill, chunked prefill, decode) goes to decode_attn (a DenseAttention,
+    Quest or Retro object sharing the same cache)."""
 
     def __init__(self, cache, decode_attn, coverage=0.005, min_tokens=1024, window=128, sparse_layers=None,
                  keep=None, use_kernels=False, attn_kernel="varlen", coverage_rule="authors"):
@@ -433,13 +434,23 @@ class TokenSparseAttention:
                 "ts_kept_fraction_per_layer": dict(sorted(self.kept_fraction.items())),
                 "ts_selection_s": self.selection_s}
 
-    def forward(self, layer_idx, q, k, v, input_pos):
+    @property
+    def prefill_rows(self):
+        return self.decode_attn.prefill_rows
+
+    def decode(self, layer_idx, q, k, v, input_pos):
+        return self.decode_attn.decode(layer_idx, q, k, v, input_pos)
+
+    def record_prefill(self, layer_idx, input_pos, o, lse):
+        self.decode_attn.record_prefill(layer_idx, input_pos, o, lse)
+
+    def prefill(self, layer_idx, q, k, v, input_pos):
         L = q.shape[1]
-        if L == 1 or int(input_pos[0]) != 0 or layer_idx not in self.sparse_layers:
-            return self.decode_attn.forward(layer_idx, q, k, v, input_pos)
+        if int(input_pos[0]) != 0 or layer_idx not in self.sparse_layers:
+            return self.decode_attn.prefill(layer_idx, q, k, v, input_pos)
         if L <= self.min_tokens + self.window:  # too short to sparsify: exactly the dense prefill
             self.kept_fraction[layer_idx] = 1.0
-            return self.decode_attn.forward(layer_idx, q, k, v, input_pos)
+            return self.decode_attn.prefill(layer_idx, q, k, v, input_pos)
         self.cache.write(layer_idx, k, v, input_pos)  # the full K/V: decoding sees every token
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -460,12 +471,12 @@ class TokenSparseAttention:
         # Skipped rows are 0 here; the layer adds o_proj(0) = 0 (no bias) to the residual stream,
         # so a skipped token passes this attention unchanged and a later layer may select it again.
         o = o.transpose(1, 2)
-        rows = getattr(getattr(self.decode_attn, "outputs", None), "size", 0)
-        if rows and hasattr(self.decode_attn, "record_prefill"):
-            # RetroAttention decodes next and keeps the prompt's last w-1 outputs with their lse, to
-            # revise them. Ours: those few rows attend densely, so the kept (o, lse) are exact.
-            o_rows, lse_rows = prefill_decode_attention(q[:, -rows:], self.cache.k[layer_idx], self.cache.v[layer_idx],
-                                                        input_pos[-rows:], self.use_kernels)
+        rows = self.decode_attn.prefill_rows
+        if rows:
+            # The decoder keeps the prompt's last rows' outputs with their lse (RetroAttention: w - 1,
+            # to revise them). Ours: those few rows attend densely, so the kept (o, lse) are exact.
+            o_rows, lse_rows = prefill_attention(q[:, -rows:], self.cache.k[layer_idx], self.cache.v[layer_idx],
+                                                 input_pos[-rows:], self.use_kernels)
             o = o.clone()
             o[:, -rows:] = o_rows
             self.decode_attn.record_prefill(layer_idx, input_pos[-rows:], o_rows, lse_rows)
