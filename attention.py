@@ -1,5 +1,6 @@
 """
-Dense attention: the reference every sparse method is measured against.
+Dense attention: the reference every sparse method is measured against, and the protocol every
+method follows.
 
     o_i = sum_j softmax_j(q_i . k_j / sqrt(D) + mask_ij) v_j,   lse_i = log sum_j exp(q_i . k_j / sqrt(D) + mask_ij)
 
@@ -14,12 +15,30 @@ attentions over disjoint key sets A and B be merged into the attention over A u 
 
 Layout (heads first, like the cache): q (B, Hq, T, D) or (B, Hq, D) for one decode query,
 k/v (B, Hkv, N, D). Grouped-query attention: query head h reads KV head h // G, G = Hq // Hkv.
+
+The attention-object protocol (model.py calls it; every method here follows it, test_add_your_own.py
+shows a new one). An object owns its KV cache: it writes k, v and decides what each query reads.
+
+    o = attn.prefill(layer_idx, q, k, v, input_pos)  # T new tokens; input_pos (T,) int64 on the CPU
+    o = attn.decode(layer_idx, q, k, v, input_pos)   # one decode step; input_pos (m,) on the cache's device
+
+q (B, T, Hq, D) after RoPE, k, v (B, T, Hkv, D) -> o (B, T, Hq, D) in q's dtype. prefill appends
+(input_pos continues the cache) and may read positions on the host. decode gets the newest token
+(m = 1) or it and the m - 1 tokens before it (RetroAttention re-embeds them, rewriting their rows).
+decode with the Triton kernels never reads a value on the host (no int(), no branch on a tensor) and
+updates its state in place, so the same code runs eagerly and captured in a CUDA graph (cudagraph.py;
+the PyTorch run path, for a CPU, may read the length to slice the cache); the `stats`
+property computes its statistics on the host from the lengths the cache logs on the device. An object that decodes from something of the
+prompt besides the cache (RetroAttention: the last w - 1 rows' outputs) sets prefill_rows and takes
+them through record_prefill(layer_idx, input_pos, o, lse) when another object prefills (token_sparse).
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
+
+import kernels
 
 
 def _check_gqa(q, k):
@@ -179,60 +198,58 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     return o.squeeze(2), lse.squeeze(2)
 
 
-def prefill_decode_attention(q, k_cache, v_cache, input_pos, use_kernels, need_lse=True):
+def prefill_attention(q, k_cache, v_cache, input_pos, use_kernels, need_lse=True):
     """Attention of T new queries (already written to the cache) over the cache, causally.
-    q (B, T, Hq, D) at positions input_pos; caches (B, Hkv, Nmax, D) -> (o (B, T, Hq, D), lse (B, Hq, T)).
+    q (B, T, Hq, D) at host positions input_pos; caches (B, Hkv, Nmax, D) -> (o (B, T, Hq, D), lse (B, Hq, T)).
     need_lse=False lets the PyTorch path skip the lse (then None)."""
-    T = q.shape[1]
     n = int(input_pos[-1]) + 1  # keys [0, n) are valid; we always write before attending
-    qh = q.transpose(1, 2)
+    qh, k, v = q.transpose(1, 2), k_cache[:, :, :n], v_cache[:, :, :n]
     if use_kernels:
-        import kernels
-        if T == 1:
-            o, lse = kernels.flash_decode(qh[:, :, 0], k_cache, v_cache, n)
-            return o.unsqueeze(1), lse.unsqueeze(-1)
-        if T * (q.shape[2] // k_cache.shape[1]) <= kernels.MAX_DECODE_ROWS:  # a window of decode rows:
-            o, lse = kernels.flash_decode(qh, k_cache, v_cache, n)  # split over the keys, all rows in one tile
-        else:
-            o, lse = kernels.flash_prefill(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True)
+        o, lse = kernels.flash_prefill(qh, k, v, causal=True)
     else:
-        o, lse = attention(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True, need_lse=need_lse)
+        o, lse = attention(qh, k, v, causal=True, need_lse=need_lse)
     return o.transpose(1, 2), lse
+
+
+def decode_attention(q, k_cache, v_cache, seq_len, use_kernels):
+    """The m rows q (B, m, Hq, D) of the last m positions attend causally to the keys [0, seq_len),
+    seq_len a (1,) int32 device tensor (nothing read on the host) -> o (B, m, Hq, D)."""
+    qh = q.transpose(1, 2)
+    m, G = qh.shape[2], _check_gqa(qh, k_cache)
+    if not use_kernels:  # the PyTorch run path (a CPU, never captured) may read the length
+        n = int(seq_len)
+        o, _ = attention(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True, need_lse=False)
+    elif m * G <= kernels.MAX_DECODE_ROWS:  # split over the keys, all rows in one tile
+        o, _ = kernels.flash_decode(qh if m > 1 else qh[:, :, 0], k_cache, v_cache, seq_len)
+        o = o if m > 1 else o.unsqueeze(2)
+    else:
+        o, _ = kernels.flash_prefill(qh, k_cache, v_cache, causal=True, seq_len=seq_len)
+    return o.transpose(1, 2)
 
 
 class DenseAttention:
     """The dense method: write the new K/V into the cache, attend to everything before them."""
 
+    prefill_rows = 0  # keeps nothing of the prompt but its cache
+
     def __init__(self, cache, use_kernels=False):
         self.cache = cache
         self.use_kernels = use_kernels
-        self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
 
-    graph_mode = False  # see forward_on_device
-
-    def forward(self, layer_idx, q, k, v, input_pos):
-        if self.graph_mode:
-            return self.forward_on_device(layer_idx, q, k, v, input_pos)
+    def prefill(self, layer_idx, q, k, v, input_pos):
         self.cache.write(layer_idx, k, v, input_pos)
-        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        if q.shape[1] == 1:  # one decode step reads the whole valid cache of this layer
-            n = int(input_pos[-1]) + 1
-            self.stats["kv_bytes_read"] += 2 * kc.shape[0] * kc.shape[1] * n * kc.shape[3] * kc.element_size()
-            if layer_idx == 0:
-                self.stats["decode_steps"] += 1
-        o, _ = prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)
-        return o
+        return prefill_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos, self.use_kernels,
+                                 need_lse=False)[0]
 
-    def forward_on_device(self, layer_idx, q, k, v, input_pos):
-        """A decode step with its position on the device (input_pos (1,) int64): no host sync, so
-        generate.py can capture it in a CUDA graph (see QuestAttention.forward_on_device)."""
-        import kernels
-        self.cache.write_on_device(layer_idx, k, v, input_pos)
-        if layer_idx == 0:
-            self.seq_len = (input_pos + 1).to(torch.int32)
-        o, _ = kernels.flash_decode(q[:, 0], self.cache.k[layer_idx], self.cache.v[layer_idx], self.seq_len)
-        return o.unsqueeze(1)
+    def decode(self, layer_idx, q, k, v, input_pos):
+        seq_len = self.cache.append(layer_idx, k, v, input_pos, self.use_kernels)
+        return decode_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], seq_len, self.use_kernels)
 
-    def after_device_step(self, n):
-        """Host-side bookkeeping after a device step that made the sequence n tokens long."""
-        self.cache.lengths = [n] * len(self.cache.lengths)
+    def record_prefill(self, layer_idx, input_pos, o, lse):
+        pass
+
+    @property
+    def stats(self):
+        n, steps = self.cache.decoded_lengths()  # every layer read the n rows of each KV head
+        return {"kv_bytes_read": int((n * steps).sum()) * self.cache.row_bytes() * self.cache.k.shape[0],
+                "decode_steps": int(steps.sum())}

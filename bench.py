@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -36,11 +37,16 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
+import cudagraph  # noqa: E402
 import kernels  # noqa: E402
 import token_sparse as ts  # noqa: E402
+from attention import DenseAttention  # noqa: E402
 from compaction import compact_cache  # noqa: E402
+from generate import generate  # noqa: E402
 from kernels import select_pages  # noqa: E402
-from retro import retro_decode, window_merge  # noqa: E402
+from kvcache import KVCache, QuestAttention  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
+from retro import RetroAttention, retro_decode, window_merge  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128  # Llama-3-8B attention
 
@@ -142,7 +148,7 @@ def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), rati
                     o_cache = [torch.randn(B, HQ, w - 1, D, generator=g, device="cuda") for _ in range(copies)]
                     lse_cache = [torch.randn(B, HQ, w - 1, generator=g, device="cuda") for _ in range(copies)]
 
-                    def retro_step(i):  # as RetroAttention.forward_on_device: + the output cache's merge and shift
+                    def retro_step(i):  # as RetroAttention.decode: + the output cache's merge and shift
                         s = kernels.page_scores(qw[i][:, :, -1], kmins[i], kmaxs[i], P)
                         pages = select_pages(s, P, K, P - 1)  # A = t is set in the kernel, after A is read
                         if w == 1:
@@ -254,11 +260,6 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8
     """tokens/s of generate.generate on a Llama-3.1-8B-shaped model with random weights: every method
     eagerly, then with the decode step replayed from a CUDA graph (--cuda-graph; the
     decode time includes the first step's capture). A short warm-up run compiles the kernels first."""
-    from attention import DenseAttention
-    from generate import generate
-    from kvcache import KVCache, QuestAttention
-    from model import ModelArgs, Transformer
-    from retro import RetroAttention
     args = ModelArgs(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                      hidden_dim=14336, rope_theta=500000.0, max_seq_len=prompt_len + new_tokens + 64,
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -270,7 +271,7 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    model.set_kernels()  # RMSNorm, RoPE, SiLU-mul as one kernel each (as generate.py does on a GPU)
+    cudagraph.fuse_kernels(model)  # RMSNorm, RoPE, SiLU-mul as one kernel each (as generate.py --cuda-graph does)
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     rows, tokens = [], {}  # tokens: (method, mode) -> greedy tokens
     def method(name, w):
@@ -309,6 +310,7 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--e2e-contexts", type=int, nargs="+", default=[32768], help="prompt lengths of the e2e section")
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     a = p.parse_args()
     if not torch.cuda.is_available():
@@ -333,15 +335,15 @@ def main():
                        bench_compaction,
                        ["ratio", "keys_per_head", "seconds", "s_per_layer", "peak_extra_mib", "kv_mib_before",
                         "kv_mib_after", "out_err", "mass_err"]),
-        "e2e": ("End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 32K prompt, 256 new tokens, batch 1)",
-                bench_e2e, ["method", "budget", "mode", "prefill_s", "tok_per_s", "peak_GiB", "same_tokens_as_eager"]),
+        "e2e": ("End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 256 new tokens, batch 1)",
+                lambda: [dict(context=n, **r) for n in a.e2e_contexts for r in bench_e2e(prompt_len=n)],
+                ["context", "method", "budget", "mode", "prefill_s", "tok_per_s", "peak_GiB", "same_tokens_as_eager"]),
     }
     for name in a.sections:
         title, run, cols = sections[name]
         try:
             results[name] = run()
         except Exception as e:  # one broken section must not cost the others' figures
-            import traceback
             traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             print(f"## {title}: FAILED ({type(e).__name__}: {e})\n", flush=True)

@@ -216,7 +216,7 @@ CHUNKED_PREFILL_METHODS = ("dense", "quest", "retro")
 
 
 def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kernels, separator_ids, keep_last=1,
-                 prefill_chunk=0):
+                 prefill_chunk=0, bos_id=None):
     """Prefill-ready state for one sequence: -> (attention object, start_pos, decode window); feed
     prompt[:, start_pos:] next. For compact the prompt's context is compacted first, all but its
     last keep_last tokens (the question, when the prompt ends with one). prefill_chunk > 0: for
@@ -227,7 +227,9 @@ def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kerne
     if method == "compact":
         from compaction import compact_prompt
         fit = {} if not getattr(mopts, "no_fit", False) else {"fit_bias": False, "fit_values": False}
+        fit["w_box"] = gen.bias_box(getattr(mopts, "bias_box", gen.BIAS_BOX_DEFAULT))
         res = compact_prompt(model, prompt, mopts.ratio, separator_ids=separator_ids, keep_last=keep_last,
+                             bos_id=bos_id,
                              max_new_tokens=max_new + keep_last + 8, use_kernels=use_kernels,
                              page_size=mopts.page_size, **fit)
         return res.attn, res.start_pos, 1
@@ -256,7 +258,8 @@ def teacher_forced_logits(model, attn, prompt, forced, start_pos=0, window=1):
         tokens = torch.cat([tokens, forced[:, i:i + 1]], dim=1)
         n = start_pos + tokens.shape[1]
         w = min(window, tokens.shape[1])
-        logits.append(model(tokens[:, -w:], torch.arange(n - w, n), attn, last_only=True)[0, -1])
+        logits.append(model(tokens[:, -w:], torch.arange(n - w, n, device=prompt.device), attn, last_only=True,
+                            decode=True)[0, -1])
     return torch.stack(logits).float()
 
 
@@ -275,8 +278,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
           use_kernels, log=print, on_row=None):
     """Loss, recall and long-generation agreement with dense for every run. -> list of result rows.
     on_row(rows): called after each run (run_sweep saves the rows so far)."""
-    from compaction import REPEAT_PROMPT
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    from compaction import repeat_separator
+    sep = repeat_separator(tokenizer)
     prompt = torch.from_numpy(stream[:gen_prompt_len].astype(np.int64)).to(device)[None]
     dense_attn, _, _ = start_method(model, "dense", gen.build_parser().parse_args([]), prompt, gen_new, dtype,
                                     device, use_kernels, sep)
@@ -287,7 +290,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
         mopts = method_options(method, flags)
 
         def start(x, n, keep_last=1):
-            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last)
+            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last,
+                                bos_id=tokenizer.bos_id)
         row = {"run": label, "method": method, "flags": flags}
         # held-out loss: prefill the first half of each window through the method, decode-score the second
         for c in contexts:
@@ -304,7 +308,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
                 logits = [model(x, torch.arange(s0, half), attn, last_only=True)[0, -1:]]
                 for t in range(half, c - 1):  # one decode step per token, as generation would
                     lo = max(s0, t + 1 - win)
-                    logits.append(model(w[:, lo:t + 1], torch.arange(lo, t + 1), attn, last_only=True)[0, -1:])
+                    logits.append(model(w[:, lo:t + 1], torch.arange(lo, t + 1, device=w.device), attn, last_only=True,
+                                        decode=True)[0, -1:])
                 total += F.cross_entropy(torch.cat(logits).float(), w[0, half:c], reduction="sum").item()
                 count += c - half
             row[f"loss@{c}"] = total / count if count else None
@@ -547,8 +552,8 @@ def real_runs(model, tokenizer, runs, ppl_stream, ppl_contexts, n_windows, suite
               dtype, device, use_kernels, prefill_chunk, log=print, on_row=None):
     """Dense perplexity, then for every run (dense first) passkey accuracy and agreement with dense.
     on_row(result): called after each run (run_real saves the runs so far)."""
-    from compaction import REPEAT_PROMPT
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    from compaction import repeat_separator
+    sep = repeat_separator(tokenizer)
     result = {"perplexity": {}, "rows": []}
     for c in ppl_contexts:
         t = time.time()
@@ -562,7 +567,8 @@ def real_runs(model, tokenizer, runs, ppl_stream, ppl_contexts, n_windows, suite
         mopts = method_options(method, flags)
 
         def start(x, n, keep_last=1):
-            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last, prefill_chunk)
+            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last, prefill_chunk,
+                                bos_id=tokenizer.bos_id)
         row = {"run": label, "method": method, "flags": flags}
         row["passkey"] = passkey_accuracy(model, tokenizer, suite, start, n_new_pk)
         steps = []
@@ -855,7 +861,7 @@ def plot_longgen(result, out_png):
 def run_ruler(opts, model, tokenizer, dtype, use_kernels):
     """--ruler: the suite of ruler.py at each context, every run of ruler_runs, a JSON (and its
     markdown table) written after each cell so that a stopped run keeps what it measured."""
-    from compaction import REPEAT_PROMPT
+    from compaction import repeat_separator
     t0 = time.time()
     a = model.args
     style = opts.ruler_style or ("code" if is_train_tokenizer(tokenizer) else "prose")
@@ -868,7 +874,7 @@ def run_ruler(opts, model, tokenizer, dtype, use_kernels):
     windows = [8] if opts.windows is None else opts.windows
     stream = heldout_stream(tokenizer, opts.data)[0] if style == "code" else None
     samples = ruler.suite(tokenizer, opts.tasks, style, contexts, n_samples, stream, opts.seed)
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    sep = repeat_separator(tokenizer)
     plan = [(c, run, task) for c in contexts for run in ruler_runs(c, windows, opts.methods) for task in opts.tasks]
     progress(f"ruler: {style} style, tasks {', '.join(opts.tasks)}; contexts {contexts}; {n_samples} samples per "
              f"cell; {len(plan)} cells; {opts.device} {dtype}")
@@ -891,7 +897,7 @@ def run_ruler(opts, model, tokenizer, dtype, use_kernels):
 
         def start(x, n, keep_last=1):
             return start_method(model, method, mopts, x, n, dtype, opts.device, use_kernels, sep, keep_last,
-                                opts.prefill_chunk)
+                                opts.prefill_chunk, bos_id=tokenizer.bos_id)
         scored = ruler_cell(model, tokenizer, samples[task, c], start)
         hits = [s for s, _ in scored if s is not None]
         k, n = sum(hits), len(hits)
@@ -1087,7 +1093,7 @@ def run_longgen(opts, model, tokenizer, dtype, use_kernels):
     """--longgen: n prompts of held-out text (code for a train.py tokenizer, else the essays), dense's
     greedy continuation of each, then every run of longgen_runs measured against it; JSON and
     markdown after each run."""
-    from compaction import REPEAT_PROMPT
+    from compaction import repeat_separator
     t0 = time.time()
     a = model.args
     P = opts.gen_prompt
@@ -1105,13 +1111,13 @@ def run_longgen(opts, model, tokenizer, dtype, use_kernels):
         stream = text_stream(tokenizer, texts)
     prompts = [p.to(opts.device) for p in agreement_prompts(stream, P, N, n_prompts)]
     prompts = [p[:, :P] for p in prompts]
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    sep = repeat_separator(tokenizer)
     runs = longgen_runs(P, windows, opts.methods)
 
     def starter(method, flags):
         mopts = method_options(method, flags)
         return lambda x, n, keep_last=1: start_method(model, method, mopts, x, n, dtype, opts.device, use_kernels,
-                                                      sep, keep_last, opts.prefill_chunk)
+                                                      sep, keep_last, opts.prefill_chunk, bos_id=tokenizer.bos_id)
     progress(f"longgen: {source}; {n_prompts} prompts x ({P} + {N}) tokens; {len(runs)} runs; {opts.device} {dtype}")
     dense = starter("dense", [])
     dense_tokens, dense_logits = [], []

@@ -12,17 +12,25 @@ At the end we print prefill time, decode speed, peak memory and KV bytes read pe
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from attention import DenseAttention
-import kvcache
-from kvcache import KVCache
-from model import Transformer
-from tokenizer import Tokenizer
+if not torch.cuda.is_available():  # Triton on the CPU runs in its interpreter (slow), set before triton loads
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import cudagraph  # noqa: E402
+import kvcache  # noqa: E402
+from attention import DenseAttention  # noqa: E402
+from compaction import compact_prompt, repeat_separator  # noqa: E402
+from kvcache import KVCache, QuestAttention  # noqa: E402
+from model import Transformer  # noqa: E402
+from retro import RetroAttention  # noqa: E402
+from token_sparse import TokenSparseAttention  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "nanokv-code-4k"
 METHODS = ["dense", "quest", "retro", "token_sparse", "compact"]
@@ -48,68 +56,6 @@ def sample(logits, temperature, top_k, generator=None, n_vocab=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class GraphDecodeStep:
-    """One decode step, captured in a CUDA graph on its first call and replayed on every later one.
-    Eagerly, Python launches ~60 kernels per layer and token, and at a small batch that launch time,
-    not the memory traffic, sets the speed (bench.py: 29 tok/s for an 8B-shaped model at 32K). A
-    replay re-runs the recorded kernels with their recorded arguments, so nothing in the step may
-    depend on a host value that changes: the tokens and their positions live in device tensors, and
-    the attention object runs its forward_on_device (kernels that read the length from the device,
-    state updated in place). The first call runs the step eagerly in graph mode (its real work, and
-    the warm-up: Triton compiles, cuBLAS picks kernels), then captures it."""
-
-    def __init__(self, model, attn):
-        self.model, self.attn, self.graph = model, attn, None
-
-    def _step(self):
-        return self.model(self.tokens, self.pos, self.attn, last_only=True)[:, -1]
-
-    def __call__(self, tokens, first_pos):
-        """tokens (B, w) long on the GPU at positions first_pos .. first_pos + w - 1 (the last one
-        new) -> the last row's next-token logits (B, V) fp32."""
-        w = tokens.shape[1]
-        if self.graph is None:
-            self.tokens = tokens.clone()
-            self.pos = torch.arange(first_pos, first_pos + w, device=tokens.device)
-            self.attn.graph_mode = True
-            side = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graphs asks
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = self._step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records, does not run
-                self.logits = self._step()
-        else:
-            self.tokens.copy_(tokens)
-            self.pos.copy_(torch.arange(first_pos, first_pos + w))
-            self.graph.replay()
-            logits = self.logits
-        self.attn.after_device_step(first_pos + w)
-        return logits
-
-    def close(self):
-        self.attn.graph_mode = False
-
-
-def graph_unsupported(attn, window, device, first_len):
-    """Why a decode step of attn cannot be captured in a CUDA graph (None if it can).
-    first_len: the sequence length at the first decode step."""
-    if device.type != "cuda":
-        return "CUDA graphs need --device cuda"
-    if not hasattr(attn, "forward_on_device"):
-        return f"{type(attn).__name__} has no device-side decode step (dense, quest and retro have one)"
-    if not attn.use_kernels:
-        return "the device-side decode step runs the Triton kernels (--kernels triton or auto)"
-    budget = getattr(attn, "budget", None)
-    if budget is not None and budget >= first_len:
-        return (f"--budget {budget} covers the first decode step's {first_len} tokens (then the step is dense); "
-                f"a captured step must be sparse throughout")
-    if window > 1 and first_len < window:
-        return f"the prompt must hold at least --window {window} - 1 tokens (a full RetroAttention window)"
-    return None
-
-
 @torch.no_grad()
 def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, window=1,
              stop_ids=(), on_token=None, generator=None, start_pos=0, n_vocab=None, cuda_graph=False,
@@ -117,17 +63,17 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
     """prompt (B, T) long on the model's device -> (new tokens (B, n), timings dict).
     window: rows fed per decode step (1; RetroAttention's w). start_pos: position of prompt[0]
     (non-zero only when the cache already holds a prefix, e.g. after KV compaction).
-    cuda_graph: decode through a GraphDecodeStep (dense, quest, retro; ValueError naming why not).
+    cuda_graph: replay the decode step from a CUDA graph (cudagraph.py; ValueError naming why not).
     on_token(ids (B,)) sees each new token except a stop token (which ends the output, B == 1).
     prefill_chunk: feed the prompt in pieces of about this many tokens (at least 2 each, so none
     looks like a decode step), calling on_prefill(tokens done, T, seconds) after each."""
     device = prompt.device
     step = None
     if cuda_graph:
-        why = graph_unsupported(attn, window, device, start_pos + prompt.shape[1] + 1)
+        why = cudagraph.unsupported(attn, device)
         if why:
             raise ValueError(f"--cuda-graph: {why}")
-        step = GraphDecodeStep(model, attn)
+        step = cudagraph.GraphDecodeStep(model, attn)
     B, T = prompt.shape
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # On a CPU, torch's OpenMP threads hand each op out and wait for one another: that pays for large
@@ -167,10 +113,11 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         n = start_pos + tokens.shape[1]  # positions [start_pos, n) exist; the newest is n - 1
         w = min(window, tokens.shape[1])
-        if step is not None:
-            logits = step(tokens[:, -w:], n - w)
+        pos = torch.arange(n - w, n, device=device)  # the step's positions stay on the device
+        if step is not None and w == window:  # (a short prompt's first steps feed fewer rows: eager)
+            logits = step(tokens[:, -w:], pos)
         else:
-            logits = model(tokens[:, -w:], torch.arange(n - w, n), attn, last_only=True)[:, -1]
+            logits = model(tokens[:, -w:], pos, attn, last_only=True, decode=True)[:, -1]
         nxt = sample(logits, temperature, top_k, generator, n_vocab)
         out.append(nxt)
     if on_token is not None and not stop(nxt):
@@ -178,8 +125,6 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
     sync()
     t_decode = time.perf_counter() - t0
     torch.set_num_threads(threads)
-    if step is not None:
-        step.close()
     return torch.stack(out, dim=1), {"prefill_s": t_prefill, "decode_s": t_decode, "decode_steps": len(out) - 1}
 
 
@@ -192,52 +137,32 @@ def make_attention(method, cache, opts, use_kernels):
         return DenseAttention(cache, use_kernels=use_kernels)
     if method == "quest":
         from kvcache import QuestAttention
-        return QuestAttention(cache, opts.budget, opts.page_size, opts.dense_layers, use_kernels=use_kernels)
+        return QuestAttention(cache, opts.budget, opts.page_size, opts.dense_layers, use_kernels=use_kernels,
+                              page_choice=getattr(opts, "page_choice", "kv_head"))
     if method == "retro":
         from retro import RetroAttention
+        if getattr(opts, "page_choice", "kv_head") != "kv_head":
+            raise ValueError("--page-choice query_head is for --method quest (RetroAttention tracks pages per KV head)")
         return RetroAttention(cache, opts.budget, opts.page_size, opts.window, opts.dense_layers,
                               use_kernels=use_kernels)
     if method == "token_sparse":
-        from token_sparse import TokenSparseAttention
         decoder = make_attention(opts.decode, cache, opts, use_kernels)
         return TokenSparseAttention(cache, decoder, opts.coverage, opts.min_tokens, opts.ts_window,
-                                    opts.sparse_layers, opts.keep, use_kernels=use_kernels)
+                                    opts.sparse_layers, opts.keep, use_kernels=use_kernels,
+                                    coverage_rule=getattr(opts, "coverage_rule", "authors"))
     raise ValueError(f"unknown method {method!r}")
 
 
-def default_prompt(max_bytes=14000):
-    """The first held-out file (train.py's split: never trained on) of this interpreter's standard
-    library that is long enough to show long-context decoding: -> (text, path)."""
-    import train
-    root = Path(train.stdlib_dir())
-    first = None
-    for p in _py_files_sorted(root):
-        if not train.is_heldout(p.relative_to(root).as_posix()):
-            continue
-        first = first or p
-        # real code, not a codec table or a test
-        if {"encodings"} & set(p.parts) or any(s.startswith("test") for s in p.parts[-3:]):
-            continue
-        if 8000 <= p.stat().st_size <= max_bytes:
-            return p.read_text(errors="replace"), p
-    if first is None:
-        return "def fibonacci(n):\n", None
-    return first.read_text(errors="replace"), first
+DEFAULT_PROMPT = Path(__file__).parent / "kvcache.py"  # real code the default model never saw (it learnt the standard library)
 
 
-def _py_files_sorted(root):
-    """root's *.py files in sorted(path) order, lazily (a walk with each directory's entries sorted by
-    name), not entering site-packages or symlinked directories: the first match ends the walk."""
-    try:
-        entries = sorted(os.scandir(root), key=lambda e: e.name)
-    except OSError:
-        return
-    for e in entries:
-        if e.is_dir() and not e.is_symlink():
-            if e.name != "site-packages":
-                yield from _py_files_sorted(e.path)
-        elif e.name.endswith(".py"):
-            yield Path(e.path)
+BIAS_BOX_DEFAULT = "none"
+
+
+def bias_box(name):
+    """--bias-box -> compaction.compact_cache's w_box."""
+    from compaction import AUTHORS_W_BOX
+    return AUTHORS_W_BOX if name == "authors" else None
 
 
 def check_budget(opts, parser):
@@ -321,11 +246,15 @@ def build_parser():
                         "and compact always prefill at once)")
     p.add_argument("--quiet", action="store_true", help="do not stream the text or progress, print only the statistics")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="capture the decode step in a CUDA graph and replay it (dense, quest, retro; on a GPU); "
-                        "statistics of KV bytes read are not counted then")
+                   help="capture the decode step in a CUDA graph and replay it (every method; on a GPU with the "
+                        "Triton kernels)")
     q = p.add_argument_group("page-sparse decoding (quest, retro)")
     q.add_argument("--budget", type=int, default=512,
-                   help="KV tokens read per decode step, a multiple of --page-size")
+                   help="KV tokens read per KV head per decode step in each sparse layer, a multiple of "
+                        "--page-size (default 512); with --page-choice query_head, per query head")
+    q.add_argument("--page-choice", choices=["kv_head", "query_head"], default="kv_head",
+                   help="quest: one page list per KV head, the group's bounds summed (default, ours: a page "
+                        "is read once per group), or one per query head (Quest's own GQA code: up to G x the reads)")
     q.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     q.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense (Quest's default: 2)")
     r = p.add_argument_group("RetroAttention (retro)")
@@ -338,10 +267,18 @@ def build_parser():
     t.add_argument("--coverage", type=float, default=0.005, help="tau: attention mass a head may drop (0 = dense)")
     t.add_argument("--min-tokens", type=int, default=1024, help="never keep fewer tokens per head")
     t.add_argument("--ts-window", type=int, default=128, help="last queries that score the tokens (always kept)")
-    t.add_argument("--sparse-layers", default="half", help="'half' (second half), 'all', 'a-b' or 'a,b,c'")
+    t.add_argument("--coverage-rule", choices=["authors", "per_head"], default="authors",
+                   help="authors: heads averaged then normalized, n + 1 dropped (the authors' code; default); "
+                        "per_head: each head normalized first, n dropped")
+    t.add_argument("--sparse-layers", default="half",
+                   help="'half' (second half: 16-31 of 32; default), 'all', 'a-b' or 'a,b,c' (the authors' "
+                        "profiled list for Llama-3.1-8B is 15-30)")
     t.add_argument("--keep", type=float, default=None, help="fixed budget: keep this fraction of tokens per head")
     c = p.add_argument_group("KV compaction by attention matching (compact)")
     c.add_argument("--ratio", type=float, default=10.0, help="compaction ratio: keep prompt_tokens / ratio keys per head")
+    c.add_argument("--bias-box", choices=["authors", "none"], default=BIAS_BOX_DEFAULT,
+                   help="bounds on a kept key's weight exp(beta): authors = [e^-3, e^3] (the authors' code), "
+                        f"none = exact NNLS, w >= 0 (default {BIAS_BOX_DEFAULT})")
     return p
 
 
@@ -365,13 +302,14 @@ def main(argv=None):
     ckpt = resolve_checkpoint(opts, parser)
     dtype = DTYPES[opts.dtype or ("bf16" if opts.device == "cuda" else "fp32")]
     use_kernels = opts.kernels == "triton" or (opts.kernels == "auto" and opts.device == "cuda")
-    if use_kernels and opts.device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on the CPU runs in its interpreter (slow)
+    if use_kernels and opts.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--kernels triton on --device cpu needs TRITON_INTERPRET=1 (set by itself without a GPU)")
     torch.manual_seed(opts.seed)
 
     try:
-        # the model's one-launch kernels pay off under a CUDA graph only (eagerly, Python per launch costs more)
-        model = Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device).set_kernels(opts.cuda_graph)
+        model = Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device)
+        if opts.cuda_graph:  # one-launch norms, RoPE, SwiGLU: they pay off under a graph (eagerly Python costs more)
+            cudagraph.fuse_kernels(model)
         tokenizer = Tokenizer(ckpt)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(f"error: cannot load checkpoint {ckpt}: {e}")
@@ -384,9 +322,10 @@ def main(argv=None):
             parser.error(f"--prompt-file {opts.prompt_file}: no such file")
         text = opts.prompt_file.read_text(errors="replace")
     elif default:
-        text, path = default_prompt()
+        path = DEFAULT_PROMPT
+        text = path.read_text()
         if not opts.quiet:
-            print(f"[prompt] held-out standard library file {path} (pass --prompt or --prompt-file for your own)",
+            print(f"[prompt] {path.name}, code the default model never trained on (pass --prompt or --prompt-file for your own)",
                   file=sys.stderr)
     else:
         text = opts.prompt
@@ -398,8 +337,7 @@ def main(argv=None):
     if default:  # the default prompt is cut to leave room for the new tokens
         ids = ids[:max(1, context - opts.max_new_tokens)]
     if default and opts.method == "compact":
-        from compaction import REPEAT_PROMPT
-        fits = (context - len(tokenizer.encode(REPEAT_PROMPT))) // 2 + 1  # compaction feeds the prompt twice
+        fits = (context - len(repeat_separator(tokenizer))) // 2 + 1  # compaction feeds the prompt twice
         if len(ids) > fits:
             if not opts.quiet:
                 print(f"[compact] the default prompt is cut from {len(ids)} to {fits} tokens: the repeat-prefill "
@@ -419,7 +357,6 @@ def main(argv=None):
     start_pos = 0
     if opts.method == "compact":
         # prefill + compaction happen in one repeat-prefill pass; decoding continues after the context
-        from compaction import REPEAT_PROMPT, compact_prompt
         t0 = time.perf_counter()
 
         def on_layer(i):
@@ -427,7 +364,8 @@ def main(argv=None):
                 print(f"[compact] layer {i + 1}/{args.n_layers} compacted ({time.perf_counter() - t0:.1f} s)",
                       file=sys.stderr)
         try:
-            res = compact_prompt(model, prompt, opts.ratio, separator_ids=tokenizer.encode(REPEAT_PROMPT),
+            res = compact_prompt(model, prompt, opts.ratio, separator_ids=repeat_separator(tokenizer),
+                                 bos_id=tokenizer.bos_id, w_box=bias_box(opts.bias_box),
                                  max_new_tokens=opts.max_new_tokens, use_kernels=use_kernels,
                                  page_size=opts.page_size, on_layer=on_layer)
         except ValueError as e:
@@ -450,7 +388,7 @@ def main(argv=None):
     retro_decoding = opts.method == "retro" or (opts.method == "token_sparse" and opts.decode == "retro")
     window = opts.window if retro_decoding else 1
     if opts.cuda_graph:
-        why = graph_unsupported(attn, window, torch.device(opts.device), start_pos + prompt.shape[1] + 1)
+        why = cudagraph.unsupported(attn, torch.device(opts.device))
         if why:
             parser.error(f"--cuda-graph: {why}")
 
@@ -494,7 +432,6 @@ def main(argv=None):
 def peak_memory_bytes(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -504,10 +441,6 @@ def report(opts, n_prompt, t, attn, cache):
              f"decode: {t['decode_steps']} steps in {t['decode_s']:.3f} s ({t['decode_steps'] / max(t['decode_s'], 1e-9):.1f} tok/s)",
              f"peak memory: {peak_memory_bytes(opts.device) / 2**20:.1f} MiB ({'GPU allocated' if opts.device == 'cuda' else 'process RSS'}); "
              f"KV cache {cache.nbytes() / 2**20:.1f} MiB"]
-    if opts.cuda_graph:
-        lines.append("KV statistics: not counted under --cuda-graph")
-        print("\n".join("# " + line for line in lines), file=sys.stderr)
-        return
     s = attn.stats
     if s.get("decode_steps"):
         lines.append(f"KV bytes read per decoded token: {s['kv_bytes_read'] / s['decode_steps'] / 2**20:.3f} MiB")

@@ -13,7 +13,8 @@ from that page's keys rather than updated incrementally.
 
 import torch
 
-from attention import paged_decode, prefill_decode_attention
+import kernels
+from attention import decode_attention, paged_decode, prefill_attention
 
 
 class KVCache:
@@ -33,13 +34,32 @@ class KVCache:
         self.page_meta = page_meta
         self.kmin = torch.zeros(meta if page_meta else (0,), dtype=dtype, device=device)
         self.kmax = torch.zeros(meta if page_meta else (0,), dtype=dtype, device=device)
-        self.lengths = [0] * n_layers  # per layer: positions [0, length) have been written
+        # per layer: positions [0, length) have been written (on the device: decode steps update it there)
+        self.lengths = torch.zeros(n_layers, dtype=torch.int64, device=device)
+        # per sequence length n, how many decode steps made the sequence n long: the statistics' source
+        self.decoded = torch.zeros(n + 1, dtype=torch.int32, device=device)
+        self._one = torch.ones(1, dtype=torch.int32, device=device)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
 
+    def row_bytes(self):
+        """Bytes of one position's K and V rows in one layer, all batch rows and KV heads."""
+        _, B, Hkv, _, D = self.k.shape
+        return 2 * B * Hkv * D * self.k.element_size()
+
+    def length(self, layer=0):
+        return int(self.lengths[layer])
+
+    def decoded_lengths(self):
+        """-> (n, steps): the sequence lengths decode steps made, and how many steps made each
+        (float64 CPU tensors; one sync)."""
+        steps = self.decoded.cpu()
+        n = steps.nonzero().squeeze(1)
+        return n.double(), steps[n].double()
+
     def write(self, layer, k, v, input_pos):
-        """k, v: (B, T, Hkv, D) for the contiguous positions input_pos (T,)."""
+        """Prefill: k, v (B, T, Hkv, D) for the contiguous host positions input_pos (T,)."""
         T = k.shape[1]
         start = int(input_pos[0])
         end = start + T
@@ -48,21 +68,26 @@ class KVCache:
                              f"positions (raise --max-seq-len or shorten the prompt)")
         self.k[layer, :, :, start:end] = k.transpose(1, 2)
         self.v[layer, :, :, start:end] = v.transpose(1, 2)
-        self.lengths[layer] = max(self.lengths[layer], end)
+        self.lengths[layer:layer + 1].clamp_(min=end)
         if self.page_meta:
             self.refresh_pages(layer, start // self.page_size, (end - 1) // self.page_size + 1)
 
-    def write_on_device(self, layer, k, v, pos):
-        """write() for the rows k, v (B, T, Hkv, D) whose positions are a device tensor pos (T,) int64,
-        consecutive and ending at the newest position: one Triton kernel (kernels.append_kv) and no
-        host sync, so a CUDA graph can capture it. The caller keeps self.lengths up to date."""
-        import kernels
+    def append(self, layer, k, v, pos, use_kernels=False):
+        """Decode: k, v (B, m, Hkv, D) at the positions pos (m,) int64 on the device, consecutive, the
+        last one the newest (the rows before it may be rewritten), and the bounds of their pages.
+        With the kernels nothing is read on the host. Layer 0 opens the step: it computes the length once for
+        all layers and logs it. -> seq_len (1,) int32 on the device, the keys [0, seq_len) now valid."""
+        if layer == 0:
+            n = pos[-1:] + 1
+            self.seq_len = n.to(torch.int32)
+            torch.maximum(self.lengths, n, out=self.lengths)
+            self.decoded.index_add_(0, n, self._one)
+        if not use_kernels:  # the PyTorch path (a CPU, never captured) may read the positions on the host
+            self.write(layer, k, v, pos)
+            return self.seq_len
         meta = (self.kmin[layer], self.kmax[layer]) if self.page_meta else (None, None)
-        kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)
-
-    @property
-    def length(self):
-        return self.lengths[0]
+        kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)  # one launch
+        return self.seq_len
 
     def refresh_pages(self, layer, first, last):
         """Recompute the key min/max of pages [first, last) of one layer from its written keys."""
@@ -107,7 +132,12 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
     """Top budget_pages pages by score, always including newest_page (the page of the token being
     decoded: the paper keeps the most recent tokens). scores (B, Hkv, >= num_pages) ->
     page_idx (B, Hkv, K) int32 in ascending page order, K = min(budget_pages, num_pages)."""
+    if budget_pages < 1 or num_pages < 1:
+        raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
     scores = scores[..., :num_pages].float()
+    # a NaN bound (from a non-finite key) counts as +inf, whatever its sign bit: the page is read, and
+    # the order does not depend on how a sort ranks NaN (CPU and CUDA sorts differ)
+    scores = torch.where(torch.isnan(scores), float("inf"), scores)
     K = min(budget_pages, num_pages)
     # the newest page, then the K - 1 best others; a stable sort settles ties: the lower page wins
     # (kernels.select_pages does the same)
@@ -136,96 +166,124 @@ def check_sparse_args(cache, budget, page_size, dense_layers):
         raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
 
 
-def quest_pages(q, cache, layer_idx, budget, n, use_kernels):
-    """The pages one decode step attends to: Quest's top budget // S pages for q (B, Hq, D), or all
-    pages when the budget covers the n valid keys (then the step is dense, exactly).
-    Returns page_idx (B, Hkv, K) int32 and whether the pages were scored (metadata was read)."""
-    S = cache.page_size
-    num_pages = -(-n // S)
-    if budget >= n:
-        all_pages = torch.arange(num_pages, dtype=torch.int32, device=q.device)
-        return all_pages.expand(q.shape[0], cache.k.shape[2], num_pages), False
+def select_pages_upto(scores, seq_len, page_size, budget_pages):
+    """select_pages for a length on the device (reference of kernels.select_pages_device): the
+    pages of the keys [0, seq_len), the newest always kept, seq_len (1,) int32 never read on the host.
+    scores (B, Hkv, Pmax) -> page_idx (B, Hkv, K) int32, K = min(budget_pages, Pmax): the chosen
+    pages in ascending order, then -1 in the slots left when there are fewer pages than K."""
+    P = scores.shape[-1]
+    page = torch.arange(P, device=scores.device)
+    num_pages = (seq_len.long() + page_size - 1) // page_size
+    s = scores.float()
+    s = torch.where(torch.isnan(s), float("inf"), s)  # a NaN bound counts as +inf (see select_pages)
+    s = s.masked_fill(page == num_pages - 1, float("inf")).masked_fill(page >= num_pages, float("-inf"))
+    order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, P)]
+    chosen = torch.where(order < num_pages, order, P).sort(dim=-1).values  # the unused slots (P) last
+    return torch.where(chosen < P, chosen, -1).to(torch.int32)
+
+
+def quest_pages(q, cache, layer_idx, budget, seq_len, use_kernels, bounds=None):
+    """Quest's top budget // S pages of one decode step for q (B, Hq, D), from the bounds of all
+    cache pages (those past seq_len are never chosen) -> page_idx (B, Hkv, K) int32, -1 = unused.
+    bounds: (kmin, kmax) to score instead of the layer's (a per-query-head view, see group_view)."""
+    S, P = cache.page_size, cache.num_pages_max
+    kmin, kmax = bounds if bounds is not None else (cache.kmin[layer_idx], cache.kmax[layer_idx])
     if use_kernels:
-        import kernels
-        scores = kernels.page_scores(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
+        scores = kernels.page_scores(q, kmin, kmax, P)
+        if P <= kernels.SELECT_MAX_PAGES:
+            return kernels.select_pages_device(scores, seq_len, S, budget // S)
     else:
-        scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], num_pages)
-    # the kernel holds a row of scores in registers: longer rows take the reference
-    select = kernels.select_pages if use_kernels and num_pages <= kernels.SELECT_MAX_PAGES else select_pages
-    return select(scores, num_pages, budget // S, (n - 1) // S), True
+        scores = page_scores_ref(q, kmin, kmax, P)
+    return select_pages_upto(scores, seq_len, S, budget // S)
 
 
-def count_page_reads(stats, cache, K, n, scored):
-    """Add one decode step's reads of one layer to stats: the K/V rows of K pages per KV head (the
-    newest page, always among them, holds only the keys before n), plus the min/max metadata of
-    all pages when they were scored."""
-    _, B, Hkv, _, D = cache.k.shape
-    S, size = cache.page_size, cache.k.element_size()
-    num_pages = -(-n // S)
-    rows = (K - 1) * S + (n - (num_pages - 1) * S)
-    stats["kv_bytes_read"] += 2 * B * Hkv * rows * D * size
-    stats["pages_read"] += B * Hkv * K
-    if scored:
-        stats["kv_bytes_read"] += 2 * B * Hkv * num_pages * D * size
+def group_view(x, G):
+    """x (B, Hkv, ...) -> (B * Hkv, G, ...): each KV head's tensor once per query head of its group,
+    as a stride-0 view (no copy). With q (B, Hq, D) viewed as (B * Hkv, G, D), the scoring,
+    selection and paged decode written for one page list per KV head then give each query head its
+    own page list (Quest's own GQA path)."""
+    B, Hkv = x.shape[:2]
+    return x.unsqueeze(2).expand(B, Hkv, G, *x.shape[2:]).flatten(0, 1)
+
+
+def page_reads(cache, budget, n, steps, n_dense):
+    """The reads of decode steps (n, steps: cache.decoded_lengths()) over all layers: n_dense layers
+    read the n valid rows of every KV head; the others Quest's K = min(budget // S, pages) pages (the
+    newest holds only the keys before n) plus the min/max bounds of every page (each the size of a
+    K/V row). -> (K/V rows read, pages read, K per step)."""
+    L, B, Hkv = cache.k.shape[:3]
+    S = cache.page_size
+    pages = torch.ceil(n / S)
+    K = pages.clamp(max=budget // S)
+    sparse_rows = (K - 1) * S + n - (pages - 1) * S + pages
+    rows = (steps * (n_dense * n + (L - n_dense) * sparse_rows)).sum()
+    return int(rows), int(B * Hkv * (steps * (n_dense * pages + (L - n_dense) * K)).sum()), K
+
+
+PAGE_CHOICES = ("kv_head", "query_head")
 
 
 class QuestAttention:
-    """Quest as an attention object: prefill is dense; each decode step (T == 1) attends to the
-    budget // S pages whose bound is highest, per KV head. The first dense_layers layers stay dense."""
+    """Quest as an attention object: prefill is dense; each decode step attends to the budget // S
+    pages whose bound is highest. The first dense_layers layers stay dense, and so does every layer
+    when the budget covers the whole cache.
 
-    def __init__(self, cache, budget, page_size, dense_layers=2, use_kernels=False):
+    budget: KV tokens read per decode step per page list (a multiple of the page size).
+    page_choice "kv_head" (default, ours): one page list per KV head, the bounds of its G query heads
+      summed; a page is loaded once for the whole group, so budget = KV tokens read per KV head.
+    page_choice "query_head" (Quest's own Llama-3.1 code): each query head ranks pages by its own
+      bound and reads its own budget // S pages; a KV head then serves up to G lists, G x the reads."""
+
+    prefill_rows = 0
+
+    def __init__(self, cache, budget, page_size, dense_layers=2, use_kernels=False, page_choice="kv_head"):
         check_sparse_args(cache, budget, page_size, dense_layers)
+        if page_choice not in PAGE_CHOICES:
+            raise ValueError(f"--page-choice must be one of {PAGE_CHOICES}, got {page_choice!r}")
+        self.page_choice, self.group = page_choice, 1
         self.cache = cache
         self.budget = budget
-        self.dense_layers = dense_layers
+        self.n_dense = cache.k.shape[0] if budget >= cache.max_seq_len else min(dense_layers, cache.k.shape[0])
         self.use_kernels = use_kernels
-        self.stats = {"kv_bytes_read": 0, "pages_read": 0, "decode_steps": 0}
 
-    graph_mode = False  # see forward_on_device
-
-    def forward(self, layer_idx, q, k, v, input_pos):
-        # q (B, T, Hq, D) after RoPE; k, v (B, T, Hkv, D) -> (B, T, Hq, D)
-        if self.graph_mode:
-            return self.forward_on_device(layer_idx, q, k, v, input_pos)
+    def prefill(self, layer_idx, q, k, v, input_pos):
         self.cache.write(layer_idx, k, v, input_pos)
-        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        if q.shape[1] > 1:  # prefill: dense causal
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)[0]
-        n = int(input_pos[-1]) + 1
-        if layer_idx == 0:
-            self.stats["decode_steps"] += 1
-        if layer_idx < self.dense_layers or self.budget >= n:
-            count_page_reads(self.stats, self.cache, -(-n // self.cache.page_size), n, scored=False)
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)[0]
-        qh = q[:, 0]  # (B, Hq, D)
-        page_idx, scored = quest_pages(qh, self.cache, layer_idx, self.budget, n, self.use_kernels)
-        count_page_reads(self.stats, self.cache, page_idx.shape[-1], n, scored)
-        if self.use_kernels:
-            import kernels
-            o, _ = kernels.paged_decode(qh, kc, vc, page_idx, n, self.cache.page_size)
-        else:
-            o, _ = paged_decode(qh, kc, vc, page_idx, n, self.cache.page_size)
-        return o.unsqueeze(1)
+        return prefill_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos, self.use_kernels,
+                                 need_lse=False)[0]
 
-    def forward_on_device(self, layer_idx, q, k, v, input_pos):
-        """A decode step with its position on the device (input_pos (1,) int64), in kernels that read
-        the length there: no host sync, so generate.py can capture the step in a CUDA graph. The
-        caller guarantees that the budget is below the length at every step (every step is sparse)
-        and calls after_device_step. No statistics are counted here (they need the length on the host)."""
-        import kernels
-        cache, S = self.cache, self.cache.page_size
-        cache.write_on_device(layer_idx, k, v, input_pos)
-        if layer_idx == 0:
-            self.seq_len = (input_pos + 1).to(torch.int32)  # keys [0, pos] after this write
-        kc, vc, qh = cache.k[layer_idx], cache.v[layer_idx], q[:, 0]
-        if layer_idx < self.dense_layers:
-            o, _ = kernels.flash_decode(qh, kc, vc, self.seq_len)
-        else:  # all pages are scored (those past the length are never selected)
-            scores = kernels.page_scores(qh, cache.kmin[layer_idx], cache.kmax[layer_idx], cache.num_pages_max)
-            page_idx = kernels.select_pages_device(scores, self.seq_len, S, self.budget // S)
-            o, _ = kernels.paged_decode(qh, kc, vc, page_idx, self.seq_len, S)
-        return o.unsqueeze(1)
+    def decode(self, layer_idx, q, k, v, input_pos):
+        # q (B, 1, Hq, D) after RoPE; k, v (B, 1, Hkv, D) -> (B, 1, Hq, D)
+        cache = self.cache
+        seq_len = cache.append(layer_idx, k, v, input_pos, self.use_kernels)
+        kc, vc = cache.k[layer_idx], cache.v[layer_idx]
+        if layer_idx < self.n_dense:
+            return decode_attention(q, kc, vc, seq_len, self.use_kernels)
+        qh, kc, vc, bounds, _ = self._page_lists(layer_idx, q[:, 0], kc, vc)
+        page_idx = quest_pages(qh, cache, layer_idx, self.budget, seq_len, self.use_kernels, bounds)
+        attend = kernels.paged_decode if self.use_kernels else paged_decode  # (attention.paged_decode: the CPU run path)
+        return attend(qh, kc, vc, page_idx, seq_len, cache.page_size)[0].reshape(q.shape)
 
-    def after_device_step(self, n):
-        """Host-side bookkeeping after a device step that made the sequence n tokens long."""
-        self.cache.lengths = [n] * len(self.cache.lengths)
+    def _page_lists(self, layer_idx, qh, kc, vc):
+        """qh (B, Hq, D) and the layer's K/V and bounds, seen as one page list per KV head (as they
+        are) or per query head (group_view). -> (qh, kc, vc, (kmin, kmax), lists per KV head)."""
+        bounds = (self.cache.kmin[layer_idx], self.cache.kmax[layer_idx])
+        if self.page_choice == "kv_head":
+            return qh, kc, vc, bounds, 1
+        B, Hq, D = qh.shape
+        G = self.group = Hq // kc.shape[1]  # (the statistics count G page lists per KV head)
+        return (qh.reshape(B * kc.shape[1], G, D), group_view(kc, G), group_view(vc, G),
+                tuple(group_view(x, G) for x in bounds), G)
+
+    def record_prefill(self, layer_idx, input_pos, o, lse):
+        pass
+
+    @property
+    def stats(self):
+        n, steps = self.cache.decoded_lengths()
+        rows, pages, _ = page_reads(self.cache, self.budget, n, steps, self.n_dense)
+        if self.page_choice == "query_head":  # a sparse layer reads G page lists (and bounds) per KV head
+            L, G = self.cache.k.shape[0], self.group
+            all_rows, all_pages, _ = page_reads(self.cache, self.budget, n, steps, L)  # every layer dense
+            dense_rows, dense_pages = all_rows * self.n_dense // L, all_pages * self.n_dense // L
+            rows, pages = dense_rows + G * (rows - dense_rows), dense_pages + G * (pages - dense_pages)
+        return {"kv_bytes_read": rows * self.cache.row_bytes(), "pages_read": pages, "decode_steps": int(steps.sum())}

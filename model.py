@@ -6,11 +6,12 @@ A Llama decoder and its Hugging Face checkpoint format, in one file (the tokeniz
                      x = x + down_proj(silu(gate_proj(n(x))) * up_proj(n(x)))      (n = RMSNorm)
     logits = lm_head(norm(x))
 
-The model knows nothing of sparse attention. Each layer hands its rotated q and its k, v to the
-attention object it is given, `attn.forward(layer_idx, q, k, v, input_pos)`, which owns the KV
-cache and decides what to read (dense, Quest, RetroAttention, Token Sparse, compacted). Prefill
-(T > 1 new tokens) and decode (T == 1) are the same call. With attn=None the layer runs plain
-causal attention over the given tokens (training, full-sequence evaluation).
+The model knows nothing of sparse attention, nor of speed tricks (cudagraph.py swaps in fused
+kernels from outside). Each layer hands its rotated q and its k, v to the attention object it is
+given, `attn.prefill(layer_idx, q, k, v, input_pos)` or `attn.decode(...)` (attention.py states the
+protocol), which owns the KV cache and decides what to read (dense, Quest, RetroAttention, Token
+Sparse, compacted). With attn=None the layer runs plain causal attention over the given tokens
+(training, full-sequence evaluation).
 
 Module names mirror Hugging Face's LlamaForCausalLM, so loading a checkpoint is a matter of
 dropping nothing and renaming nothing: `model.layers.3.self_attn.q_proj.weight` is
@@ -128,17 +129,12 @@ class ModelArgs:
 # Building blocks
 
 class RMSNorm(nn.Module):
-    use_kernels = False  # see Transformer.set_kernels
-
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if self.use_kernels:
-            import kernels
-            return kernels.rms_norm(x, self.weight, self.eps)
         # x / sqrt(mean(x^2) + eps), computed in fp32 as the reference implementations do (a
         # low-precision variance loses bits), then scaled by the learned weight
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
@@ -176,9 +172,14 @@ def apply_rope(x, cos, sin):
     return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
 
 
-class Attention(nn.Module):
-    use_kernels = False  # see Transformer.set_kernels
+class RoPE(nn.Module):
+    """apply_rope as a module, so that a faster one can be swapped in from outside (cudagraph.py)."""
 
+    def forward(self, x, cos, sin):
+        return apply_rope(x, cos, sin)
+
+
+class Attention(nn.Module):
     def __init__(self, args, layer_idx):
         super().__init__()
         self.layer_idx = layer_idx
@@ -187,28 +188,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.rope = RoPE()
 
-    def forward(self, x, cos, sin, input_pos, attn):
+    def forward(self, x, cos, sin, input_pos, attn, decode):
         B, T, _ = x.shape
-        rope = apply_rope
-        if self.use_kernels:
-            import kernels
-            rope = kernels.rope
-        q = rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = self.rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = self.rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if attn is None:  # plain causal attention over these T tokens, no cache
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
             o = o.transpose(1, 2)
         else:
-            o = attn.forward(self.layer_idx, q, k, v, input_pos)
+            o = (attn.decode if decode else attn.prefill)(self.layer_idx, q, k, v, input_pos)
         return self.o_proj(o.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    use_kernels = False  # see Transformer.set_kernels
-
     def __init__(self, args):
         super().__init__()
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
@@ -216,9 +212,6 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
-        if self.use_kernels:
-            import kernels
-            return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -230,8 +223,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, input_pos, attn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, attn)
+    def forward(self, x, cos, sin, input_pos, attn, decode):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, attn, decode)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -257,15 +250,6 @@ class Transformer(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def set_kernels(self, on=True):
-        """Run RMSNorm, RoPE and SiLU-times-up as single Triton kernels (kernels.rms_norm, rope,
-        silu_mul) instead of the ~25 PyTorch ops per layer written above. The results agree to
-        rounding; what changes is the number of launches, which bounds a batch-1 decode step."""
-        for m in self.modules():
-            if isinstance(m, (RMSNorm, Attention, MLP)):
-                m.use_kernels = on
-        return self
-
     def init_weights(self, seed=0):
         """GPT-2 style init: N(0, 0.02), residual projections scaled down by depth."""
         g = torch.Generator().manual_seed(seed)
@@ -289,11 +273,12 @@ class Transformer(nn.Module):
         pos = input_pos.to(dev)
         return self._rope_cache[0][pos], self._rope_cache[1][pos]
 
-    def forward(self, tokens, input_pos=None, attn=None, last_only=False):
+    def forward(self, tokens, input_pos=None, attn=None, last_only=False, decode=False):
         """tokens (B, T) -> logits (B, T, V) fp32 (or (B, 1, V) with last_only).
-        input_pos (T,) int64: absolute positions of the tokens (pass it on the CPU: attention
-        objects read it without a GPU sync; on the GPU only for an attention object in graph_mode,
-        see generate.GraphDecodeStep). attn: the attention object, or None for plain causal."""
+        input_pos (T,) int64: absolute positions of the tokens. attn: the attention object (see
+        attention.py), or None for plain causal attention over the tokens. decode: the tokens are a
+        decode step (attn.decode, input_pos on the model's device), else a prefill (attn.prefill,
+        input_pos on the CPU)."""
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T)
@@ -303,7 +288,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(input_pos)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, input_pos, attn)
+            x = layer(x, cos, sin, input_pos, attn, decode)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()

@@ -36,56 +36,47 @@ nothing of this: the object tells the rows to overwrite from the new one by inpu
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 import kernels
-from attention import (_check_gqa, gathered_attention, merge_attention, page_rows, paged_decode_ref,
-                       prefill_decode_attention)
-from kvcache import check_sparse_args, count_page_reads, quest_pages
+from attention import (_check_gqa, decode_attention, gathered_attention, merge_attention, page_rows,
+                       paged_decode_ref, prefill_attention)
+from kvcache import check_sparse_args, page_reads, quest_pages
 
 
 # ----------------------------------------------------------------------------------------------
 # Output cache: what the window's past tokens have attended to so far
 
 class OutputCache:
-    """Per layer, the attention outputs (before o_proj) and lse of the last w - 1 tokens, oldest first:
-    o (B, Hq, R, D) and lse (B, Hq, R) fp32, R <= w - 1 rows, with the rows' positions. Its size does
-    not grow with the generation (paper: an output cache of (w-1, B, L, hidden) plus normalizers).
-    Kept in fp32: a row is merged into up to w - 1 times and should not be rounded each time."""
+    """Per layer, the attention outputs (before o_proj) and lse of the w - 1 tokens before the current
+    one, oldest first: o (L, B, Hq, w-1, D), lse (L, B, Hq, w-1) fp32, fixed buffers updated in place
+    (a CUDA graph replays reads and writes of the same ones). A slot with no token yet (a prompt
+    shorter than w - 1) holds o = 0, lse = -inf, which a merge leaves unchanged. The size does not
+    grow with the generation (paper: an output cache of (w-1, B, L, hidden) plus normalizers). Kept
+    in fp32: a row is merged into up to w - 1 times and should not be rounded each time."""
 
     def __init__(self, n_layers, size):
-        self.size = size
-        self.pos = [[] for _ in range(n_layers)]
-        self.o = [None] * n_layers
-        self.lse = [None] * n_layers
+        self.n_layers, self.size = n_layers, size
+        self.o = self.lse = None  # allocated by the first push, which knows B, Hq, D
 
-    def push(self, layer, pos, o, lse):
-        """Append rows (positions pos, o (B, Hq, R, D), lse (B, Hq, R)); beyond w - 1 rows the oldest leave."""
-        pos = list(pos)
-        if self.pos[layer]:
-            pos = self.pos[layer] + pos
-            o, lse = torch.cat([self.o[layer], o.float()], 2), torch.cat([self.lse[layer], lse], 2)
-        drop = len(pos) - min(self.size, len(pos))
-        self.pos[layer], self.o[layer], self.lse[layer] = pos[drop:], o[:, :, drop:].float(), lse[:, :, drop:]
-
-    def update(self, layer, o_s, lse_s):
-        """Merge supplements (B, Hq, R, D), (B, Hq, R) into all R rows; returns the revised (o, lse)."""
-        self.o[layer], self.lse[layer] = merge_attention(self.o[layer], self.lse[layer], o_s, lse_s)
-        return self.o[layer], self.lse[layer]
-
-    def pop(self, layer):
-        """Remove the oldest row (its token leaves the window); returns its position."""
-        pos = self.pos[layer].pop(0)
-        self.o[layer], self.lse[layer] = self.o[layer][:, :, 1:], self.lse[layer][:, :, 1:]
-        return pos
+    def push(self, layer, o, lse):
+        """Append rows o (B, Hq, R, D), lse (B, Hq, R) (a prefill's last ones); beyond w - 1 rows the oldest leave."""
+        if self.o is None:
+            B, Hq, _, D = o.shape
+            self.o = torch.zeros(self.n_layers, B, Hq, self.size, D, dtype=torch.float32, device=o.device)
+            self.lse = torch.full((self.n_layers, B, Hq, self.size), float("-inf"), device=o.device)
+        if self.size:
+            self.o[layer] = torch.cat([self.o[layer], o.float()], 2)[:, :, -self.size:]
+            self.lse[layer] = torch.cat([self.lse[layer], lse.float()], 2)[:, :, -self.size:]
 
 
 # ----------------------------------------------------------------------------------------------
 # Reference: the attention of one decode step, all window rows
 
 def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None,
-                     update_last_loaded=False):
+                     update_last_loaded=False, partials=False):
     """One RetroAttention step's attention over the pages loaded for the current token.
     q (B, Hq, W, D): the window's queries, oldest first; row i sits at position tau = seq_len - W + i,
         the last row is the current token t = seq_len - 1.
@@ -94,7 +85,9 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
     Row tau attends to the keys j <= tau of the pages p in S_t with A[p] < tau. For the current row
     every page qualifies (A < t), so it gets Quest's attention over S_t; a past row gets its supplement.
     Returns o (B, Hq, W, D) in q.dtype, lse (B, Hq, W) fp32 (empty rows: o = 0, lse = -inf).
-    update_last_loaded: then also set A[p] = t (= seq_len - 1) for every listed page p."""
+    update_last_loaded: then also set A[p] = t (= seq_len - 1) for every listed page p.
+    seq_len may be an int or a (1,) device tensor. partials: return (o, lse) as retro_decode's one split,
+    fp32 (B, Hq, W, 1, D) and (B, Hq, W, 1), for window_merge_ref."""
     W = q.shape[2]
     A = last_loaded.gather(-1, page_idx.clamp(min=0).long())  # (B, Hkv, K): A of each listed page
     outs, lses = [], []
@@ -109,23 +102,24 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
     if update_last_loaded:
         b, h, slot = (page_idx >= 0).nonzero(as_tuple=True)
         last_loaded[b, h, page_idx[b, h, slot].long()] = seq_len - 1
-    return torch.stack(outs, 2), torch.stack(lses, 2)
+    o, lse = torch.stack(outs, 2), torch.stack(lses, 2)
+    return (o.float().unsqueeze(3), lse.unsqueeze(3)) if partials else (o, lse)
 
 
 def retro_decode_torch(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None,
-                       update_last_loaded=False):
+                       update_last_loaded=False, partials=False):
     """retro_decode_ref's contract on PyTorch ops, for the CPU run path: the pages of S_t gathered
     once (attention.gathered_attention), every window row masked by its own rule in one pass."""
     W = q.shape[2]
     pos, listed = page_rows(page_idx, page_size)  # (B, Hkv, K * S)
     A = last_loaded.gather(-1, page_idx.clamp(min=0).long()).repeat_interleave(page_size, dim=-1)
-    tau = torch.arange(seq_len - W, seq_len, device=q.device)[:, None]  # (W, 1): each row's position
+    tau = (seq_len - W + torch.arange(W, device=q.device))[:, None]  # (W, 1): each row's position
     visible = listed[:, :, None] & (A[:, :, None] < tau) & (pos[:, :, None] <= tau)  # (B, Hkv, W, K * S)
     o, lse = gathered_attention(q, k_cache, v_cache, pos.clamp(max=k_cache.shape[2] - 1), visible, scale=scale)
     if update_last_loaded:
         b, h, slot = (page_idx >= 0).nonzero(as_tuple=True)
         last_loaded[b, h, page_idx[b, h, slot].long()] = seq_len - 1
-    return o, lse
+    return (o.float().unsqueeze(3), lse.unsqueeze(3)) if partials else (o, lse)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,6 +183,29 @@ def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
             tl.store(LAST + page * sap, seq_len - 1, mask=page >= 0)
 
 
+def _check_retro_shapes(q, k_cache, v_cache, page_idx, last_loaded, page_size):
+    """retro_decode's shapes, checked before the launch (a mismatch would read out of bounds)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or page_idx.dim() != 3 or last_loaded.dim() != 3:
+        raise ValueError(f"retro_decode: need q (B, Hq, W, D), caches (B, Hkv, Nmax, D), page_idx (B, Hkv, K) and "
+                         f"last_loaded (B, Hkv, Pmax); got {tuple(q.shape)}, {tuple(k_cache.shape)}, "
+                         f"{tuple(page_idx.shape)}, {tuple(last_loaded.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"retro_decode: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    for what, a, b in (("batch", q.shape[0], k_cache.shape[0]), ("head dim", q.shape[3], k_cache.shape[3])):
+        if a != b:
+            raise ValueError(f"retro_decode: q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} differ in {what} "
+                             f"({a} vs {b})")
+    G = _check_gqa(q, k_cache)
+    B, Hkv, Nmax = k_cache.shape[:3]
+    if page_idx.shape[:2] != (B, Hkv) or last_loaded.shape[:2] != (B, Hkv):
+        raise ValueError(f"page_idx {tuple(page_idx.shape)} and last_loaded {tuple(last_loaded.shape)} "
+                         f"must start with (B, Hkv) = ({B}, {Hkv})")
+    if page_size < 1 or last_loaded.shape[2] * page_size < Nmax:
+        raise ValueError(f"retro_decode: last_loaded holds {last_loaded.shape[2]} pages of {page_size}, fewer than "
+                         f"the cache's {Nmax} rows need")
+    return G
+
+
 RETRO_BLOCK_N = 128
 RETRO_TUNING = dict(waves=2, num_stages=2)  # programs per SM; pipeline stages for 2-byte inputs (GPU)
 
@@ -198,12 +215,9 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     """Triton version of retro_decode_ref (same arguments, same result). seq_len may also be a device
     length (kernels.device_length), for a step captured in a CUDA graph. partials: return the splits'
     unmerged (o (B, Hq, W, NS, D), lse (B, Hq, W, NS)) fp32, NS splits, for window_merge."""
-    G = _check_gqa(q, k_cache)
+    G = _check_retro_shapes(q, k_cache, v_cache, page_idx, last_loaded, page_size)
     B, Hq, W, D = q.shape
     Hkv = k_cache.shape[1]
-    if page_idx.shape[:2] != (B, Hkv) or last_loaded.shape[:2] != (B, Hkv):
-        raise ValueError(f"page_idx {tuple(page_idx.shape)} and last_loaded {tuple(last_loaded.shape)} "
-                         f"must start with (B, Hkv) = ({B}, {Hkv})")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     seq_len, len_t = kernels.device_length(seq_len, k_cache.shape[2])
     page_idx = page_idx.to(torch.int32)
@@ -218,15 +232,17 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     o_part = torch.empty(B, Hq, W, num_splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=q.device)
     BLOCK_M = kernels.tile_size(G * W)
+    # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory, and a
+    # wide head (160, 256) in fp32 gets one stage and fewer keys per tile (kernels.kv_tiles)
+    stages = 1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else RETRO_TUNING["num_stages"]
+    block_n, stages = kernels.kv_tiles(RETRO_BLOCK_N, stages, D, q.element_size())
     _retro_decode_kernel[(num_splits, B * Hkv)](
         q, k_cache, v_cache, page_idx, last_loaded, o_part, lse_part, len_t if len_t is not None else lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *last_loaded.stride(),
         Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, scale * kernels.LOG2E,
         UPDATE_LAST=update_last_loaded, LEN_ON_DEVICE=len_t is not None, PRECISION=kernels.dot_precision(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=RETRO_BLOCK_N, PAGE_PAD=page_pad, BLOCK_D=kernels.tile_size(D), D=D,
-        # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory
-        num_warps=8 if BLOCK_M >= 128 else 4,
-        num_stages=1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else RETRO_TUNING["num_stages"])
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, PAGE_PAD=page_pad, BLOCK_D=kernels.tile_size(D), D=D,
+        num_warps=8 if BLOCK_M >= 128 else 4, num_stages=stages)
     if partials:
         return o_part, lse_part
     return kernels.merge_partials(o_part, lse_part, out_dtype=q.dtype)
@@ -315,9 +331,8 @@ def window_merge(o_part, lse_part, o_cache, lse_cache, out_dtype, max_tile=WINDO
 # The attention object
 
 class RetroAttention:
-    """RetroAttention as an attention object. forward(layer_idx, q, k, v, input_pos) takes the rows of
-    input_pos: several new positions = prefill (dense, causal); otherwise a decode step, whose rows are
-    the last min(w, t + 1) positions t-w+1 .. t, all but the last already in the cache.
+    """RetroAttention as an attention object. prefill: dense and causal, the last w - 1 rows kept in the
+    output cache. decode: the rows of the last m = min(w, t + 1) positions t-m+1 .. t, the last one new.
     budget, page_size, dense_layers: as QuestAttention. window: w, counting the current token.
     track_exposure: keep the exposure statistic (a few small GPU ops per sparse layer and step)."""
 
@@ -328,76 +343,32 @@ class RetroAttention:
         self.cache = cache
         self.budget = budget
         self.window = window
-        self.dense_layers = dense_layers
-        self.use_kernels = use_kernels
+        self.prefill_rows = window - 1
         n_layers, B, Hkv = cache.k.shape[:3]
+        self.dense_layers = min(dense_layers, n_layers)
+        self.use_kernels = use_kernels
         self.outputs = OutputCache(n_layers, window - 1)
         # A: per (layer, batch, KV head, page) the last step (= position of its current token) that loaded it
         self.last_loaded = torch.full((n_layers, B, Hkv, cache.num_pages_max), -1, dtype=torch.int32,
                                       device=cache.k.device)
-        self.first_decoded = None  # position of the first token decoded (exposure counts decoded tokens)
+        # a budget covering the whole cache loads every page at every step (then nothing is ever revised)
+        self.all_pages = budget >= cache.max_seq_len
+        self._every_page = torch.arange(cache.num_pages_max, dtype=torch.int32, device=cache.k.device).expand(B, Hkv, -1)
+        self.first_decoded = 0  # position of the first token decoded (exposure counts decoded tokens)
         self.track_exposure = track_exposure
         self._page_start = torch.arange(cache.num_pages_max, device=cache.k.device) * cache.page_size
-        self._exposure_sum = torch.zeros((), dtype=torch.float64, device=cache.k.device)
-        self._exposure_count = 0
-        # kv_bytes_read and pages_read count what Quest counts (K/V of the pages read, page bounds), so
-        # the two compare; retro_aux_bytes is what Retro adds: the output cache (read and written), the
-        # past rows' K/V overwrites, A (read and written).
-        self._stats = {"kv_bytes_read": 0, "pages_read": 0, "decode_steps": 0, "retro_aux_bytes": 0}
+        self._exposure = torch.zeros(2, dtype=torch.float64, device=cache.k.device)  # sum, count
 
-    @property
-    def stats(self):
-        """Counters for generate.py. exposure: distinct KV tokens the final output of a decoded token
-        covered / budget, averaged over sparse layers, KV heads and tokens that left the window."""
-        if self._exposure_count:
-            self._stats["exposure"] = float(self._exposure_sum) / self._exposure_count
-        return self._stats
-
-    graph_mode = False  # see forward_on_device
-
-    def forward(self, layer_idx, q, k, v, input_pos):
-        # q (B, T, Hq, D) after RoPE; k, v (B, T, Hkv, D); input_pos (T,) on the CPU -> (B, T, Hq, D)
-        if self.graph_mode:
-            return self.forward_on_device(layer_idx, q, k, v, input_pos)
-        t = int(input_pos[-1])
-        if t + 1 - self.cache.lengths[layer_idx] > 1:  # several new positions
-            return self._prefill(layer_idx, q, k, v, input_pos)
-        self._check_decode_rows(layer_idx, input_pos)
-        self.cache.write(layer_idx, k, v, input_pos)  # overwrite the past rows, append the new one
-        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        B, Hkv, _, D = kc.shape
-        self._stats["retro_aux_bytes"] += 2 * (len(input_pos) - 1) * B * Hkv * D * kc.element_size()  # overwrites
-        if layer_idx == 0:
-            self._stats["decode_steps"] += 1
-            if self.first_decoded is None:
-                self.first_decoded = t
-        if layer_idx < self.dense_layers:
-            # Dense layers attend every key anyway, so the past rows are simply recomputed, exactly,
-            # with their fresh queries: no output cache, nothing to merge.
-            count_page_reads(self._stats, self.cache, -(-(t + 1) // self.cache.page_size), t + 1, scored=False)
-            return prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=False)[0]
-        return self._sparse_decode(layer_idx, q, input_pos)
-
-    def _check_decode_rows(self, layer_idx, input_pos):
-        """A decode step's rows are the tokens in the output cache plus one new token."""
-        t, rows = int(input_pos[-1]), input_pos.tolist()
-        sparse = max(layer_idx, self.dense_layers)  # dense layers keep no rows: ask the first sparse one
-        held = self.outputs.pos[sparse] if sparse < len(self.outputs.pos) else rows[:-1]
-        if t + 1 - self.cache.lengths[layer_idx] != 1 or rows[:-1] != held:
-            raise ValueError(f"RetroAttention(window={self.window}): a decode step feeds the last min(w, n) "
-                             f"positions, {held + [self.cache.lengths[layer_idx]]} now, the last one new; "
-                             f"got {rows}")
-
-    def _prefill(self, layer_idx, q, k, v, input_pos):
-        if int(input_pos[0]) != self.cache.lengths[layer_idx]:
+    def prefill(self, layer_idx, q, k, v, input_pos):
+        if int(input_pos[0]) != self.cache.length(layer_idx):
             raise ValueError(f"RetroAttention: a prefill must only append (positions {input_pos.tolist()}, "
-                             f"{self.cache.lengths[layer_idx]} already in the cache)")
+                             f"{self.cache.length(layer_idx)} already in the cache)")
         self.cache.write(layer_idx, k, v, input_pos)
         kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        o, lse = prefill_decode_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=self.use_kernels)
+        o, lse = prefill_attention(q, kc, vc, input_pos, self.use_kernels, need_lse=self.use_kernels)
         if lse is None:  # the PyTorch path skipped it: only the last rows (the output cache's) need theirs
             r = max(1, self.window - 1)
-            o_r, lse = prefill_decode_attention(q[:, -r:], kc, vc, input_pos[-r:], False)
+            o_r, lse = prefill_attention(q[:, -r:], kc, vc, input_pos[-r:], False)
             self.record_prefill(layer_idx, input_pos[-r:], o_r, lse)
         else:
             self.record_prefill(layer_idx, input_pos, o, lse)
@@ -407,105 +378,88 @@ class RetroAttention:
         """Remember the prompt's last w - 1 rows, which attended densely: every page so far counts as
         seen by them. o (B, T, Hq, D), lse (B, Hq, T) of the rows at input_pos (the last rows suffice).
         Also called by a prefill method that wrote the cache itself (token_sparse)."""
-        if layer_idx >= self.dense_layers:
-            n = int(input_pos[-1]) + 1
-            self.last_loaded[layer_idx, :, :, :-(-n // self.cache.page_size)] = n - 1
-            self.outputs.push(layer_idx, input_pos.tolist(), o.transpose(1, 2), lse)
-
-    def _sparse_decode(self, layer_idx, q, input_pos):
-        cache, w = self.cache, self.window
         n = int(input_pos[-1]) + 1
-        past = input_pos[:-1].tolist()
+        self.first_decoded = n
+        if layer_idx >= self.dense_layers:
+            self.last_loaded[layer_idx, :, :, :-(-n // self.cache.page_size)] = n - 1
+            self.outputs.push(layer_idx, o.transpose(1, 2), lse)
 
-        # S_t: Quest's pages for the current token (all pages while the budget covers the sequence)
-        page_idx, scored = quest_pages(q[:, -1], cache, layer_idx, self.budget, n, self.use_kernels)
-        if self.use_kernels and 0 < len(past) == w - 1:  # a full window: the fused path of forward_on_device
-            out = self._fused_decode(layer_idx, q, page_idx, n, past)
-        else:
-            out = self._decode_and_merge(layer_idx, q, page_idx, n, past)
-        count_page_reads(self._stats, cache, page_idx.shape[-1], n, scored)
-        B, _, Hq, D = out.shape
-        rows_moved = 2 * len(past) + (w > 1)  # output cache rows read and written (fp32), the new one pushed
-        self._stats["retro_aux_bytes"] += rows_moved * B * Hq * (D + 1) * 4 + 2 * page_idx.numel() * 4  # + A
-        return out
-
-    def _decode_and_merge(self, layer_idx, q, page_idx, n, past):
-        cache, S, w, t = self.cache, self.cache.page_size, self.window, n - 1
+    def decode(self, layer_idx, q, k, v, input_pos):
+        # q (B, m, Hq, D) after RoPE; k, v (B, m, Hkv, D); input_pos (m,) -> (B, m, Hq, D)
+        cache, S, w, m = self.cache, self.cache.page_size, self.window, q.shape[1]
+        if layer_idx == 0 and input_pos.device.type == "cpu":
+            self._check_rows(input_pos)
+        seq_len = cache.append(layer_idx, k, v, input_pos, self.use_kernels)  # the past rows rewritten, t appended
         kc, vc = cache.k[layer_idx], cache.v[layer_idx]
-        A = self.last_loaded[layer_idx]  # (B, Hkv, Pmax)
-        attend = retro_decode if self.use_kernels else retro_decode_torch
-        # (B, Hq, T, D), (B, Hq, T); then A[p] = t for the pages of S_t
-        o, lse = attend(q.transpose(1, 2), kc, vc, page_idx, A, n, S, update_last_loaded=True)
+        if layer_idx < self.dense_layers:
+            # Dense layers attend every key anyway, so the past rows are simply recomputed, exactly,
+            # with their fresh queries: no output cache, nothing to merge.
+            return decode_attention(q, kc, vc, seq_len, self.use_kernels)
 
-        # What a past row's cached (o, lse) is merged with (ours; the paper leaves it open): the
-        # supplement computed now, with the row's fresh query (re-embedded from its revised lower-layer
-        # outputs), over the keys <= tau of the pages new to it, read after this step's overwrite. The
-        # cached part is not recomputed: it keeps the queries and window K/V of the steps that produced
-        # it, since refreshing it would mean reloading every page tau has already seen, the traffic
-        # Quest exists to avoid. The merge is therefore exactly one attention over the union of pages
-        # while tau's lower layers stay unchanged (as with a budget covering the sequence), and an
-        # approximation of it once a lower layer's revision has moved tau's q, k, v.
-        if past:
-            o_past, _ = self.outputs.update(layer_idx, o[:, :, :-1], lse[:, :, :-1])
-        if w == 1:
-            self._count_exposure(A, t)
+        # S_t: Quest's pages for the current token
+        page_idx = self._every_page if self.all_pages else quest_pages(q[:, -1], cache, layer_idx, self.budget,
+                                                                       seq_len, self.use_kernels)
+        # The w window rows, oldest first. After a prompt shorter than w - 1 the first steps feed m < w
+        # rows: the window is padded in front with rows of no position, which see no key.
+        qh = q.transpose(1, 2) if m == w else F.pad(q.transpose(1, 2), (0, 0, w - m, 0))
+        A = self.last_loaded[layer_idx]  # (B, Hkv, Pmax); then A[p] = t for the pages of S_t
+        attend = retro_decode if self.use_kernels else retro_decode_torch  # (the CPU run path)
+        if w == 1:  # Quest: nothing to revise
+            out = attend(qh, kc, vc, page_idx, A, seq_len, S, update_last_loaded=True)[0].transpose(1, 2)
         else:
-            if len(self.outputs.pos[layer_idx]) == w - 1:
-                self._count_exposure(A, self.outputs.pop(layer_idx))  # its output is final now
-            self.outputs.push(layer_idx, [t], o[:, :, -1:], lse[:, :, -1:])
-        if past:
-            o = torch.cat([o_past.to(o.dtype), o[:, :, -1:]], dim=2)
-        return o.transpose(1, 2)
-
-    def _fused_decode(self, layer_idx, q, page_idx, n, past):
-        """_decode_and_merge for a full window in two launches: retro_decode's splits, then window_merge
-        (the splits merged, the past rows revised, the output cache shifted in place). The same kernels as
-        forward_on_device, so an eager step and a replayed graph round alike; and the supplement
-        stays in fp32 up to the merge (the unfused path rounds it to the model's dtype first)."""
-        A = self.last_loaded[layer_idx]
-        o_part, lse_part = retro_decode(q.transpose(1, 2), self.cache.k[layer_idx], self.cache.v[layer_idx], page_idx,
-                                        A, n, self.cache.page_size, update_last_loaded=True, partials=True)
-        out = window_merge(o_part, lse_part, self.outputs.o[layer_idx], self.outputs.lse[layer_idx], q.dtype)
-        self._count_exposure(A, past[0])  # the oldest row's output is final now
-        self.outputs.pos[layer_idx] = past[1:] + [n - 1]
+            # What a past row's cached (o, lse) is merged with (ours; the paper leaves it open): the
+            # supplement computed now, with the row's fresh query (re-embedded from its revised lower-layer
+            # outputs), over the keys <= tau of the pages new to it, read after this step's overwrite. The
+            # cached part is not recomputed: it keeps the queries and window K/V of the steps that produced
+            # it, since refreshing it would mean reloading every page tau has already seen, the traffic
+            # Quest exists to avoid. The merge is therefore exactly one attention over the union of pages
+            # while tau's lower layers stay unchanged (as with a budget covering the sequence), and an
+            # approximation of it once a lower layer's revision has moved tau's q, k, v.
+            o_part, lse_part = attend(qh, kc, vc, page_idx, A, seq_len, S, update_last_loaded=True, partials=True)
+            merge = window_merge if self.use_kernels else window_merge_ref
+            # the past rows revised, the output cache shifted in place (the oldest leaves, t enters)
+            out = merge(o_part, lse_part, self.outputs.o[layer_idx], self.outputs.lse[layer_idx], q.dtype)[:, w - m:]
+        if self.track_exposure:
+            self._count_exposure(A, seq_len - w)  # the oldest row, t - w + 1: its output is final now
         return out
 
-    def forward_on_device(self, layer_idx, q, k, v, input_pos):
-        """A decode step whose w rows' positions are on the device (input_pos (w,) int64), with no
-        host sync, for generate.GraphDecodeStep: the same computation as forward, in kernels that read
-        the length from the device. The caller guarantees a full window (w - 1 rows in the output
-        cache) and a budget below the length at every step, and calls after_device_step. The output
-        cache is updated in place (a replayed graph reads and writes the same buffers). No
-        statistics and no exposure are counted here."""
-        cache, S = self.cache, self.cache.page_size
-        cache.write_on_device(layer_idx, k, v, input_pos)
-        if layer_idx == 0:
-            self.seq_len = (input_pos[-1:] + 1).to(torch.int32)
-        kc, vc, qh = cache.k[layer_idx], cache.v[layer_idx], q.transpose(1, 2)  # qh (B, Hq, w, D)
-        if layer_idx < self.dense_layers:
-            o, _ = kernels.flash_decode(qh, kc, vc, self.seq_len)  # the w rows, causally
-            return o.transpose(1, 2)
-        scores = kernels.page_scores(qh[:, :, -1], cache.kmin[layer_idx], cache.kmax[layer_idx], cache.num_pages_max)
-        page_idx = kernels.select_pages_device(scores, self.seq_len, S, self.budget // S)
-        if self.window == 1:
-            o, _ = retro_decode(qh, kc, vc, page_idx, self.last_loaded[layer_idx], self.seq_len, S,
-                                update_last_loaded=True)
-            return o.transpose(1, 2)
-        o_part, lse_part = retro_decode(qh, kc, vc, page_idx, self.last_loaded[layer_idx], self.seq_len, S,
-                                        update_last_loaded=True, partials=True)
-        # the w - 1 past rows revised, the output cache shifted in place (the oldest leaves, t enters)
-        return window_merge(o_part, lse_part, self.outputs.o[layer_idx], self.outputs.lse[layer_idx], q.dtype)
-
-    def after_device_step(self, n):
-        """Host-side bookkeeping after a device step that made the sequence n tokens long."""
-        self.cache.lengths = [n] * len(self.cache.lengths)
-        for layer in range(self.dense_layers, len(self.outputs.pos)):
-            self.outputs.pos[layer] = list(range(n - self.window + 1, n))  # the w - 1 rows kept
+    def _check_rows(self, input_pos):
+        """Positions given on the host (a caller driving the object by hand) are checked: a decode step's
+        rows are the last min(w, n) positions, the last one new."""
+        n = self.cache.length(0)
+        want = list(range(max(0, n - self.window + 1), n + 1))
+        if input_pos.tolist() != want:
+            raise ValueError(f"RetroAttention(window={self.window}): a decode step feeds the last min(w, n) "
+                             f"positions, {want} now, the last one new; got {input_pos.tolist()}")
 
     def _count_exposure(self, A, tau):
-        """tau's output is final: count the keys <= tau of every page it has seen (A[p] >= tau)."""
-        if not self.track_exposure or tau < self.first_decoded:
-            return  # (a prompt token attended densely in prefill)
+        """tau's output is final: count the keys <= tau of every page it has seen (A[p] >= tau), if
+        tau was decoded (a prompt token attended densely in prefill)."""
         keys_upto_tau = (tau + 1 - self._page_start).clamp_(0, self.cache.page_size)  # (Pmax,) keys j <= tau per page
-        self._exposure_sum += torch.where(A >= tau, keys_upto_tau, 0).sum() / self.budget
-        self._exposure_count += A.shape[0] * A.shape[1]
+        decoded = (tau >= self.first_decoded).double()
+        seen = torch.where(A >= tau, keys_upto_tau, 0).sum() / self.budget
+        self._exposure += torch.cat([seen * decoded, decoded * A.shape[0] * A.shape[1]])
+
+    @property
+    def stats(self):
+        """Counters for generate.py. kv_bytes_read and pages_read count what Quest counts (K/V of the
+        pages read, page bounds), so the two compare; retro_aux_bytes is what Retro adds: the past
+        rows' K/V overwrites, the output cache (read and written, fp32), A (read and written).
+        exposure: distinct KV tokens the final output of a decoded token covered / budget, averaged
+        over sparse layers, KV heads and tokens that left the window."""
+        cache, w = self.cache, self.window
+        L, B, Hkv = cache.k.shape[:3]
+        n, steps = cache.decoded_lengths()
+        rows, pages, K = page_reads(cache, self.budget, n, steps, L if self.all_pages else self.dense_layers)
+        m = n.clamp(max=w)  # rows fed per step
+        aux = (m - 1) * cache.row_bytes() * L
+        if self.outputs.o is not None:  # (the sparse layers')
+            Hq, D = self.outputs.o.shape[2], self.outputs.o.shape[4]
+            listed = torch.ceil(n / cache.page_size) if self.all_pages else K
+            aux = aux + (L - self.dense_layers) * ((2 * (m - 1) + (w > 1)) * B * Hq * (D + 1) * 4 + 2 * B * Hkv * 4 * listed)
+        s = {"kv_bytes_read": rows * cache.row_bytes(), "pages_read": pages, "decode_steps": int(steps.sum()),
+             "retro_aux_bytes": int((steps * aux).sum())}
+        exposure_sum, exposure_count = self._exposure.tolist()
+        if exposure_count:
+            s["exposure"] = exposure_sum / exposure_count
+        return s

@@ -84,42 +84,51 @@ def test_cli_names_a_bad_checkpoint(tmp_path):
 
 
 def test_cuda_graph_refusals_name_the_reason():
-    from generate import graph_unsupported
-    from kvcache import QuestAttention
-    from retro import RetroAttention
-    from token_sparse import TokenSparseAttention
+    from cudagraph import unsupported
     cache = KVCache(1, 1, 2, 64, 8, torch.float32, DEVICE, page_size=4)
-    assert "--device cuda" in graph_unsupported(DenseAttention(cache, use_kernels=True), 1, torch.device("cpu"), 30)
+    assert "--device cuda" in unsupported(DenseAttention(cache, use_kernels=True), torch.device("cpu"))
     cuda = torch.device("cuda")
-    sparse_prefill = TokenSparseAttention(cache, DenseAttention(cache, use_kernels=True), 0.005, 16, 8, "all", None,
-                                          use_kernels=True)
-    assert "no device-side decode step" in graph_unsupported(sparse_prefill, 1, cuda, 30)
-    assert "--window 8 - 1 tokens" in graph_unsupported(RetroAttention(cache, 4, 4, window=8, use_kernels=True), 8, cuda, 6)
-    assert graph_unsupported(RetroAttention(cache, 8, 4, window=4, use_kernels=True), 4, cuda, 30) is None
-    assert "Triton kernels" in graph_unsupported(DenseAttention(cache, use_kernels=False), 1, cuda, 30)
-    assert "--budget 32 covers" in graph_unsupported(QuestAttention(cache, 32, 4, use_kernels=True), 1, cuda, 30)
-    assert graph_unsupported(QuestAttention(cache, 16, 4, use_kernels=True), 1, cuda, 30) is None
+    assert "Triton kernels" in unsupported(DenseAttention(cache, use_kernels=False), cuda)
+    assert unsupported(DenseAttention(cache, use_kernels=True), cuda) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("method", ["dense", "quest", "retro"])
+@pytest.mark.parametrize("method", ["dense", "quest", "quest_covering", "retro", "retro_short_prompt", "token_sparse",
+                                    "compact"])
 def test_cuda_graph_decoding_gives_the_eager_tokens(method):
-    """On the default model (fp32): the decode step replayed from a CUDA graph gives eager's greedy tokens."""
+    """On the default model (fp32): the decode step replayed from a CUDA graph gives eager's greedy
+    tokens and statistics, for every method (a budget covering the cache, a prompt shorter than the
+    window, a token-sparse prefill, a compacted cache included)."""
+    from compaction import compact_prompt
     from generate import DEFAULT_CHECKPOINT
     from kvcache import QuestAttention
     from model import Transformer
     from retro import RetroAttention
+    from token_sparse import TokenSparseAttention
     m = Transformer.from_pretrained(DEFAULT_CHECKPOINT, device="cuda")
     a = m.args
-    prompt = torch.randint(0, a.vocab_size, (1, 600), generator=torch.Generator().manual_seed(3)).cuda()
-    outs = []
+    n_prompt = 2 if method == "retro_short_prompt" else 600
+    prompt = torch.randint(0, a.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(3)).cuda()
+    window = {"retro": 3, "retro_short_prompt": 4}.get(method, 1)
+    outs, stats = [], []
     for graph in (False, True):
         cache = KVCache(a.n_layers, 1, a.n_kv_heads, 700, a.head_dim, torch.float32, "cuda", page_meta=method != "dense")
-        attn = {"dense": lambda: DenseAttention(cache, use_kernels=True),
-                "quest": lambda: QuestAttention(cache, 256, 16, use_kernels=True),
-                "retro": lambda: RetroAttention(cache, 256, 16, window=3, use_kernels=True)}[method]()
-        outs.append(generate(m, attn, prompt, 64, window=3 if method == "retro" else 1, cuda_graph=graph)[0])
+        start_pos, p = 0, prompt
+        if method == "compact":
+            res = compact_prompt(m, prompt, 10, max_new_tokens=64, use_kernels=True)
+            attn, start_pos, p = res.attn, res.start_pos, prompt[:, res.start_pos:]
+        else:
+            attn = {"dense": lambda: DenseAttention(cache, use_kernels=True),
+                    "quest": lambda: QuestAttention(cache, 256, 16, use_kernels=True),
+                    "quest_covering": lambda: QuestAttention(cache, 704, 16, use_kernels=True),
+                    "retro": lambda: RetroAttention(cache, 256, 16, window=3, use_kernels=True),
+                    "retro_short_prompt": lambda: RetroAttention(cache, 32, 16, window=4, use_kernels=True),
+                    "token_sparse": lambda: TokenSparseAttention(cache, QuestAttention(cache, 256, 16, use_kernels=True),
+                                                                 0.005, 128, 32, "half", use_kernels=True)}[method]()
+        outs.append(generate(m, attn, p, 64, window=window, start_pos=start_pos, cuda_graph=graph)[0])
+        stats.append({k: v for k, v in attn.stats.items() if not k.startswith(("ts_", "compaction", "ref_"))})
     assert torch.equal(outs[1], outs[0])
+    assert stats[1] == pytest.approx(stats[0]) and stats[1]["decode_steps"] == 63
 
 
 # ------------------------------------------------------------------------------------------------

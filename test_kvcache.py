@@ -26,7 +26,7 @@ def kv(B, T, Hkv, D, seed):
 
 def recomputed_bounds(cache, layer):
     """Page min/max straight from the stored keys, one page at a time."""
-    S, n = cache.page_size, cache.lengths[layer]
+    S, n = cache.page_size, cache.length(layer)
     P = -(-n // S)
     keys = cache.k[layer]  # (B, Hkv, N, D)
     kmin = torch.stack([keys[:, :, p * S:min((p + 1) * S, n)].amin(2) for p in range(P)], dim=2)
@@ -43,7 +43,7 @@ def test_write_stores_keys_and_values_heads_first():
     cache.write(1, k, v, torch.arange(3, 10))
     assert torch.equal(cache.k[1, :, :, 3:10], k.transpose(1, 2))
     assert torch.equal(cache.v[1, :, :, 3:10], v.transpose(1, 2))
-    assert cache.lengths == [0, 10]
+    assert cache.lengths.tolist() == [0, 10]
     assert not cache.k[0].any()  # the other layer is untouched
 
 
@@ -55,7 +55,7 @@ def test_overwrite_replaces_rows_and_keeps_length():
     cache.write(0, k2, v2, torch.arange(4, 7))
     assert torch.equal(cache.k[0, :, :, 4:7], k2.transpose(1, 2))
     assert torch.equal(cache.v[0, :, :, 7:10], v[:, 7:10].transpose(1, 2))
-    assert cache.lengths[0] == 10
+    assert cache.length(0) == 10
 
 
 def test_write_past_the_end_raises():
@@ -129,6 +129,38 @@ def test_select_pages_includes_newest_and_has_budget_count(num_pages, budget_pag
                 assert (others[b, h, chosen] >= best[b, h]).all()
 
 
+def test_select_pages_with_a_budget_of_zero_pages_raises():
+    import kernels
+    scores = rand(1, 2, 5, seed=0)
+    for fn in (select_pages, kernels.select_pages):
+        with pytest.raises(ValueError, match="budget_pages >= 1"):
+            fn(scores, 5, 0, 4)
+
+
+def test_non_finite_keys_are_selected_and_propagate_like_dense():
+    """Defined behaviour (ours): a page holding a NaN key gets a NaN bound, which both selections
+    count as +inf (above every finite score; ties: lower page first), so a sparse step reads it and its
+    output is NaN for that KV head's query heads, as dense attention's is. Nothing is silently dropped."""
+    import kernels
+    from attention import decode_ref, paged_decode_ref
+    S, n = 4, 40
+    cache = make_cache(Hkv=2, N=48, D=8, page_size=S)
+    k, v = kv(1, n, 2, 8, seed=3)
+    k[0, 13, 1, 2] = float("nan")  # page 3, KV head 1
+    cache.write(0, k, v, torch.arange(n))
+    q = rand(1, 4, 8, seed=4)
+    P = -(-n // S)
+    scores = page_scores_ref(q, cache.kmin[0], cache.kmax[0], P)
+    assert torch.isnan(scores[0, 1, 3]) and torch.isfinite(scores[0, 0]).all()
+    for fn in (select_pages, kernels.select_pages):
+        page_idx = fn(scores, P, 2, P - 1)
+        assert 3 in page_idx[0, 1].tolist()
+        for decode in (paged_decode_ref, kernels.paged_decode):
+            o, _ = decode(q, cache.k[0], cache.v[0], page_idx, n, S)
+            assert torch.isnan(o[0, 2:]).all() and torch.isfinite(o[0, :2]).all()
+    assert torch.isnan(decode_ref(q, cache.k[0], cache.v[0], n)[0][0, 2:]).all()  # dense: NaN too
+
+
 def test_bad_budgets_raise_naming_the_flags():
     cache = make_cache(page_size=16)
     with pytest.raises(ValueError, match="--budget 8 is smaller than one page.*--page-size 16"):
@@ -144,22 +176,22 @@ def test_bad_budgets_raise_naming_the_flags():
 # QuestAttention
 
 def quest_and_dense_decode(budget, n_prompt=21, steps=5, Hq=4, Hkv=2, D=16, page_size=4, dense_layers=0,
-                           use_kernels=False, seed=0):
+                           use_kernels=False, seed=0, page_choice="kv_head"):
     """Drive QuestAttention and DenseAttention with the same q/k/v (one layer, B = 2): prefill, then
     decode steps. Returns the decode outputs of both, (steps, B, 1, Hq, D) each, and the Quest object."""
     N = n_prompt + steps
     quest = QuestAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size), budget, page_size,
-                           dense_layers=dense_layers, use_kernels=use_kernels)
+                           dense_layers=dense_layers, use_kernels=use_kernels, page_choice=page_choice)
     dense = DenseAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size))
     q, k, v = rand(2, N, Hq, D, seed=seed), *kv(2, N, Hkv, D, seed=seed + 1)
     pos = torch.arange(n_prompt)
-    torch.testing.assert_close(quest.forward(0, q[:, pos], k[:, pos], v[:, pos], pos),
-                               dense.forward(0, q[:, pos], k[:, pos], v[:, pos], pos))
+    torch.testing.assert_close(quest.prefill(0, q[:, pos], k[:, pos], v[:, pos], pos),
+                               dense.prefill(0, q[:, pos], k[:, pos], v[:, pos], pos))
     outs_q, outs_d = [], []
     for t in range(n_prompt, N):
         pos = torch.tensor([t])
-        outs_q.append(quest.forward(0, q[:, pos], k[:, pos], v[:, pos], pos))
-        outs_d.append(dense.forward(0, q[:, pos], k[:, pos], v[:, pos], pos))
+        outs_q.append(quest.decode(0, q[:, pos], k[:, pos], v[:, pos], pos.to(DEVICE)))
+        outs_d.append(dense.decode(0, q[:, pos], k[:, pos], v[:, pos], pos.to(DEVICE)))
     return torch.stack(outs_q), torch.stack(outs_d), quest
 
 
@@ -189,6 +221,49 @@ def test_small_budget_attends_to_exactly_the_selected_pages():
     # pages read: 2 per (b, hk); bytes: 7 full rows + 2 rows of the newest page, plus the bounds of 6 pages
     assert quest.stats["pages_read"] == 2 * 2 * 2
     assert quest.stats["kv_bytes_read"] == 2 * 2 * 2 * (4 + 2 + 6) * 16 * 4
+
+
+def test_per_query_head_choice_attends_to_each_heads_own_pages():
+    """page_choice="query_head" (Quest's GQA path): every query head ranks the pages by its own bound
+    (the definition, from the stored keys) and attends to exactly its own top pages."""
+    n_prompt, S, budget = 21, 4, 8
+    o_quest, o_dense, quest = quest_and_dense_decode(budget=budget, n_prompt=n_prompt, steps=1,
+                                                     page_choice="query_head")
+    cache, N = quest.cache, n_prompt + 1
+    q = rand(2, N, 4, 16, seed=0)[:, -1]  # (B, Hq, D)
+    P = -(-N // S)
+    differ = 0
+    for b in range(2):
+        for h in range(4):
+            # this head's own bound per page, sum_d max(q_d kmin_d, q_d kmax_d), from the stored keys
+            keys_of = cache.k[0, b, h // 2, :N]
+            lo = torch.stack([keys_of[p * S:(p + 1) * S].amin(0) for p in range(P)])
+            hi = torch.stack([keys_of[p * S:(p + 1) * S].amax(0) for p in range(P)])
+            qb = torch.maximum(q[b, h] * lo, q[b, h] * hi).sum(-1)
+            order = [p for p in qb.argsort(descending=True, stable=True).tolist() if p != P - 1]
+            pages = sorted(order[:budget // S - 1] + [P - 1])
+            keys = torch.cat([torch.arange(p * S, min((p + 1) * S, N)) for p in pages])
+            o, _ = attention_ref(q[b:b + 1, h:h + 1, None], cache.k[0, b:b + 1, h // 2:h // 2 + 1, keys],
+                                 cache.v[0, b:b + 1, h // 2:h // 2 + 1, keys], causal=False)
+            torch.testing.assert_close(o_quest[0, b, 0, h], o[0, 0, 0])
+            differ += h % 2 == 1 and pages != prev
+            prev = pages
+    assert quest.stats["pages_read"] == 2 * 4 * 2  # budget // S pages per query head
+    _, _, per_kv = quest_and_dense_decode(budget=budget, n_prompt=n_prompt, steps=1)
+    assert quest.stats["kv_bytes_read"] == 2 * per_kv.stats["kv_bytes_read"]  # G = 2 page lists per KV head
+    assert differ, "the two heads of a group never chose differently: the test would prove nothing"
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_per_query_head_choice_full_budget_is_dense_and_kernels_match(use_kernels):
+    o_q, o_d, _ = quest_and_dense_decode(budget=28, page_choice="query_head", use_kernels=use_kernels)
+    torch.testing.assert_close(o_q, o_d, atol=2e-4, rtol=0)
+    o_ref, _, s_ref = quest_and_dense_decode(budget=8, steps=3, seed=3, page_choice="query_head")
+    o_ker, _, s_ker = quest_and_dense_decode(budget=8, steps=3, seed=3, page_choice="query_head", use_kernels=True)
+    torch.testing.assert_close(o_ker, o_ref, atol=2e-4, rtol=0)
+    assert s_ker.stats == s_ref.stats
+    with pytest.raises(ValueError, match="--page-choice"):
+        QuestAttention(make_cache(), 8, 4, page_choice="x")
 
 
 def test_dense_layers_stay_dense():
@@ -235,10 +310,12 @@ def test_kernel_path_decodes_the_same_greedy_tokens():
 
 
 # ------------------------------------------------------------------------------------------------
-# Device-side decode steps (what generate.py captures in a CUDA graph)
+# The one decode step: positions on the device, the cache updated in place
 
-def test_write_on_device_equals_write():
-    """Appending with the position in a device tensor stores the same K/V and page bounds."""
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_append_equals_write(use_kernels):
+    """Appending at device positions (torch, or kernels.append_kv) stores the K/V, page bounds and
+    length that write() stores for the same rows."""
     a, b = make_cache(B=2, N=40), make_cache(B=2, N=40)
     k, v = kv(2, 13, 2, 8, seed=3)
     a.write(0, k, v, torch.arange(13))
@@ -246,41 +323,66 @@ def test_write_on_device_equals_write():
     for pos in range(13, 22):  # crosses a page boundary (page size 4)
         k1, v1 = kv(2, 1, 2, 8, seed=pos)
         a.write(0, k1, v1, torch.tensor([pos]))
-        b.write_on_device(0, k1, v1, torch.tensor([pos], device=DEVICE))
-        b.lengths[0] = pos + 1
+        seq_len = b.append(0, k1, v1, torch.tensor([pos], device=DEVICE), use_kernels)
+        assert seq_len.tolist() == [pos + 1] and seq_len.dtype == torch.int32
     for last in range(22, 27):  # RetroAttention's step: overwrite the last two rows, append one
         k3, v3 = kv(2, 3, 2, 8, seed=100 + last)
         a.write(0, k3, v3, torch.arange(last - 2, last + 1))
-        b.write_on_device(0, k3, v3, torch.arange(last - 2, last + 1, device=DEVICE))
-        b.lengths[0] = last + 1
-    for name in ("k", "v", "kmin", "kmax"):
+        b.append(0, k3, v3, torch.arange(last - 2, last + 1, device=DEVICE), use_kernels)
+    for name in ("k", "v", "kmin", "kmax", "lengths"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-@pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("retro", 1), ("retro", 3)])
-def test_device_side_decode_step_equals_eager_step(method, w):
-    """forward_on_device (graph_mode) gives the eager decode step's logits, step after step."""
+@pytest.mark.parametrize("num_pages, budget_pages", [(3, 5), (6, 2), (6, 6), (9, 4)])
+def test_select_pages_upto_equals_select_pages(num_pages, budget_pages):
+    """The device-length selection is select_pages over the pages of the length; with fewer pages
+    than the budget it keeps them all and leaves -1 in the other slots, as the kernel does."""
+    import kernels
+    from kvcache import select_pages_upto
+    S, P = 4, 10
+    scores = rand(2, 3, P, seed=num_pages)
+    scores[0, 0, :4] = 1.0  # ties: the lower page wins
+    seq_len = torch.tensor([(num_pages - 1) * S + 2], dtype=torch.int32, device=DEVICE)
+    got = select_pages_upto(scores, seq_len, S, budget_pages)
+    K = min(budget_pages, num_pages)
+    want = select_pages(scores, num_pages, budget_pages, num_pages - 1)
+    assert torch.equal(got[..., :K], want) and (got[..., K:] == -1).all()
+    assert torch.equal(kernels.select_pages_device(scores, seq_len, S, budget_pages), got)
+
+
+@pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("quest_covering", 1), ("quest_query_head", 1), ("retro", 1), ("retro", 3),
+                                      ("retro_short_prompt", 4)])
+def test_decode_step_with_kernels_equals_reference(method, w):
+    """The one decode step, fed device positions as generate.py (and a CUDA graph) feeds them: the
+    Triton kernels give the PyTorch references' logits, step after step, and count the same statistics.
+    quest_covering: a budget covering the whole cache (every layer dense); retro_short_prompt: the
+    first steps feed fewer rows than the window (2 prompt tokens, w = 4)."""
     from retro import RetroAttention
     m = tiny_model(seed=4)
     a = m.args
-    toks = torch.randint(0, a.vocab_size, (1, 37), generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    logits = []
-    for graph_mode in (False, True):
+    n_prompt = 2 if method == "retro_short_prompt" else 36
+    toks = torch.randint(0, a.vocab_size, (1, n_prompt + 1), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    logits, stats = [], []
+    for use_kernels in (False, True):
         cache = KVCache(a.n_layers, 1, a.n_kv_heads, 48, a.head_dim, torch.float32, DEVICE, page_size=4)
-        attn = {"dense": lambda: DenseAttention(cache, use_kernels=True),
-                "quest": lambda: QuestAttention(cache, budget=16, page_size=4, dense_layers=1, use_kernels=True),
+        attn = {"dense": lambda: DenseAttention(cache, use_kernels),
+                "quest": lambda: QuestAttention(cache, budget=16, page_size=4, dense_layers=1, use_kernels=use_kernels),
+                "quest_covering": lambda: QuestAttention(cache, budget=48, page_size=4, use_kernels=use_kernels),
+                "quest_query_head": lambda: QuestAttention(cache, budget=16, page_size=4, dense_layers=1,
+                                                           use_kernels=use_kernels, page_choice="query_head"),
                 "retro": lambda: RetroAttention(cache, budget=16, page_size=4, window=w, dense_layers=1,
-                                                use_kernels=True)}[method]()
+                                                use_kernels=use_kernels),
+                "retro_short_prompt": lambda: RetroAttention(cache, budget=8, page_size=4, window=w, dense_layers=1,
+                                                             use_kernels=use_kernels)}[method]()
         seq, steps = toks, []
         with torch.no_grad():
-            m(seq[:, :-1], torch.arange(36), attn)
-            attn.graph_mode = graph_mode
-            for n in range(37, 44):  # the step that makes the sequence n tokens long feeds its last w
-                pos = torch.arange(n - w, n)
-                out = m(seq[:, -w:], pos.to(DEVICE) if graph_mode else pos, attn)[:, -1]
-                if graph_mode:
-                    attn.after_device_step(n)
+            m(seq[:, :-1], torch.arange(n_prompt), attn)
+            for n in range(n_prompt + 1, n_prompt + 8):  # the step that makes the sequence n tokens long
+                rows = min(w, n)
+                out = m(seq[:, -rows:], torch.arange(n - rows, n, device=DEVICE), attn, decode=True)[:, -1]
                 seq = torch.cat([seq, out.argmax(-1, keepdim=True)], 1)
                 steps.append(out)
         logits.append(torch.stack(steps))
+        stats.append(attn.stats)
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
+    assert stats[1] == pytest.approx(stats[0]) and stats[0]["decode_steps"] == 7

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from attention import DenseAttention
 from conftest import DEVICE, tiny_args, tiny_model, write_byte_tokenizer
 from kvcache import KVCache
-from model import ModelArgs, Transformer, load_safetensors, save_safetensors
+from model import MLP, ModelArgs, RMSNorm, RoPE, Transformer, load_safetensors, save_safetensors
 from tokenizer import LLAMA3_PATTERN, Tokenizer, write_rank_file
 
 
@@ -214,7 +214,7 @@ def test_llama3_pattern_is_the_published_one():
 
 
 # ------------------------------------------------------------------------------------------------
-# The model's one-launch kernels (Transformer.set_kernels) against the PyTorch code they replace
+# The model's one-launch kernels (cudagraph.fuse_kernels) against the PyTorch code they replace
 
 @given(rows=st.integers(1, 5), dim=st.sampled_from([8, 48, 64, 576]), dtype=st.sampled_from(["fp32", "bf16"]),
        seed=st.integers(0, 2**16))
@@ -256,12 +256,17 @@ def test_model_kernels_give_the_same_greedy_tokens():
     a = m.args
     prompt = torch.randint(0, a.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     outs, logits = [], []
+    from cudagraph import FusedMLP, FusedRMSNorm, FusedRoPE, fuse_kernels
     from generate import generate
-    for on in (False, True):
-        m.set_kernels(on)
+    names = list(m.state_dict())
+    for fused in (False, True):
+        if fused:
+            fuse_kernels(m)
         cache = KVCache(a.n_layers, 1, a.n_kv_heads, 40, a.head_dim, torch.float32, DEVICE)
         outs.append(generate(m, DenseAttention(cache), prompt, 10)[0])
         logits.append(m(prompt))
-    m.set_kernels(False)
+    assert list(m.state_dict()) == names  # the same weights under the same names
+    kinds = {type(x) for x in m.modules()}
+    assert {FusedMLP, FusedRMSNorm, FusedRoPE} <= kinds and not {RMSNorm, RoPE, MLP} & kinds
     assert torch.equal(outs[1], outs[0])
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

@@ -36,11 +36,11 @@ def drive(attn, q, k, v, n_prompt, last, window):
     """Prefill [0, n_prompt), then decode steps t = n_prompt .. last feeding the last `window` rows.
     Returns each step's output, (B, rows, Hq, D)."""
     pos = torch.arange(n_prompt)
-    attn.forward(0, q[:, pos], k[:, pos], v[:, pos], pos)
+    attn.prefill(0, q[:, pos], k[:, pos], v[:, pos], pos)
     outs = []
     for t in range(n_prompt, last + 1):
         pos = torch.arange(max(0, t - window + 1), t + 1)
-        outs.append(attn.forward(0, q[:, pos], k[:, pos], v[:, pos], pos))
+        outs.append(attn.decode(0, q[:, pos], k[:, pos], v[:, pos], pos.to(DEVICE)))  # (on the CPU: rows checked)
     return outs
 
 
@@ -171,6 +171,32 @@ def test_kernel_matches_reference(attend, W, extra, page_size, n_listed, n_pad, 
     torch.testing.assert_close(lse, lse_ref, atol=ATOL[dtype], rtol=0)  # -inf (empty rows) on both sides
 
 
+@pytest.mark.parametrize("D", [160, 256])
+def test_kernel_runs_wide_heads_in_fp32(D):
+    W, n, S = 4, 90, 16
+    q, kc, vc = rand(1, 8, W, D, seed=1), rand(1, 2, 96, D, seed=2), rand(1, 2, 96, D, seed=3)
+    page_idx = torch.tensor([[[0, 2, 5], [1, 5, -1]]], dtype=torch.int32, device=DEVICE)
+    A = torch.tensor([[[-1, 88, -1, 87, -1, 86], [86, -1, 87, -1, 88, -1]]], dtype=torch.int32, device=DEVICE)
+    o_ref, lse_ref = retro_decode_ref(q, kc, vc, page_idx, A, n, S)
+    o, lse = retro_decode(q, kc, vc, page_idx, A, n, S)
+    torch.testing.assert_close(o, o_ref, atol=ATOL[torch.float32], rtol=0)
+    torch.testing.assert_close(lse, lse_ref, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_kernel_checks_shapes_before_launch():
+    q, kc, vc = rand(1, 4, 2, 64, seed=1), rand(1, 2, 32, 64, seed=2), rand(1, 2, 32, 64, seed=3)
+    pages = torch.zeros(1, 2, 2, dtype=torch.int32, device=DEVICE)
+    A = torch.full((1, 2, 8), -1, dtype=torch.int32, device=DEVICE)
+    retro_decode(q, kc, vc, pages, A, 20, 4)  # fits
+    for args, match in [((q, kc[..., :32], vc[..., :32], pages, A), "head dim"),
+                        ((q.expand(2, -1, -1, -1), kc, vc, pages, A), "batch"),
+                        ((q, kc, vc[:, :, :16], pages, A), "differ"),
+                        ((q, kc, vc, pages[:, :1], A), "must start with"),
+                        ((q, kc, vc, pages, A[:, :, :4]), "last_loaded holds 4 pages")]:
+        with pytest.raises(ValueError, match=match):
+            retro_decode(*args, 20, 4)
+
+
 @given(W=st.integers(2, 9), S=st.integers(1, 9), Hq=st.sampled_from([1, 4]), D=head_dims(), dtype=dtypes(),
        batch=st.integers(1, 2), seed=seeds)
 def test_window_merge_matches_reference(W, S, Hq, D, dtype, batch, seed):
@@ -227,18 +253,18 @@ def test_overwritten_kv_equals_fresh_forward():
         def __init__(self):
             self.out = {}
 
-        def forward(self, layer, q, k, v, pos):
-            self.out[layer] = retro.forward(layer, q, k, v, pos)
+        def decode(self, layer, q, k, v, pos):
+            self.out[layer] = retro.decode(layer, q, k, v, pos)
             return self.out[layer]
 
     rec = Recorder()
-    model(tokens[:, t - w + 1:], torch.arange(t - w + 1, t + 1), rec)
+    model(tokens[:, t - w + 1:], torch.arange(t - w + 1, t + 1, device=DEVICE), rec, decode=True)
 
     class Replay:  # attention that answers with the recorded output of one row and keeps k, v
         def __init__(self, row):
             self.row, self.k, self.v = row, {}, {}
 
-        def forward(self, layer, q, k, v, pos):
+        def prefill(self, layer, q, k, v, pos):
             self.k[layer], self.v[layer] = k, v
             return rec.out[layer][:, self.row:self.row + 1]
 
@@ -257,30 +283,33 @@ def test_overwritten_kv_equals_fresh_forward():
 # ------------------------------------------------------------------------------------------------
 # The object
 
-def test_revised_output_equals_attention_over_pages_seen():
-    """w = 2 on a fixed stream: the output returned for the past row tau at step tau + 1 is its
-    attention over the union of Quest's pages at steps tau and tau + 1 (keys <= tau)."""
-    q, k, v = stream(1, 40, 4, 2, 16, seed=7)
-    retro = RetroAttention(make_cache(N=40), 8, 4, window=2, dense_layers=0)
-    outs = drive(retro, q, k, v, 20, 39, 2)
+@pytest.mark.parametrize("w", [2, 3, 4, 8])
+def test_revised_output_equals_attention_over_pages_seen(w):
+    """On a fixed stream, the final output of a decoded token tau (row 0 of step tau + w - 1, when it
+    leaves the window) is its attention over the union of the pages Quest picks at steps tau .. tau +
+    w - 1 (keys <= tau). The pages are recorded independently, one fresh Quest choice per step."""
+    n_prompt, last, N = 20, 39, 40
+    q, k, v = stream(1, N, 4, 2, 16, seed=7)
+    retro = RetroAttention(make_cache(N=N), 8, 4, window=w, dense_layers=0)
+    outs = drive(retro, q, k, v, n_prompt, last, w)
     kc, vc = retro.cache.k[0, 0], retro.cache.v[0, 0]  # the stream never changes, so neither does the cache
 
     def pages_at(step):  # Quest's choice at `step`, from the bounds of the keys [0, step]
-        c = make_cache(N=40)
+        c = make_cache(N=N)
         c.write(0, k[:, :step + 1], v[:, :step + 1], torch.arange(step + 1))
         P = -(-(step + 1) // 4)
         return select_pages(page_scores_ref(q[:, step], c.kmin[0], c.kmax[0], P), P, 2, step // 4)[0]
 
+    recorded = {step: pages_at(step) for step in range(n_prompt, last + 1)}
     revised = 0
-    for tau in range(20, 39):
-        o_past = outs[tau + 1 - 20][0, 0]  # (Hq, D): row 0 of step tau + 1
-        S_tau, S_next = pages_at(tau), pages_at(tau + 1)
+    for tau in range(n_prompt, last - w + 2):
+        o_final = outs[tau + w - 1 - n_prompt][0, 0]  # (Hq, D): row 0 of step tau + w - 1
         for hk in range(2):
-            pages = set(S_tau[hk].tolist()) | set(S_next[hk].tolist())
+            pages = set().union(*(set(recorded[s][hk].tolist()) for s in range(tau, tau + w)))
             keys = {j for p in pages for j in range(4 * p, 4 * p + 4) if j <= tau}
             o_u, _ = attend_to_keys(q[0, tau, 2 * hk:2 * hk + 2], kc[hk:hk + 1], vc[hk:hk + 1], keys)
-            torch.testing.assert_close(o_past[2 * hk:2 * hk + 2], o_u)
-            revised += set(S_next[hk].tolist()) - set(S_tau[hk].tolist()) != set()
+            torch.testing.assert_close(o_final[2 * hk:2 * hk + 2], o_u)
+            revised += pages != set(recorded[tau][hk].tolist())
     assert revised > 5
 
 
@@ -302,19 +331,36 @@ def test_output_cache_size_is_independent_of_length():
     q, k, v = stream(1, 64, 4, 2, 16, seed=1)
     retro = RetroAttention(make_cache(N=64), 8, 4, window=4, dense_layers=0)
     drive(retro, q, k, v, 10, 63, 4)
-    assert retro.outputs.pos[0] == [61, 62, 63]
     assert retro.outputs.o[0].shape == (1, 4, 3, 16) and retro.outputs.lse[0].shape == (1, 4, 3)
+    # the rows are those of positions 61, 62, 63 (the step of t = 63 shifted its row in): decode 64 and compare
+    ref = RetroAttention(make_cache(N=65), 8, 4, window=4, dense_layers=0)
+    drive(ref, q, k, v, 10, 63, 4)
+    torch.testing.assert_close(retro.outputs.o, ref.outputs.o)
 
 
-def test_output_cache_push_update_pop():
-    cache = OutputCache(n_layers=1, size=2)
+def test_output_cache_storage_does_not_grow_with_the_prompt():
+    """The cache holds copies of the last w - 1 rows, not views of the whole prefill output."""
+    sizes = []
+    for n_prompt in (12, 60):
+        q, k, v = stream(1, 64, 4, 2, 16, seed=1)
+        retro = RetroAttention(make_cache(N=64), 8, 4, window=3, dense_layers=0)
+        drive(retro, q, k, v, n_prompt, n_prompt - 1, 3)  # the prefill only
+        o, lse = retro.outputs.o[0], retro.outputs.lse[0]
+        sizes.append((o.untyped_storage().nbytes(), lse.untyped_storage().nbytes()))
+    assert sizes[0] == sizes[1] == (2 * 4 * 16 * 4, 2 * 4 * 4)  # w - 1 = 2 rows, 4 heads, D 16, fp32
+
+
+def test_output_cache_push_keeps_the_last_rows():
+    cache = OutputCache(n_layers=2, size=2)
     o, lse = rand(1, 2, 3, 4, seed=1), rand(1, 2, 3, seed=2)
-    cache.push(0, [5, 6, 7], o, lse)  # a prefill: only the last w - 1 rows stay
-    assert cache.pos[0] == [6, 7] and torch.equal(cache.o[0], o[:, :, 1:])
-    empty = torch.full((1, 2, 2), float("-inf"), device=DEVICE)
-    o2, lse2 = cache.update(0, torch.zeros(1, 2, 2, 4, device=DEVICE), empty)  # empty supplements change nothing
-    assert torch.equal(o2, o[:, :, 1:]) and torch.equal(lse2, lse[:, :, 1:])
-    assert cache.pop(0) == 6 and cache.pos[0] == [7]
+    cache.push(1, o, lse)  # a prefill: only the last w - 1 rows stay
+    assert torch.equal(cache.o[1], o[:, :, 1:]) and torch.equal(cache.lse[1], lse[:, :, 1:])
+    assert not cache.o[0].any() and (cache.lse[0] == float("-inf")).all()  # an untouched layer: empty rows
+    short = OutputCache(n_layers=1, size=3)
+    short.push(0, o[:, :, :1], lse[:, :, :1])  # a prompt shorter than w - 1: empty rows before it
+    assert torch.equal(short.o[0, :, :, 2], o[:, :, 0]) and (short.lse[0, :, :, :2] == float("-inf")).all()
+    short.push(0, o[:, :, 1:], lse[:, :, 1:])  # a second prefill chunk appends
+    assert torch.equal(short.o[0], o) and torch.equal(short.lse[0], lse)
 
 
 def test_misfed_steps_and_bad_flags_raise():
@@ -323,7 +369,7 @@ def test_misfed_steps_and_bad_flags_raise():
     drive(retro, q, k, v, 20, 21, 3)
     pos = torch.tensor([22])  # one row where the window needs three
     with pytest.raises(ValueError, match=r"last min\(w, n\) positions, \[20, 21, 22\]"):
-        retro.forward(0, q[:, pos], k[:, pos], v[:, pos], pos)
+        retro.decode(0, q[:, pos], k[:, pos], v[:, pos], pos)
     with pytest.raises(ValueError, match="--budget 6 is not a multiple of --page-size 4"):
         RetroAttention(make_cache(), 6, 4)
     with pytest.raises(ValueError, match="--window must be >= 1"):
