@@ -12,9 +12,12 @@ reference queries q_m the compact attention reproduces both quantities that matt
 Matching the output alone is not enough: once new tokens are appended after the context, each part
 is weighted by its mass (the softmax denominator), so a compact part with the right output but the
 wrong mass takes too much or too little of the attention. The steps (paper):
-  1. reference queries: "repeat-prefill": run `context + "Repeat the previous context." + context`
-     and take the queries of the second copy; layer by layer, so a layer's queries come from a pass
-     in which all earlier layers already attend to their compacted context ("on-policy");
+  1. reference queries: "repeat-prefill": run `context + "Repeat the previous context verbatim." +
+     context` and take the queries of the second copy; layer by layer, so a layer's queries come
+     from a pass in which all earlier layers already attend to their compacted context ("on-policy").
+     As in the authors' prompt, the sequence has one BOS (the second copy leaves the context's out)
+     and, for a chat model, the request is a user turn followed by the assistant's header
+     (repeat_separator);
   2. keys: the t keys with the highest aggregate attention over the reference queries (ours: the
      RMS of their softmax weights; max, mean and greedy OMP are options);
   3. biases: w = exp(beta) >= 0 by non-negative least squares A w ~= z, with
@@ -40,8 +43,10 @@ import kernels
 from attention import attention, merge_attention, paged_decode
 from kvcache import KVCache
 
-REPEAT_PROMPT = "\n\nRepeat the previous context.\n\n"  # the separator of the repeat-prefill pass (paper)
+REPEAT_INSTRUCTION = "Repeat the previous context verbatim."  # the authors' request (github adamzweiger/compaction)
+REPEAT_PROMPT = f"\n\n{REPEAT_INSTRUCTION}\n\n"  # the separator for a model without a chat template
 KEY_SCORES = ("rms", "max", "mean")
+AUTHORS_W_BOX = (math.exp(-3), math.exp(3))  # the authors' bounds on a kept key's weight exp(beta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,8 +99,11 @@ def _objective(H, c, w):
     return 0.5 * (w * _matvec(H, w)).sum(-1) - (c * w).sum(-1)
 
 
-def nnls_gram(H, c, iters=300, polish_rounds=30):
+def nnls_gram(H, c, iters=300, polish_rounds=30, box=None):
     """NNLS given H = A^T A (..., t, t) and c = A^T z (..., t); batched over the leading dims.
+    box: (lo, hi) with 0 <= lo < hi: bound every weight to [lo, hi] instead of [0, inf) (the authors'
+    code uses [e^-3, e^3]); then step 1 alone, projected onto the box, and no polish (step 2 knows
+    only the bound w >= 0).
 
     1. Accelerated projected gradient (FISTA) on the Jacobi-scaled problem, step 1/L with L the
        largest eigenvalue (power iteration, inflated by 10% since it approaches from below); the
@@ -111,17 +119,22 @@ def nnls_gram(H, c, iters=300, polish_rounds=30):
     # A zero column (a padding slot) has no say in the fit: its weight stays 0.
     diag = H.diagonal(dim1=-2, dim2=-1)
     d = torch.where(diag > 0, diag.clamp_min(1e-30).rsqrt(), 0.0)
-    w = _projected_gradient(H * d.unsqueeze(-1) * d.unsqueeze(-2), c * d, iters) * d
-    return _active_set_polish(H, c, w, polish_rounds) if polish_rounds else w
+    # bounds on u = w / d, per coordinate; a zero column stays at 0 whatever the box
+    lo, hi = (0.0, float("inf")) if box is None else box
+    u_lo = torch.where(d > 0, lo / torch.where(d > 0, d, 1.0), 0.0)
+    u_hi = torch.where(d > 0, hi / torch.where(d > 0, d, 1.0), 0.0)
+    w = _projected_gradient(H * d.unsqueeze(-1) * d.unsqueeze(-2), c * d, iters, u_lo, u_hi) * d
+    return _active_set_polish(H, c, w, polish_rounds) if polish_rounds and box is None else w
 
 
-def _projected_gradient(H, c, iters):
+def _projected_gradient(H, c, iters, lo, hi):
+    """FISTA on 0.5 u^T H u - c^T u over lo <= u <= hi (elementwise bounds, (..., t))."""
     t = H.shape[-1]
     # start from the best uniform weight w = a * 1 (the right total mass), or 0 when 1^T H 1 ~ 0
     ones_H_ones = H.sum((-1, -2))
     usable = ones_H_ones > 1e-6 * H.diagonal(dim1=-2, dim2=-1).sum(-1)
     a = torch.where(usable, c.sum(-1) / torch.where(usable, ones_H_ones, 1.0), 0.0).clamp_min(0)
-    w = a.unsqueeze(-1).expand_as(c)
+    w = torch.minimum(torch.maximum(a.unsqueeze(-1).expand_as(c), lo), hi)
     # power iteration for the Lipschitz constant of the gradient, from a fixed pseudo-random start
     # (a constant start vector can lie in H's null space)
     x = torch.randn(t, generator=torch.Generator().manual_seed(0)).to(c.device).expand_as(c)
@@ -132,7 +145,7 @@ def _projected_gradient(H, c, iters):
     L = torch.maximum((x * _matvec(H, x)).sum(-1) * 1.1, 1e-6 * trace).clamp_min(1e-30).unsqueeze(-1)
     y, theta = w, torch.ones_like(L)
     for _ in range(iters):
-        w_new = (y - (_matvec(H, y) - c) / L).clamp_min(0)
+        w_new = torch.minimum(torch.maximum(y - (_matvec(H, y) - c) / L, lo), hi)
         theta_new = (1 + torch.sqrt(1 + 4 * theta * theta)) / 2
         restart = ((y - w_new) * (w_new - w)).sum(-1, keepdim=True) > 0
         y = torch.where(restart, w_new, w_new + (theta - 1) / theta_new * (w_new - w))
@@ -274,7 +287,7 @@ def _to_budget(budget, B, Hkv, T, device):
 
 def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=True, fit_values=True,
                   ridge=1e-3, nnls_iters=300, budget_mode="uniform", omp_keys_per_step=None,
-                  mass_shift="lse", scale=None, chunk_elems=2**27, w_floor=1e-8):
+                  mass_shift="lse", scale=None, chunk_elems=2**27, w_floor=1e-8, w_box=None):
     """Compact one layer: k, v (B, Hkv, T, D) (keys after RoPE); q_ref (B, Hq, M, D) reference queries
     (after RoPE, at positions after the context); budget: keys kept per KV head, an int or (B, Hkv).
 
@@ -288,9 +301,14 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
     budget_mode: "uniform" or "error": compact once with the given budget, measure each head's output
       error, then give each head 1/4 of the average budget plus a share of the rest proportional to
       its error (the total is unchanged) and compact again.
+    w_box: None (exact NNLS, w >= 0; a zero weight becomes beta = log(w_floor)) or (lo, hi): every
+      kept key's weight w = exp(beta) bounded to [lo, hi]; AUTHORS_W_BOX = (e^-3, e^3) is the
+      authors' setting (github adamzweiger/compaction), under which no kept key is left with ~0 mass.
     chunk_elems: reference queries are streamed in chunks so that one chunk's score matrix has at
       most this many fp32 entries (2^27 = 512 MiB)."""
     B, Hkv, T, D = k.shape
+    if w_box is not None and not 0 <= w_box[0] < w_box[1]:
+        raise ValueError(f"w_box must be (lo, hi) with 0 <= lo < hi, got {w_box!r}")
     if v.shape != k.shape or q_ref.dim() != 4 or q_ref.shape[0] != B or q_ref.shape[-1] != D \
             or q_ref.shape[1] % Hkv:
         raise ValueError(f"need k, v (B, Hkv, T, D) and q_ref (B, Hq, M, D) with Hq a multiple of Hkv; "
@@ -303,7 +321,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
     budget = _to_budget(budget, B, Hkv, T, k.device)
     kw = dict(key_score=key_score, select=select, fit_bias=fit_bias, fit_values=fit_values, ridge=ridge,
               nnls_iters=nnls_iters, omp_keys_per_step=omp_keys_per_step, scale=scale,
-              mass_shift=mass_shift, chunk_elems=chunk_elems, w_floor=w_floor)
+              mass_shift=mass_shift, chunk_elems=chunk_elems, w_floor=w_floor, w_box=w_box)
     if budget_mode == "error":
         first = compact_cache(k, v, q_ref, budget, **kw)
         budget = _budget_from_error(first.out_err, budget, T)
@@ -341,8 +359,8 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             A = torch.exp(qr[:, :, s:s + chunk].float() @ ckf * scale - shift[:, :, s:s + chunk, None] + pad)
             H += A.transpose(-1, -2) @ A
             c += (A.transpose(-1, -2) @ z[:, :, s:s + chunk, None]).squeeze(-1)
-        w = nnls_gram(H, c, iters=nnls_iters)
-        beta = torch.log(w.clamp_min(w_floor))
+        w = nnls_gram(H, c, iters=nnls_iters, box=w_box)
+        beta = torch.log(w.clamp_min(w_floor))  # (a box keeps w >= its lower end > w_floor)
     else:
         beta = torch.zeros(B, Hkv, t, device=k.device)
     beta = beta.masked_fill(~valid, float("-inf"))
@@ -469,13 +487,15 @@ class CompactingAttention:
     Afterwards `decoder(max_new_tokens)` gives the CompactedAttention to decode with.
 
     budget: keys per KV head (int, or a function of the layer index); ref_queries: use at most this
-    many second-copy positions (evenly spaced) as reference queries; compact_kwargs: compact_cache's.
+    many second-copy positions (evenly spaced) as reference queries; skip_first: the second copy
+    leaves out the context's first skip_first tokens (its BOS); compact_kwargs: compact_cache's.
     on_layer(layer_idx): called after each layer is compacted (progress)."""
 
     def __init__(self, ctx_len, sep_len, budget, ref_queries=None, use_kernels=False, page_size=16,
-                 on_layer=None, **compact_kwargs):
+                 on_layer=None, skip_first=0, **compact_kwargs):
         self.ctx_len, self.sep_len = ctx_len, sep_len
         self.on_layer = on_layer
+        self.copy_len = ctx_len - skip_first  # tokens of the second copy
         self.budget = budget
         self.ref_queries = ref_queries
         self.use_kernels = use_kernels
@@ -492,16 +512,17 @@ class CompactingAttention:
     def prefill(self, layer_idx, q, k, v, input_pos):
         L, sep = self.ctx_len, self.sep_len
         T = q.shape[1]
-        if int(input_pos[0]) != 0 or T != 2 * L + sep:
+        if int(input_pos[0]) != 0 or T != L + sep + self.copy_len:
             raise ValueError(f"CompactingAttention serves one forward of context + separator + context "
-                             f"= {2 * L + sep} tokens from position 0; got {T} tokens from {int(input_pos[0])}")
+                             f"= {L + sep + self.copy_len} tokens from position 0; got {T} tokens from "
+                             f"{int(input_pos[0])}")
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         prefill = kernels.flash_prefill if self.use_kernels else attention
         o_ctx, _ = prefill(qh[:, :, :L], kh[:, :, :L], vh[:, :, :L], causal=True)
 
         q_ref = qh[:, :, L + sep:]
-        if self.ref_queries is not None and self.ref_queries < L:
-            pick = torch.linspace(0, L - 1, self.ref_queries, device=q.device).round().long()
+        if self.ref_queries is not None and self.ref_queries < self.copy_len:
+            pick = torch.linspace(0, self.copy_len - 1, self.ref_queries, device=q.device).round().long()
             q_ref = q_ref[:, :, pick]
         budget = self.budget(layer_idx) if callable(self.budget) else self.budget
         c = compact_cache(kh[:, :, :L], vh[:, :, :L], q_ref, budget, **self.compact_kwargs)
@@ -529,13 +550,27 @@ class CompactedPrompt:
     stats: dict
 
 
+def repeat_separator(tokenizer):
+    """The token ids between the two copies of the context, framed as in the authors' prompt: for a
+    tokenizer with a chat template, the request as a user turn and then the assistant's header, with
+    no BOS (the sequence has one, at its start); for one without, the plain REPEAT_PROMPT."""
+    from tokenizer import CHAT_TEMPLATES
+    if tokenizer.chat_format in CHAT_TEMPLATES:
+        turn = CHAT_TEMPLATES[tokenizer.chat_format].format(prompt=REPEAT_INSTRUCTION)
+        return [i for i in tokenizer.encode(turn, allow_special=True) if i != tokenizer.bos_id]
+    return tokenizer.encode(REPEAT_PROMPT)
+
+
 @torch.no_grad()
 def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_tokens=256,
-                   ref_queries=None, use_kernels=False, page_size=16, on_layer=None, **compact_kwargs):
+                   ref_queries=None, use_kernels=False, page_size=16, bos_id=None, on_layer=None,
+                   **compact_kwargs):
     """Compact a prompt's KV cache by a factor `ratio` (>= 1) with the repeat-prefill pass.
 
     prompt (B, N) long; the first N - keep_last tokens form the context that is compacted (keep at
-    least the last token out: its logits start generation). separator_ids: token ids of REPEAT_PROMPT.
+    least the last token out: its logits start generation). separator_ids: repeat_separator(tokenizer).
+    bos_id: the tokenizer's BOS id (None if it has none); a context that starts with it is repeated
+    without it, so the pass has one BOS, as in the authors' prompt.
     Then: generate(model, res.attn, prompt[:, res.start_pos:], ..., start_pos=res.start_pos).
     max_new_tokens: room for the suffix and the generated tokens after the compact part.
     on_layer(layer_idx): called as each layer is compacted (progress)."""
@@ -545,12 +580,14 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
         raise ValueError(f"need ratio >= 1 and 1 <= keep_last < prompt length; got ratio {ratio}, "
                          f"keep_last {keep_last}, prompt of {N} tokens")
     sep = torch.as_tensor(list(separator_ids), dtype=prompt.dtype, device=prompt.device).expand(B, -1)
-    seq = torch.cat([prompt[:, :L], sep, prompt[:, :L]], dim=1)
+    skip = int(bos_id is not None and L > 1 and bool((prompt[:, 0] == bos_id).all()))
+    seq = torch.cat([prompt[:, :L], sep, prompt[:, skip:L]], dim=1)
     if seq.shape[1] > model.args.max_seq_len:
-        raise ValueError(f"the repeat-prefill pass needs 2 x {L} + {sep.shape[1]} = {seq.shape[1]} positions, "
-                         f"more than the model's {model.args.max_seq_len} (shorten the prompt)")
+        raise ValueError(f"the repeat-prefill pass needs {L} + {sep.shape[1]} + {L - skip} = {seq.shape[1]} "
+                         f"positions, more than the model's {model.args.max_seq_len} (shorten the prompt)")
     budget = max(1, round(L / ratio))
     compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, on_layer,
+                                    skip_first=skip,
                                     **compact_kwargs)
     sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     sync()

@@ -216,7 +216,7 @@ CHUNKED_PREFILL_METHODS = ("dense", "quest", "retro")
 
 
 def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kernels, separator_ids, keep_last=1,
-                 prefill_chunk=0):
+                 prefill_chunk=0, bos_id=None):
     """Prefill-ready state for one sequence: -> (attention object, start_pos, decode window); feed
     prompt[:, start_pos:] next. For compact the prompt's context is compacted first, all but its
     last keep_last tokens (the question, when the prompt ends with one). prefill_chunk > 0: for
@@ -227,7 +227,9 @@ def start_method(model, method, mopts, prompt, max_new, dtype, device, use_kerne
     if method == "compact":
         from compaction import compact_prompt
         fit = {} if not getattr(mopts, "no_fit", False) else {"fit_bias": False, "fit_values": False}
+        fit["w_box"] = gen.bias_box(getattr(mopts, "bias_box", gen.BIAS_BOX_DEFAULT))
         res = compact_prompt(model, prompt, mopts.ratio, separator_ids=separator_ids, keep_last=keep_last,
+                             bos_id=bos_id,
                              max_new_tokens=max_new + keep_last + 8, use_kernels=use_kernels,
                              page_size=mopts.page_size, **fit)
         return res.attn, res.start_pos, 1
@@ -276,8 +278,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
           use_kernels, log=print, on_row=None):
     """Loss, recall and long-generation agreement with dense for every run. -> list of result rows.
     on_row(rows): called after each run (run_sweep saves the rows so far)."""
-    from compaction import REPEAT_PROMPT
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    from compaction import repeat_separator
+    sep = repeat_separator(tokenizer)
     prompt = torch.from_numpy(stream[:gen_prompt_len].astype(np.int64)).to(device)[None]
     dense_attn, _, _ = start_method(model, "dense", gen.build_parser().parse_args([]), prompt, gen_new, dtype,
                                     device, use_kernels, sep)
@@ -288,7 +290,8 @@ def sweep(model, tokenizer, stream, runs, contexts, n_windows, suite, gen_prompt
         mopts = method_options(method, flags)
 
         def start(x, n, keep_last=1):
-            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last)
+            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last,
+                                bos_id=tokenizer.bos_id)
         row = {"run": label, "method": method, "flags": flags}
         # held-out loss: prefill the first half of each window through the method, decode-score the second
         for c in contexts:
@@ -549,8 +552,8 @@ def real_runs(model, tokenizer, runs, ppl_stream, ppl_contexts, n_windows, suite
               dtype, device, use_kernels, prefill_chunk, log=print, on_row=None):
     """Dense perplexity, then for every run (dense first) passkey accuracy and agreement with dense.
     on_row(result): called after each run (run_real saves the runs so far)."""
-    from compaction import REPEAT_PROMPT
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    from compaction import repeat_separator
+    sep = repeat_separator(tokenizer)
     result = {"perplexity": {}, "rows": []}
     for c in ppl_contexts:
         t = time.time()
@@ -564,7 +567,8 @@ def real_runs(model, tokenizer, runs, ppl_stream, ppl_contexts, n_windows, suite
         mopts = method_options(method, flags)
 
         def start(x, n, keep_last=1):
-            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last, prefill_chunk)
+            return start_method(model, method, mopts, x, n, dtype, device, use_kernels, sep, keep_last, prefill_chunk,
+                                bos_id=tokenizer.bos_id)
         row = {"run": label, "method": method, "flags": flags}
         row["passkey"] = passkey_accuracy(model, tokenizer, suite, start, n_new_pk)
         steps = []
@@ -707,6 +711,10 @@ def run_real(opts, st, data, model, tokenizer, dtype, use_kernels):
 # ----------------------------------------------------------------------------------------------
 # RULER-style tasks (--ruler): every method at two KV budgets, exact match with a Wilson interval
 
+# quick (CPU minutes) and --full (GPU) settings of --ruler and --longgen, stated once (the flags override them)
+RULER_SETTINGS = {"quick": {"contexts": (1024, 2048), "n_samples": 2},
+                  "full": {"contexts": (1024, 2048, 4096, 8192), "n_samples": 50}}
+LONGGEN_SETTINGS = {"quick": {"n_prompts": 2, "gen_new": 64}, "full": {"n_prompts": 32, "gen_new": 1024}}
 BUDGET_FRACTIONS = ((8, "1/8"), (4, "1/4"))  # budgets as fractions of the context: C/8 and C/4 tokens
 PAGE = 16  # generate.py's --page-size default: quest / retro budgets are whole pages
 
@@ -853,20 +861,20 @@ def plot_longgen(result, out_png):
 def run_ruler(opts, model, tokenizer, dtype, use_kernels):
     """--ruler: the suite of ruler.py at each context, every run of ruler_runs, a JSON (and its
     markdown table) written after each cell so that a stopped run keeps what it measured."""
-    from compaction import REPEAT_PROMPT
+    from compaction import repeat_separator
     t0 = time.time()
     a = model.args
     style = opts.ruler_style or ("code" if is_train_tokenizer(tokenizer) else "prose")
-    contexts = opts.contexts or [c for c in ((1024, 2048, 4096, 8192) if opts.full else (1024, 2048))
-                                 if c <= a.max_seq_len]
+    st = RULER_SETTINGS["full" if opts.full else "quick"]
+    contexts = opts.contexts or [c for c in st["contexts"] if c <= a.max_seq_len]
     for c in contexts:
         if c > a.max_seq_len:
             raise ValueError(f"--contexts {c} exceeds the model's context of {a.max_seq_len} tokens")
-    n_samples = opts.n_samples or (50 if opts.full else 2)
+    n_samples = opts.n_samples or st["n_samples"]
     windows = [8] if opts.windows is None else opts.windows
     stream = heldout_stream(tokenizer, opts.data)[0] if style == "code" else None
     samples = ruler.suite(tokenizer, opts.tasks, style, contexts, n_samples, stream, opts.seed)
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    sep = repeat_separator(tokenizer)
     plan = [(c, run, task) for c in contexts for run in ruler_runs(c, windows, opts.methods) for task in opts.tasks]
     progress(f"ruler: {style} style, tasks {', '.join(opts.tasks)}; contexts {contexts}; {n_samples} samples per "
              f"cell; {len(plan)} cells; {opts.device} {dtype}")
@@ -889,7 +897,7 @@ def run_ruler(opts, model, tokenizer, dtype, use_kernels):
 
         def start(x, n, keep_last=1):
             return start_method(model, method, mopts, x, n, dtype, opts.device, use_kernels, sep, keep_last,
-                                opts.prefill_chunk)
+                                opts.prefill_chunk, bos_id=tokenizer.bos_id)
         scored = ruler_cell(model, tokenizer, samples[task, c], start)
         hits = [s for s, _ in scored if s is not None]
         k, n = sum(hits), len(hits)
@@ -1085,12 +1093,13 @@ def run_longgen(opts, model, tokenizer, dtype, use_kernels):
     """--longgen: n prompts of held-out text (code for a train.py tokenizer, else the essays), dense's
     greedy continuation of each, then every run of longgen_runs measured against it; JSON and
     markdown after each run."""
-    from compaction import REPEAT_PROMPT
+    from compaction import repeat_separator
     t0 = time.time()
     a = model.args
     P = opts.gen_prompt
-    N = opts.gen_new or (1024 if opts.full else 64)
-    n_prompts = opts.n_prompts or (32 if opts.full else 2)
+    st = LONGGEN_SETTINGS["full" if opts.full else "quick"]
+    N = opts.gen_new or st["gen_new"]
+    n_prompts = opts.n_prompts or st["n_prompts"]
     if P < 2 or N < 1 or P + N > a.max_seq_len:
         raise ValueError(f"--gen-prompt {P} + --gen-new {N} must fit the model's context of {a.max_seq_len} "
                          f"tokens (prompt >= 2, new >= 1)")
@@ -1102,13 +1111,13 @@ def run_longgen(opts, model, tokenizer, dtype, use_kernels):
         stream = text_stream(tokenizer, texts)
     prompts = [p.to(opts.device) for p in agreement_prompts(stream, P, N, n_prompts)]
     prompts = [p[:, :P] for p in prompts]
-    sep = tokenizer.encode(REPEAT_PROMPT)
+    sep = repeat_separator(tokenizer)
     runs = longgen_runs(P, windows, opts.methods)
 
     def starter(method, flags):
         mopts = method_options(method, flags)
         return lambda x, n, keep_last=1: start_method(model, method, mopts, x, n, dtype, opts.device, use_kernels,
-                                                      sep, keep_last, opts.prefill_chunk)
+                                                      sep, keep_last, opts.prefill_chunk, bos_id=tokenizer.bos_id)
     progress(f"longgen: {source}; {n_prompts} prompts x ({P} + {N}) tokens; {len(runs)} runs; {opts.device} {dtype}")
     dense = starter("dense", [])
     dense_tokens, dense_logits = [], []
@@ -1207,7 +1216,7 @@ def build_parser():
                    help="compaction ratios, each also as top-t (default 10; --full: 5 10 20 50; --real: 5 10, "
                         "fitted only)")
     s.add_argument("--gen-prompt", type=int, default=2048, help="long generation: prompt tokens (held-out code)")
-    s.add_argument("--gen-new", type=int, default=None, help="long generation: new tokens (default 256; --full 1024)")
+    s.add_argument("--gen-new", type=int, default=None, help="long generation: new tokens (default 256; --full 1024); --longgen: see there")
     s.add_argument("--shard", default=None, metavar="I/N",
                    help="run only the runs whose index is I mod N (dense is run 0), to spread a --full sweep over "
                         "processes sharing a GPU (the eager decode loop leaves it mostly idle); then --merge")
@@ -1229,7 +1238,7 @@ def build_parser():
                    help="passkey filler: the classic repeated paragraph, or the essays")
     r.add_argument("--agree-prompt", type=int, default=2048, help="agreement: prompt tokens prefilled")
     r.add_argument("--agree-new", type=int, default=128, help="agreement: tokens decoded after it (teacher-forced)")
-    r.add_argument("--n-prompts", type=int, default=None, help="agreement prompts (default 1; --full: 4)")
+    r.add_argument("--n-prompts", type=int, default=None, help="agreement prompts (default 1; --full: 4); --longgen: its prompts (see there)")
     r.add_argument("--prefill-chunk", type=int, default=256,
                    help="prefill dense/quest/retro in chunks of this many tokens (0: one call)")
     u = p.add_argument_group("--ruler: RULER-style tasks (ruler.py), every method at budgets C/8 and C/4")
@@ -1240,11 +1249,15 @@ def build_parser():
                    help="code haystacks and TABLE needles (default for a train.py tokenizer) or RULER's prose")
     u.add_argument("--methods", nargs="+", default=list(RULER_METHODS), choices=RULER_METHODS, metavar="METHOD",
                    help=f"--ruler and --longgen: the methods beside dense (default all: {' '.join(RULER_METHODS)})")
-    u.add_argument("--n-samples", type=int, default=None, help="samples per cell (default 2; --full: 50)")
+    u.add_argument("--n-samples", type=int, default=None,
+                   help=f"samples per cell (default {RULER_SETTINGS['quick']['n_samples']}; "
+                        f"--full: {RULER_SETTINGS['full']['n_samples']})")
     g = p.add_argument_group("--longgen: long greedy generation vs dense, every method at budgets P/8 and P/4 "
                              "(--gen-prompt, --gen-new, --n-prompts, --windows)")
-    g.add_argument("--longgen", action="store_true", help="this mode (defaults: 2 prompts x 64 new tokens; --full: "
-                                                          "32 x 1024)")
+    lq, lf = LONGGEN_SETTINGS["quick"], LONGGEN_SETTINGS["full"]
+    g.add_argument("--longgen", action="store_true",
+                   help=f"this mode (defaults: {lq['n_prompts']} prompts x {lq['gen_new']} new tokens; --full: "
+                        f"{lf['n_prompts']} x {lf['gen_new']})")
     p.epilog = ("Any other flag is a method option of generate.py (--budget, --page-size, --window, --coverage, ...), "
                 "read by generate.py's own parser with its defaults.")
     return p

@@ -25,7 +25,7 @@ if not torch.cuda.is_available():  # Triton on the CPU runs in its interpreter (
 import cudagraph  # noqa: E402
 import kvcache  # noqa: E402
 from attention import DenseAttention  # noqa: E402
-from compaction import REPEAT_PROMPT, compact_prompt  # noqa: E402
+from compaction import compact_prompt, repeat_separator  # noqa: E402
 from kvcache import KVCache, QuestAttention  # noqa: E402
 from model import Transformer  # noqa: E402
 from retro import RetroAttention  # noqa: E402
@@ -138,18 +138,33 @@ def make_attention(method, cache, opts, use_kernels):
     if method == "dense":
         return DenseAttention(cache, use_kernels=use_kernels)
     if method == "quest":
-        return QuestAttention(cache, opts.budget, opts.page_size, opts.dense_layers, use_kernels=use_kernels)
+        from kvcache import QuestAttention
+        return QuestAttention(cache, opts.budget, opts.page_size, opts.dense_layers, use_kernels=use_kernels,
+                              page_choice=getattr(opts, "page_choice", "kv_head"))
     if method == "retro":
+        from retro import RetroAttention
+        if getattr(opts, "page_choice", "kv_head") != "kv_head":
+            raise ValueError("--page-choice query_head is for --method quest (RetroAttention tracks pages per KV head)")
         return RetroAttention(cache, opts.budget, opts.page_size, opts.window, opts.dense_layers,
                               use_kernels=use_kernels)
     if method == "token_sparse":
         decoder = make_attention(opts.decode, cache, opts, use_kernels)
         return TokenSparseAttention(cache, decoder, opts.coverage, opts.min_tokens, opts.ts_window,
-                                    opts.sparse_layers, opts.keep, use_kernels=use_kernels)
+                                    opts.sparse_layers, opts.keep, use_kernels=use_kernels,
+                                    coverage_rule=getattr(opts, "coverage_rule", "authors"))
     raise ValueError(f"unknown method {method!r}")
 
 
 DEFAULT_PROMPT = Path(__file__).parent / "kvcache.py"  # real code the default model never saw (it learnt the standard library)
+
+
+BIAS_BOX_DEFAULT = "none"
+
+
+def bias_box(name):
+    """--bias-box -> compaction.compact_cache's w_box."""
+    from compaction import AUTHORS_W_BOX
+    return AUTHORS_W_BOX if name == "authors" else None
 
 
 def check_budget(opts, parser):
@@ -237,7 +252,11 @@ def build_parser():
                         "Triton kernels)")
     q = p.add_argument_group("page-sparse decoding (quest, retro)")
     q.add_argument("--budget", type=int, default=512,
-                   help="KV tokens read per decode step, a multiple of --page-size")
+                   help="KV tokens read per KV head per decode step in each sparse layer, a multiple of "
+                        "--page-size (default 512); with --page-choice query_head, per query head")
+    q.add_argument("--page-choice", choices=["kv_head", "query_head"], default="kv_head",
+                   help="quest: one page list per KV head, the group's bounds summed (default, ours: a page "
+                        "is read once per group), or one per query head (Quest's own GQA code: up to G x the reads)")
     q.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     q.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense (Quest's default: 2)")
     r = p.add_argument_group("RetroAttention (retro)")
@@ -250,10 +269,18 @@ def build_parser():
     t.add_argument("--coverage", type=float, default=0.005, help="tau: attention mass a head may drop (0 = dense)")
     t.add_argument("--min-tokens", type=int, default=1024, help="never keep fewer tokens per head")
     t.add_argument("--ts-window", type=int, default=128, help="last queries that score the tokens (always kept)")
-    t.add_argument("--sparse-layers", default="half", help="'half' (second half), 'all', 'a-b' or 'a,b,c'")
+    t.add_argument("--coverage-rule", choices=["authors", "per_head"], default="authors",
+                   help="authors: heads averaged then normalized, n + 1 dropped (the authors' code; default); "
+                        "per_head: each head normalized first, n dropped")
+    t.add_argument("--sparse-layers", default="half",
+                   help="'half' (second half: 16-31 of 32; default), 'all', 'a-b' or 'a,b,c' (the authors' "
+                        "profiled list for Llama-3.1-8B is 15-30)")
     t.add_argument("--keep", type=float, default=None, help="fixed budget: keep this fraction of tokens per head")
     c = p.add_argument_group("KV compaction by attention matching (compact)")
     c.add_argument("--ratio", type=float, default=10.0, help="compaction ratio: keep prompt_tokens / ratio keys per head")
+    c.add_argument("--bias-box", choices=["authors", "none"], default=BIAS_BOX_DEFAULT,
+                   help="bounds on a kept key's weight exp(beta): authors = [e^-3, e^3] (the authors' code), "
+                        f"none = exact NNLS, w >= 0 (default {BIAS_BOX_DEFAULT})")
     return p
 
 
@@ -312,7 +339,7 @@ def main(argv=None):
     if default:  # the default prompt is cut to leave room for the new tokens
         ids = ids[:max(1, context - opts.max_new_tokens)]
     if default and opts.method == "compact":
-        fits = (context - len(tokenizer.encode(REPEAT_PROMPT))) // 2 + 1  # compaction feeds the prompt twice
+        fits = (context - len(repeat_separator(tokenizer))) // 2 + 1  # compaction feeds the prompt twice
         if len(ids) > fits:
             if not opts.quiet:
                 print(f"[compact] the default prompt is cut from {len(ids)} to {fits} tokens: the repeat-prefill "
@@ -339,7 +366,8 @@ def main(argv=None):
                 print(f"[compact] layer {i + 1}/{args.n_layers} compacted ({time.perf_counter() - t0:.1f} s)",
                       file=sys.stderr)
         try:
-            res = compact_prompt(model, prompt, opts.ratio, separator_ids=tokenizer.encode(REPEAT_PROMPT),
+            res = compact_prompt(model, prompt, opts.ratio, separator_ids=repeat_separator(tokenizer),
+                                 bos_id=tokenizer.bos_id, w_box=bias_box(opts.bias_box),
                                  max_new_tokens=opts.max_new_tokens, use_kernels=use_kernels,
                                  page_size=opts.page_size, on_layer=on_layer)
         except ValueError as e:

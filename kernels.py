@@ -320,6 +320,22 @@ def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
     store_split(OP, LP, m, l, acc, pid_bh.to(tl.int64) * G * W + r, r < G * W, split, num_splits, d, D)
 
 
+KV_TILE_BYTES = 64 * 1024  # one pipeline stage's K and V tiles at most; more fails on shared memory
+
+
+def kv_tiles(block_n, num_stages, D, element_size):
+    """(BLOCK_N, num_stages) for a decode loop that loads a BLOCK_N x D tile of K and one of V per
+    step. The tuned defaults (head dim 128, 2-byte inputs) fit; a wide head in fp32 (160 or 256,
+    padded to 256) would need ~280 KB of shared memory with them, more than an H100/H200 has
+    (~228 KB): then a single stage and fewer keys per tile, halved until K + V fit KV_TILE_BYTES."""
+    tile = lambda n: 2 * n * max(16, triton.next_power_of_2(D)) * element_size  # noqa: E731
+    if tile(block_n) <= KV_TILE_BYTES:
+        return block_n, num_stages
+    while block_n > 16 and tile(block_n) > KV_TILE_BYTES:
+        block_n //= 2
+    return block_n, 1
+
+
 DECODE_BLOCK_N = 64  # keys per tile; 64 x 128 bf16 = 16 KB per K (or V) tile, wide coalesced loads
 DECODE_WAVES = 4  # programs per SM
 MAX_DECODE_ROWS = 64  # query rows of a flash_decode tile (G heads x W window rows)
@@ -352,11 +368,12 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
     o_part = torch.empty(B, Hq, W, num_splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=q.device)
     qs = q.stride() if window else (*q.stride()[:2], 0, q.stride(2))
+    block_n, stages = kv_tiles(DECODE_BLOCK_N, 3 if q.device.type == "cuda" else 1, D, q.element_size())
     _decode_kernel[(num_splits, B * Hkv)](
         q, k_cache, v_cache, o_part, lse_part, len_t if len_t is not None else lse_part,
         *qs, *k_cache.stride(), *v_cache.stride(), Hkv, G, W, seq_len, chunk, num_splits, scale * LOG2E,
         LEN_ON_DEVICE=len_t is not None, PRECISION=dot_precision(q.dtype), BLOCK_M=tile_size(G * W),
-        BLOCK_N=DECODE_BLOCK_N, BLOCK_D=tile_size(D), D=D, num_warps=4, num_stages=3 if q.device.type == "cuda" else 1)
+        BLOCK_N=block_n, BLOCK_D=tile_size(D), D=D, num_warps=4, num_stages=stages)
     o, lse = merge_partials(o_part, lse_part, out_dtype=q.dtype)
     return (o, lse) if window else (o[:, :, 0], lse[:, :, 0])
 
@@ -558,7 +575,9 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
     s = tl.load(SCORES + row * ss_row + p * ss_p, mask=ok, other=0.0)
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are one score (their bits differ)
     bits = s.to(tl.int32, bitcast=True)
-    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order (NaN above +inf)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
+    # NaN (exponent all ones, mantissa not 0; either sign) counts as +inf, as in kvcache.select_pages
+    key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7F800000, key)
     key = tl.where(p == newest, 0x7FFFFFFF, key)  # the newest page ranks above every score
     key = tl.where(ok, key, -2147483648)  # padding ranks last (and is never kept: see `ok` below)
     lo = tl.min(tl.where(ok, key, 2147483647), 0).to(tl.int64)  # count(key >= lo) = num_pages >= k
@@ -617,6 +636,8 @@ def select_pages_device(scores, seq_len, page_size, budget_pages):
     P = scores.shape[-1]
     if P > SELECT_MAX_PAGES:
         raise ValueError(f"select_pages_device handles up to {SELECT_MAX_PAGES} pages, got {P}")
+    if budget_pages < 1:
+        raise ValueError(f"select_pages_device: need budget_pages >= 1, got {budget_pages}")
     _, len_t = device_length(seq_len, P * page_size)
     return _select(scores, P, budget_pages, 0, len_t, page_size)
 
@@ -707,11 +728,13 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
     bias_t = bias if bias is not None else lse_part  # any tensor: never read when HAS_BIAS is False
     bias_strides = bias.stride() if bias is not None else (0, 0, 0)
+    block_n, stages = kv_tiles(PAGED_BLOCK_N, PAGED_TUNING["num_stages"] if q.device.type == "cuda" else 1, D,
+                               q.element_size())
     _paged_decode_kernel[(num_splits, B * Hkv)](
         q, k_cache, v_cache, page_idx, bias_t, o_part, lse_part, len_t if len_t is not None else lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *bias_strides,
         Hkv, G, n_slots, seq_len, page_size, chunk, num_splits, scale * LOG2E,
         HAS_BIAS=bias is not None, LEN_ON_DEVICE=len_t is not None, PRECISION=dot_precision(q.dtype),
-        BLOCK_G=tile_size(G), BLOCK_N=PAGED_BLOCK_N, PAGE_PAD=page_pad, BLOCK_D=tile_size(D), D=D,
-        num_warps=PAGED_TUNING["num_warps"], num_stages=PAGED_TUNING["num_stages"] if q.device.type == "cuda" else 1)
+        BLOCK_G=tile_size(G), BLOCK_N=block_n, PAGE_PAD=page_pad, BLOCK_D=tile_size(D), D=D,
+        num_warps=PAGED_TUNING["num_warps"], num_stages=stages)
     return merge_partials(o_part, lse_part, out_dtype=q.dtype)

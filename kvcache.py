@@ -132,7 +132,12 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
     """Top budget_pages pages by score, always including newest_page (the page of the token being
     decoded: the paper keeps the most recent tokens). scores (B, Hkv, >= num_pages) ->
     page_idx (B, Hkv, K) int32 in ascending page order, K = min(budget_pages, num_pages)."""
+    if budget_pages < 1 or num_pages < 1:
+        raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
     scores = scores[..., :num_pages].float()
+    # a NaN bound (from a non-finite key) counts as +inf, whatever its sign bit: the page is read, and
+    # the order does not depend on how a sort ranks NaN (CPU and CUDA sorts differ)
+    scores = torch.where(torch.isnan(scores), float("inf"), scores)
     K = min(budget_pages, num_pages)
     # the newest page, then the K - 1 best others; a stable sort settles ties: the lower page wins
     # (kernels.select_pages does the same)
@@ -169,23 +174,36 @@ def select_pages_upto(scores, seq_len, page_size, budget_pages):
     P = scores.shape[-1]
     page = torch.arange(P, device=scores.device)
     num_pages = (seq_len.long() + page_size - 1) // page_size
-    s = scores.float().masked_fill(page == num_pages - 1, float("inf")).masked_fill(page >= num_pages, float("-inf"))
+    s = scores.float()
+    s = torch.where(torch.isnan(s), float("inf"), s)  # a NaN bound counts as +inf (see select_pages)
+    s = s.masked_fill(page == num_pages - 1, float("inf")).masked_fill(page >= num_pages, float("-inf"))
     order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, P)]
     chosen = torch.where(order < num_pages, order, P).sort(dim=-1).values  # the unused slots (P) last
     return torch.where(chosen < P, chosen, -1).to(torch.int32)
 
 
-def quest_pages(q, cache, layer_idx, budget, seq_len, use_kernels):
+def quest_pages(q, cache, layer_idx, budget, seq_len, use_kernels, bounds=None):
     """Quest's top budget // S pages of one decode step for q (B, Hq, D), from the bounds of all
-    cache pages (those past seq_len are never chosen) -> page_idx (B, Hkv, K) int32, -1 = unused."""
+    cache pages (those past seq_len are never chosen) -> page_idx (B, Hkv, K) int32, -1 = unused.
+    bounds: (kmin, kmax) to score instead of the layer's (a per-query-head view, see group_view)."""
     S, P = cache.page_size, cache.num_pages_max
+    kmin, kmax = bounds if bounds is not None else (cache.kmin[layer_idx], cache.kmax[layer_idx])
     if use_kernels:
-        scores = kernels.page_scores(q, cache.kmin[layer_idx], cache.kmax[layer_idx], P)
+        scores = kernels.page_scores(q, kmin, kmax, P)
         if P <= kernels.SELECT_MAX_PAGES:
             return kernels.select_pages_device(scores, seq_len, S, budget // S)
     else:
-        scores = page_scores_ref(q, cache.kmin[layer_idx], cache.kmax[layer_idx], P)
+        scores = page_scores_ref(q, kmin, kmax, P)
     return select_pages_upto(scores, seq_len, S, budget // S)
+
+
+def group_view(x, G):
+    """x (B, Hkv, ...) -> (B * Hkv, G, ...): each KV head's tensor once per query head of its group,
+    as a stride-0 view (no copy). With q (B, Hq, D) viewed as (B * Hkv, G, D), the scoring,
+    selection and paged decode written for one page list per KV head then give each query head its
+    own page list (Quest's own GQA path)."""
+    B, Hkv = x.shape[:2]
+    return x.unsqueeze(2).expand(B, Hkv, G, *x.shape[2:]).flatten(0, 1)
 
 
 def page_reads(cache, budget, n, steps, n_dense):
@@ -202,15 +220,27 @@ def page_reads(cache, budget, n, steps, n_dense):
     return int(rows), int(B * Hkv * (steps * (n_dense * pages + (L - n_dense) * K)).sum()), K
 
 
+PAGE_CHOICES = ("kv_head", "query_head")
+
+
 class QuestAttention:
     """Quest as an attention object: prefill is dense; each decode step attends to the budget // S
-    pages whose bound is highest, per KV head. The first dense_layers layers stay dense, and so does
-    every layer when the budget covers the whole cache."""
+    pages whose bound is highest. The first dense_layers layers stay dense, and so does every layer
+    when the budget covers the whole cache.
+
+    budget: KV tokens read per decode step per page list (a multiple of the page size).
+    page_choice "kv_head" (default, ours): one page list per KV head, the bounds of its G query heads
+      summed; a page is loaded once for the whole group, so budget = KV tokens read per KV head.
+    page_choice "query_head" (Quest's own Llama-3.1 code): each query head ranks pages by its own
+      bound and reads its own budget // S pages; a KV head then serves up to G lists, G x the reads."""
 
     prefill_rows = 0
 
-    def __init__(self, cache, budget, page_size, dense_layers=2, use_kernels=False):
+    def __init__(self, cache, budget, page_size, dense_layers=2, use_kernels=False, page_choice="kv_head"):
         check_sparse_args(cache, budget, page_size, dense_layers)
+        if page_choice not in PAGE_CHOICES:
+            raise ValueError(f"--page-choice must be one of {PAGE_CHOICES}, got {page_choice!r}")
+        self.page_choice, self.group = page_choice, 1
         self.cache = cache
         self.budget = budget
         self.n_dense = cache.k.shape[0] if budget >= cache.max_seq_len else min(dense_layers, cache.k.shape[0])
@@ -228,9 +258,21 @@ class QuestAttention:
         kc, vc = cache.k[layer_idx], cache.v[layer_idx]
         if layer_idx < self.n_dense:
             return decode_attention(q, kc, vc, seq_len, self.use_kernels)
-        page_idx = quest_pages(q[:, 0], cache, layer_idx, self.budget, seq_len, self.use_kernels)
+        qh, kc, vc, bounds, _ = self._page_lists(layer_idx, q[:, 0], kc, vc)
+        page_idx = quest_pages(qh, cache, layer_idx, self.budget, seq_len, self.use_kernels, bounds)
         attend = kernels.paged_decode if self.use_kernels else paged_decode  # (attention.paged_decode: the CPU run path)
-        return attend(q[:, 0], kc, vc, page_idx, seq_len, cache.page_size)[0].unsqueeze(1)
+        return attend(qh, kc, vc, page_idx, seq_len, cache.page_size)[0].reshape(q.shape)
+
+    def _page_lists(self, layer_idx, qh, kc, vc):
+        """qh (B, Hq, D) and the layer's K/V and bounds, seen as one page list per KV head (as they
+        are) or per query head (group_view). -> (qh, kc, vc, (kmin, kmax), lists per KV head)."""
+        bounds = (self.cache.kmin[layer_idx], self.cache.kmax[layer_idx])
+        if self.page_choice == "kv_head":
+            return qh, kc, vc, bounds, 1
+        B, Hq, D = qh.shape
+        G = self.group = Hq // kc.shape[1]  # (the statistics count G page lists per KV head)
+        return (qh.reshape(B * kc.shape[1], G, D), group_view(kc, G), group_view(vc, G),
+                tuple(group_view(x, G) for x in bounds), G)
 
     def record_prefill(self, layer_idx, input_pos, o, lse):
         pass
@@ -239,4 +281,9 @@ class QuestAttention:
     def stats(self):
         n, steps = self.cache.decoded_lengths()
         rows, pages, _ = page_reads(self.cache, self.budget, n, steps, self.n_dense)
+        if self.page_choice == "query_head":  # a sparse layer reads G page lists (and bounds) per KV head
+            L, G = self.cache.k.shape[0], self.group
+            all_rows, all_pages, _ = page_reads(self.cache, self.budget, n, steps, L)  # every layer dense
+            dense_rows, dense_pages = all_rows * self.n_dense // L, all_pages * self.n_dense // L
+            rows, pages = dense_rows + G * (rows - dense_rows), dense_pages + G * (pages - dense_pages)
         return {"kv_bytes_read": rows * self.cache.row_bytes(), "pages_read": pages, "decode_steps": int(steps.sum())}

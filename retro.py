@@ -183,6 +183,29 @@ def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
             tl.store(LAST + page * sap, seq_len - 1, mask=page >= 0)
 
 
+def _check_retro_shapes(q, k_cache, v_cache, page_idx, last_loaded, page_size):
+    """retro_decode's shapes, checked before the launch (a mismatch would read out of bounds)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or page_idx.dim() != 3 or last_loaded.dim() != 3:
+        raise ValueError(f"retro_decode: need q (B, Hq, W, D), caches (B, Hkv, Nmax, D), page_idx (B, Hkv, K) and "
+                         f"last_loaded (B, Hkv, Pmax); got {tuple(q.shape)}, {tuple(k_cache.shape)}, "
+                         f"{tuple(page_idx.shape)}, {tuple(last_loaded.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"retro_decode: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    for what, a, b in (("batch", q.shape[0], k_cache.shape[0]), ("head dim", q.shape[3], k_cache.shape[3])):
+        if a != b:
+            raise ValueError(f"retro_decode: q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} differ in {what} "
+                             f"({a} vs {b})")
+    G = _check_gqa(q, k_cache)
+    B, Hkv, Nmax = k_cache.shape[:3]
+    if page_idx.shape[:2] != (B, Hkv) or last_loaded.shape[:2] != (B, Hkv):
+        raise ValueError(f"page_idx {tuple(page_idx.shape)} and last_loaded {tuple(last_loaded.shape)} "
+                         f"must start with (B, Hkv) = ({B}, {Hkv})")
+    if page_size < 1 or last_loaded.shape[2] * page_size < Nmax:
+        raise ValueError(f"retro_decode: last_loaded holds {last_loaded.shape[2]} pages of {page_size}, fewer than "
+                         f"the cache's {Nmax} rows need")
+    return G
+
+
 RETRO_BLOCK_N = 128
 RETRO_TUNING = dict(waves=2, num_stages=2)  # programs per SM; pipeline stages for 2-byte inputs (GPU)
 
@@ -192,12 +215,9 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     """Triton version of retro_decode_ref (same arguments, same result). seq_len may also be a device
     length (kernels.device_length), for a step captured in a CUDA graph. partials: return the splits'
     unmerged (o (B, Hq, W, NS, D), lse (B, Hq, W, NS)) fp32, NS splits, for window_merge."""
-    G = _check_gqa(q, k_cache)
+    G = _check_retro_shapes(q, k_cache, v_cache, page_idx, last_loaded, page_size)
     B, Hq, W, D = q.shape
     Hkv = k_cache.shape[1]
-    if page_idx.shape[:2] != (B, Hkv) or last_loaded.shape[:2] != (B, Hkv):
-        raise ValueError(f"page_idx {tuple(page_idx.shape)} and last_loaded {tuple(last_loaded.shape)} "
-                         f"must start with (B, Hkv) = ({B}, {Hkv})")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     seq_len, len_t = kernels.device_length(seq_len, k_cache.shape[2])
     page_idx = page_idx.to(torch.int32)
@@ -212,15 +232,17 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     o_part = torch.empty(B, Hq, W, num_splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=q.device)
     BLOCK_M = kernels.tile_size(G * W)
+    # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory, and a
+    # wide head (160, 256) in fp32 gets one stage and fewer keys per tile (kernels.kv_tiles)
+    stages = 1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else RETRO_TUNING["num_stages"]
+    block_n, stages = kernels.kv_tiles(RETRO_BLOCK_N, stages, D, q.element_size())
     _retro_decode_kernel[(num_splits, B * Hkv)](
         q, k_cache, v_cache, page_idx, last_loaded, o_part, lse_part, len_t if len_t is not None else lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *last_loaded.stride(),
         Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, scale * kernels.LOG2E,
         UPDATE_LAST=update_last_loaded, LEN_ON_DEVICE=len_t is not None, PRECISION=kernels.dot_precision(q.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=RETRO_BLOCK_N, PAGE_PAD=page_pad, BLOCK_D=kernels.tile_size(D), D=D,
-        # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory
-        num_warps=8 if BLOCK_M >= 128 else 4,
-        num_stages=1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else RETRO_TUNING["num_stages"])
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, PAGE_PAD=page_pad, BLOCK_D=kernels.tile_size(D), D=D,
+        num_warps=8 if BLOCK_M >= 128 else 4, num_stages=stages)
     if partials:
         return o_part, lse_part
     return kernels.merge_partials(o_part, lse_part, out_dtype=q.dtype)

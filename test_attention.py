@@ -154,6 +154,23 @@ def test_flash_decode_edge_lengths(seq_len, num_splits):
     assert_attention_close(o, lse, *decode_ref(q, kc, vc, seq_len), torch.float32)
 
 
+@pytest.mark.parametrize("D", [160, 256])
+def test_decode_kernels_run_wide_heads_in_fp32(D):
+    """Head dims 160 and 256 in fp32: the kernels pick smaller tiles (kernels.kv_tiles) and run;
+    the tuned tiles of head dim 128 / 2-byte inputs are left as they are."""
+    n, S = 150, 16
+    q, kc, vc = rand(1, 8, D, seed=1), rand(1, 2, 160, D, seed=2), rand(1, 2, 160, D, seed=3)
+    assert_attention_close(*kernels.flash_decode(q, kc, vc, n), *decode_ref(q, kc, vc, n), torch.float32)
+    qw = rand(1, 8, 4, D, seed=4)  # a window of 4 rows x 4 query heads per KV head
+    o, lse = kernels.flash_decode(qw, kc, vc, n)
+    assert_attention_close(o, lse, *attention_ref(qw, kc[:, :, :n], vc[:, :, :n], q_offset=n - 4), torch.float32)
+    pages = torch.tensor([[[0, 3, 9], [2, -1, 9]]], dtype=torch.int32, device=DEVICE)
+    assert_attention_close(*kernels.paged_decode(q, kc, vc, pages, n, S), *paged_decode_ref(q, kc, vc, pages, n, S),
+                           torch.float32)
+    assert kernels.kv_tiles(64, 3, 128, 2) == (64, 3) and kernels.kv_tiles(128, 2, 128, 2) == (128, 2)
+    assert kernels.kv_tiles(64, 3, D, 4) == (32, 1) and kernels.kv_tiles(128, 2, D, 4) == (32, 1)
+
+
 def test_flash_decode_equals_prefill_of_last_query():
     q, kc, vc = rand(1, 8, 64, seed=1), rand(1, 2, 50, 64, seed=2), rand(1, 2, 50, 64, seed=3)
     o_d, lse_d = kernels.flash_decode(q, kc, vc, 50)
@@ -164,18 +181,10 @@ def test_flash_decode_equals_prefill_of_last_query():
 # ------------------------------------------------------------------------------------------------
 # Quest page scores
 
-def quest_bound(q, kmin, kmax, num_pages):
-    """sum_d max(q_d kmin_d, q_d kmax_d), summed over the G query heads of each KV head.
-    Must equal kvcache.page_scores_ref (checked below when it exists)."""
-    B, Hq, D = q.shape
-    qg = q.float().view(B, kmin.shape[1], Hq // kmin.shape[1], 1, D)  # (B, Hkv, G, 1, D)
-    lo, hi = kmin[:, :, None, :num_pages].float(), kmax[:, :, None, :num_pages].float()
-    return torch.maximum(qg * lo, qg * hi).sum(-1).sum(2)
-
-
 @given(num_pages=st.integers(0, 150), spare=st.integers(0, 3), heads=gqa_heads(), D=head_dims(),
        dtype=dtypes(), batch=st.integers(1, 2), seed=seeds)
 def test_page_scores_match_reference(num_pages, spare, heads, D, dtype, batch, seed):
+    from kvcache import page_scores_ref
     Hq, Hkv = heads
     q = rand(batch, Hq, D, dtype=dtype, seed=seed)
     a = rand(batch, Hkv, num_pages + spare, D, dtype=dtype, seed=seed + 1)
@@ -183,25 +192,27 @@ def test_page_scores_match_reference(num_pages, spare, heads, D, dtype, batch, s
     kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
     scores = kernels.page_scores(q, kmin, kmax, num_pages)
     assert scores.shape == (batch, Hkv, num_pages) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, quest_bound(q, kmin, kmax, num_pages), atol=1e-3, rtol=1e-5)
-    import kvcache
-    if hasattr(kvcache, "page_scores_ref"):
-        torch.testing.assert_close(scores, kvcache.page_scores_ref(q, kmin, kmax, num_pages).float(),
-                                   atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(scores, page_scores_ref(q, kmin, kmax, num_pages).float(), atol=1e-3, rtol=1e-5)
 
 
-def test_page_score_bounds_every_key_score():
-    """The bound is an upper bound: no key of a page scores above it (summed over the group)."""
-    B, Hq, Hkv, D, S, P = 1, 4, 2, 64, 16, 5
-    q, k = rand(B, Hq, D, seed=1), rand(B, Hkv, P * S, D, seed=2)
-    pages = k.view(B, Hkv, P, S, D)
-    bound = kernels.page_scores(q, pages.amin(3), pages.amax(3), P)
-    key_scores = torch.einsum("bhgd,bhpsd->bhps", q.view(B, Hkv, Hq // Hkv, D), pages)
-    assert (key_scores <= bound[..., None] + 1e-4).all()
+@given(heads=gqa_heads(), S=st.sampled_from([1, 2, 5, 16]), P=st.integers(1, 6), seed=seeds)
+def test_page_score_bounds_every_key_score(heads, S, P, seed):
+    """From the definition: no key of a page scores above the page's bound (scores summed over the
+    group's query heads, as the bound is); a page of one key is bounded exactly by that key's score."""
+    Hq, Hkv = heads
+    D = 16
+    q, k = rand(1, Hq, D, seed=seed).double(), rand(1, Hkv, P * S, D, seed=seed + 1).double()
+    pages = k.view(1, Hkv, P, S, D)
+    for scores in (kernels.page_scores(q.float(), pages.amin(3).float(), pages.amax(3).float(), P).double(),
+                   __import__("kvcache").page_scores_ref(q, pages.amin(3), pages.amax(3), P).double()):
+        key_scores = torch.einsum("bhgd,bhpsd->bhps", q.view(1, Hkv, Hq // Hkv, D), pages)  # (1, Hkv, P, S)
+        assert (key_scores <= scores[..., None] + 1e-4).all()
+        if S == 1:
+            torch.testing.assert_close(scores, key_scores[..., 0], atol=1e-4, rtol=1e-5)
 
 
 @given(num_pages=st.integers(1, 300), spare=st.integers(0, 3), budget_pages=st.integers(1, 320),
-       newest_back=st.integers(0, 3), kind=st.sampled_from(["normal", "ties", "signed zeros", "-inf"]),
+       newest_back=st.integers(0, 3), kind=st.sampled_from(["normal", "ties", "signed zeros", "-inf", "nan"]),
        batch=st.integers(1, 2), seed=seeds)
 def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, newest_back, kind, batch, seed):
     """The bisection top-k picks exactly the reference's pages, ties (lower page first) included."""
@@ -215,6 +226,10 @@ def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, n
         scores[..., ::2] = -0.0
     elif kind == "-inf":
         scores[..., : num_pages // 2] = float("-inf")
+    elif kind == "nan":  # a page bound from a non-finite key: NaN counts as +inf, whatever its sign bit
+        scores[..., ::3] = float("nan")
+        scores[..., 1::6] = -float("nan")
+        scores[..., 2::5] = float("inf")
     got = kernels.select_pages(scores, num_pages, budget_pages, newest)
     assert got.dtype == torch.int32 and got.shape == (batch, 3, min(budget_pages, num_pages))
     assert torch.equal(got, select_pages(scores, num_pages, budget_pages, newest))

@@ -5,7 +5,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from attention import attention_ref, paged_decode_ref
-from compaction import CompactedAttention, biased_attention_ref, compact_cache, compact_prompt, nnls
+import compaction
+from compaction import (AUTHORS_W_BOX, CompactedAttention, CompactingAttention, biased_attention_ref, compact_cache,
+                        compact_prompt, nnls, nnls_gram, repeat_separator)
 from conftest import DEVICE, gqa_heads, rand, tiny_model
 
 
@@ -172,15 +174,129 @@ def test_compacted_prompt_decodes_and_ratio_one_matches_dense():
     assert res.attn.t == round(47 / 6) and res.stats["kv_mib_after"] < res.stats["kv_mib_before"] / 4
 
 
-def test_kernel_path_matches_reference_path():
+def _repeat_prefill(model, prompt, L, sep, budget, use_kernels=False):
+    """One repeat-prefill pass of prompt[:, :L] + sep + prompt[:, :L] -> the CompactingAttention."""
+    seq = torch.cat([prompt[:, :L], torch.tensor([sep], device=DEVICE), prompt[:, :L]], 1)
+    compactor = CompactingAttention(L, len(sep), budget, use_kernels=use_kernels)
+    with torch.no_grad():
+        model(seq, torch.arange(seq.shape[1]), compactor, last_only=True)
+    return compactor, seq
+
+
+def test_kernel_decode_matches_reference_decode_of_one_compaction():
+    """One compaction; its layers decoded by the kernels and by the references give the same logits."""
     model = tiny_model(1)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(4, model.args.vocab_size, (1, 24), generator=g).to(DEVICE)
+    compactor, _ = _repeat_prefill(model, prompt, 22, [1, 2], budget=6)
     logits = []
     for use_kernels in (False, True):
-        res = compact_prompt(model, prompt, 4, separator_ids=[1, 2], keep_last=2, max_new_tokens=2,
-                             use_kernels=use_kernels)
+        compactor.use_kernels = use_kernels
+        attn = compactor.decoder(max_new_tokens=3)
         with torch.no_grad():
-            model(prompt[:, res.start_pos:], torch.arange(res.start_pos, 24), res.attn)  # 2 new tokens
-            logits.append(model(prompt[:, :1], torch.arange(24, 25), res.attn))  # one decode step
+            model(prompt[:, 22:], torch.arange(22, 24), attn)  # 2 new tokens
+            logits.append(model(prompt[:, :1], torch.arange(24, 25), attn))  # one decode step
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
+
+
+def test_reference_queries_are_on_policy(monkeypatch):
+    """The reference queries of layer l are the second copy's queries in a model whose layers below l
+    already read their compacted context: the queries a CompactedAttention of those layers produces
+    when fed separator + copy, not those of the dense forward."""
+    model = tiny_model(2)
+    g = torch.Generator().manual_seed(2)
+    L, sep = 30, [1, 2, 3]
+    prompt = torch.randint(4, model.args.vocab_size, (1, L), generator=g).to(DEVICE)
+    recorded = []
+    real = compaction.compact_cache
+    monkeypatch.setattr(compaction, "compact_cache", lambda k, v, q_ref, *a, **kw: (recorded.append(q_ref), real(k, v, q_ref, *a, **kw))[1])
+    compactor, seq = _repeat_prefill(model, prompt, L, sep, budget=4)
+
+    class Record:  # hands every layer to `inner`, keeping the queries (B, Hq, T, D) each layer sees
+        def __init__(self, inner):
+            self.inner, self.q = inner, {}
+
+        def prefill(self, layer_idx, q, k, v, input_pos):
+            self.q[layer_idx] = q.transpose(1, 2)
+            return self.inner.prefill(layer_idx, q, k, v, input_pos)
+
+        def __getattr__(self, name):  # everything else is the wrapped object's
+            return getattr(self.inner, name)
+
+    on_policy = Record(compactor.decoder(max_new_tokens=L + len(sep)))
+    from attention import DenseAttention
+    from kvcache import KVCache
+    a = model.args
+    dense = Record(DenseAttention(KVCache(a.n_layers, 1, a.n_kv_heads, seq.shape[1], a.head_dim, torch.float32, DEVICE)))
+    with torch.no_grad():
+        model(seq[:, L:], torch.arange(L, seq.shape[1]), on_policy)
+        model(seq, torch.arange(seq.shape[1]), dense)
+    for layer in range(a.n_layers):
+        expect = on_policy.q[layer][:, :, len(sep):]  # the second copy's rows
+        torch.testing.assert_close(recorded[layer], expect, atol=1e-5, rtol=0)
+        if layer > 0:  # below it a compacted layer: not the dense forward's queries
+            assert (recorded[layer] - dense.q[layer][:, :, L + len(sep):]).abs().max() > 1e-3
+    torch.testing.assert_close(recorded[0], dense.q[0][:, :, L + len(sep):], atol=1e-5, rtol=0)
+
+
+def test_one_bos_and_the_authors_framing():
+    class Tok:  # the two tokenizer attributes and the encode repeat_separator uses
+        def __init__(self, chat_format, bos_id):
+            self.chat_format, self.bos_id = chat_format, bos_id
+
+        def encode(self, text, allow_special=False):
+            names = {"<|begin_of_text|>": 0, "<|start_header_id|>": 1, "<|end_header_id|>": 2, "<|eot_id|>": 3}
+            out = []
+            while text:
+                name = next((n for n in names if allow_special and text.startswith(n)), None)
+                out.append(names[name] if name else 10 + ord(text[0]))
+                text = text[len(name) if name else 1:]
+            return out
+
+    chat = repeat_separator(Tok("llama3", 0))
+    assert 0 not in chat and chat[:1] == [1] and chat[-1] == 10 + ord("\n")
+    assert "".join(chr(i - 10) for i in chat if i >= 10).startswith("user\n\nRepeat the previous context verbatim.")
+    assert repeat_separator(Tok(None, None)) == Tok(None, None).encode(compaction.REPEAT_PROMPT)
+
+    model = tiny_model(0)
+    fed = []
+
+    class Spy:  # the model, recording the sequence of the repeat-prefill pass
+        args = model.args
+
+        def __call__(self, seq, *rest, **kw):
+            fed.append(seq)
+            return model(seq, *rest, **kw)
+
+    bos = 7
+    prompt = torch.tensor([[bos] + list(range(20, 40))], device=DEVICE)
+    res = compact_prompt(Spy(), prompt, 4, separator_ids=[1, 2], bos_id=bos, max_new_tokens=2)
+    assert fed[0][0].tolist() == [bos] + list(range(20, 39)) + [1, 2] + list(range(20, 39))  # one BOS
+    assert res.start_pos == 20
+    compact_prompt(Spy(), prompt, 4, separator_ids=[1, 2], max_new_tokens=2)  # no BOS id: the copy is whole
+    assert fed[1][0].tolist().count(bos) == 2
+
+
+@settings(max_examples=10)
+@given(M=st.integers(4, 30), t=st.integers(1, 10), seed=st.integers(0, 10**6))
+def test_boxed_nnls_stays_in_the_box_and_beats_the_clamped_exact_solution(M, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.exp(2 * torch.randn(M, t, generator=g))
+    z = 3 * torch.randn(M, generator=g).abs()
+    lo, hi = AUTHORS_W_BOX
+    H, c = A.T @ A, A.T @ z
+    w = nnls_gram(H, c, box=(lo, hi))
+    assert (w >= lo * (1 - 1e-6)).all() and (w <= hi * (1 + 1e-6)).all()
+    objective = lambda x: float(((A.double() @ x.double() - z.double()) ** 2).sum())  # noqa: E731
+    clamped = nnls(A, z).clamp(lo, hi)  # a feasible point: the box optimum can only be better
+    assert objective(w) <= objective(clamped) * (1 + 1e-4) + 1e-6
+
+
+def test_authors_box_bounds_every_kept_keys_bias():
+    k, v, q_ref, _ = _clustered(0)
+    c = compact_cache(k, v, q_ref, 16, w_box=AUTHORS_W_BOX)
+    assert (c.beta >= -3 - 1e-4).all() and (c.beta <= 3 + 1e-4).all()
+    free = compact_cache(k, v, q_ref, 16)
+    assert float(free.beta.min()) < -3  # unbounded, some kept keys end with almost no mass
+    with pytest.raises(ValueError, match="w_box"):
+        compact_cache(k, v, q_ref, 16, w_box=(1.0, 0.5))

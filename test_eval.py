@@ -324,3 +324,20 @@ def test_modes_exclude_each_other(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit):
         evaluation.main(["--ruler", "--longgen", "--checkpoint", str(tiny_checkpoint)])
     assert "different modes" in capsys.readouterr().err
+
+
+def test_ruler_cell_at_full_budget_decodes_what_dense_decodes(tiny_checkpoint):
+    import ruler
+    model = tiny_model(seed=1).cpu()
+    tok = Tokenizer(tiny_checkpoint)
+    samples = [ruler.make_sample(tok, "niah_single", "prose", 480, d, 0) for d in (0.0, 1.0)]
+    texts = {}
+    for method, flags in [("dense", []), ("retro", ["--budget", "512", "--window", "1"]),
+                          ("retro", ["--budget", "512", "--window", "2"])]:
+        mopts = evaluation.method_options(method, flags)
+
+        def start_fn(x, n, keep_last=1):
+            return evaluation.start_method(model, method, mopts, x, n, torch.float32, "cpu", False, [10, 10],
+                                           keep_last, 64)
+        texts[method, tuple(flags)] = [t for _, t in evaluation.ruler_cell(model, tok, samples, start_fn)]
+    assert len(set(map(tuple, texts.values()))) == 1

@@ -129,6 +129,38 @@ def test_select_pages_includes_newest_and_has_budget_count(num_pages, budget_pag
                 assert (others[b, h, chosen] >= best[b, h]).all()
 
 
+def test_select_pages_with_a_budget_of_zero_pages_raises():
+    import kernels
+    scores = rand(1, 2, 5, seed=0)
+    for fn in (select_pages, kernels.select_pages):
+        with pytest.raises(ValueError, match="budget_pages >= 1"):
+            fn(scores, 5, 0, 4)
+
+
+def test_non_finite_keys_are_selected_and_propagate_like_dense():
+    """Defined behaviour (ours): a page holding a NaN key gets a NaN bound, which both selections
+    count as +inf (above every finite score; ties: lower page first), so a sparse step reads it and its
+    output is NaN for that KV head's query heads, as dense attention's is. Nothing is silently dropped."""
+    import kernels
+    from attention import decode_ref, paged_decode_ref
+    S, n = 4, 40
+    cache = make_cache(Hkv=2, N=48, D=8, page_size=S)
+    k, v = kv(1, n, 2, 8, seed=3)
+    k[0, 13, 1, 2] = float("nan")  # page 3, KV head 1
+    cache.write(0, k, v, torch.arange(n))
+    q = rand(1, 4, 8, seed=4)
+    P = -(-n // S)
+    scores = page_scores_ref(q, cache.kmin[0], cache.kmax[0], P)
+    assert torch.isnan(scores[0, 1, 3]) and torch.isfinite(scores[0, 0]).all()
+    for fn in (select_pages, kernels.select_pages):
+        page_idx = fn(scores, P, 2, P - 1)
+        assert 3 in page_idx[0, 1].tolist()
+        for decode in (paged_decode_ref, kernels.paged_decode):
+            o, _ = decode(q, cache.k[0], cache.v[0], page_idx, n, S)
+            assert torch.isnan(o[0, 2:]).all() and torch.isfinite(o[0, :2]).all()
+    assert torch.isnan(decode_ref(q, cache.k[0], cache.v[0], n)[0][0, 2:]).all()  # dense: NaN too
+
+
 def test_bad_budgets_raise_naming_the_flags():
     cache = make_cache(page_size=16)
     with pytest.raises(ValueError, match="--budget 8 is smaller than one page.*--page-size 16"):
@@ -144,12 +176,12 @@ def test_bad_budgets_raise_naming_the_flags():
 # QuestAttention
 
 def quest_and_dense_decode(budget, n_prompt=21, steps=5, Hq=4, Hkv=2, D=16, page_size=4, dense_layers=0,
-                           use_kernels=False, seed=0):
+                           use_kernels=False, seed=0, page_choice="kv_head"):
     """Drive QuestAttention and DenseAttention with the same q/k/v (one layer, B = 2): prefill, then
     decode steps. Returns the decode outputs of both, (steps, B, 1, Hq, D) each, and the Quest object."""
     N = n_prompt + steps
     quest = QuestAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size), budget, page_size,
-                           dense_layers=dense_layers, use_kernels=use_kernels)
+                           dense_layers=dense_layers, use_kernels=use_kernels, page_choice=page_choice)
     dense = DenseAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size))
     q, k, v = rand(2, N, Hq, D, seed=seed), *kv(2, N, Hkv, D, seed=seed + 1)
     pos = torch.arange(n_prompt)
@@ -189,6 +221,49 @@ def test_small_budget_attends_to_exactly_the_selected_pages():
     # pages read: 2 per (b, hk); bytes: 7 full rows + 2 rows of the newest page, plus the bounds of 6 pages
     assert quest.stats["pages_read"] == 2 * 2 * 2
     assert quest.stats["kv_bytes_read"] == 2 * 2 * 2 * (4 + 2 + 6) * 16 * 4
+
+
+def test_per_query_head_choice_attends_to_each_heads_own_pages():
+    """page_choice="query_head" (Quest's GQA path): every query head ranks the pages by its own bound
+    (the definition, from the stored keys) and attends to exactly its own top pages."""
+    n_prompt, S, budget = 21, 4, 8
+    o_quest, o_dense, quest = quest_and_dense_decode(budget=budget, n_prompt=n_prompt, steps=1,
+                                                     page_choice="query_head")
+    cache, N = quest.cache, n_prompt + 1
+    q = rand(2, N, 4, 16, seed=0)[:, -1]  # (B, Hq, D)
+    P = -(-N // S)
+    differ = 0
+    for b in range(2):
+        for h in range(4):
+            # this head's own bound per page, sum_d max(q_d kmin_d, q_d kmax_d), from the stored keys
+            keys_of = cache.k[0, b, h // 2, :N]
+            lo = torch.stack([keys_of[p * S:(p + 1) * S].amin(0) for p in range(P)])
+            hi = torch.stack([keys_of[p * S:(p + 1) * S].amax(0) for p in range(P)])
+            qb = torch.maximum(q[b, h] * lo, q[b, h] * hi).sum(-1)
+            order = [p for p in qb.argsort(descending=True, stable=True).tolist() if p != P - 1]
+            pages = sorted(order[:budget // S - 1] + [P - 1])
+            keys = torch.cat([torch.arange(p * S, min((p + 1) * S, N)) for p in pages])
+            o, _ = attention_ref(q[b:b + 1, h:h + 1, None], cache.k[0, b:b + 1, h // 2:h // 2 + 1, keys],
+                                 cache.v[0, b:b + 1, h // 2:h // 2 + 1, keys], causal=False)
+            torch.testing.assert_close(o_quest[0, b, 0, h], o[0, 0, 0])
+            differ += h % 2 == 1 and pages != prev
+            prev = pages
+    assert quest.stats["pages_read"] == 2 * 4 * 2  # budget // S pages per query head
+    _, _, per_kv = quest_and_dense_decode(budget=budget, n_prompt=n_prompt, steps=1)
+    assert quest.stats["kv_bytes_read"] == 2 * per_kv.stats["kv_bytes_read"]  # G = 2 page lists per KV head
+    assert differ, "the two heads of a group never chose differently: the test would prove nothing"
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_per_query_head_choice_full_budget_is_dense_and_kernels_match(use_kernels):
+    o_q, o_d, _ = quest_and_dense_decode(budget=28, page_choice="query_head", use_kernels=use_kernels)
+    torch.testing.assert_close(o_q, o_d, atol=2e-4, rtol=0)
+    o_ref, _, s_ref = quest_and_dense_decode(budget=8, steps=3, seed=3, page_choice="query_head")
+    o_ker, _, s_ker = quest_and_dense_decode(budget=8, steps=3, seed=3, page_choice="query_head", use_kernels=True)
+    torch.testing.assert_close(o_ker, o_ref, atol=2e-4, rtol=0)
+    assert s_ker.stats == s_ref.stats
+    with pytest.raises(ValueError, match="--page-choice"):
+        QuestAttention(make_cache(), 8, 4, page_choice="x")
 
 
 def test_dense_layers_stay_dense():
@@ -275,7 +350,7 @@ def test_select_pages_upto_equals_select_pages(num_pages, budget_pages):
     assert torch.equal(kernels.select_pages_device(scores, seq_len, S, budget_pages), got)
 
 
-@pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("quest_covering", 1), ("retro", 1), ("retro", 3),
+@pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("quest_covering", 1), ("quest_query_head", 1), ("retro", 1), ("retro", 3),
                                       ("retro_short_prompt", 4)])
 def test_decode_step_with_kernels_equals_reference(method, w):
     """The one decode step, fed device positions as generate.py (and a CUDA graph) feeds them: the
@@ -293,6 +368,8 @@ def test_decode_step_with_kernels_equals_reference(method, w):
         attn = {"dense": lambda: DenseAttention(cache, use_kernels),
                 "quest": lambda: QuestAttention(cache, budget=16, page_size=4, dense_layers=1, use_kernels=use_kernels),
                 "quest_covering": lambda: QuestAttention(cache, budget=48, page_size=4, use_kernels=use_kernels),
+                "quest_query_head": lambda: QuestAttention(cache, budget=16, page_size=4, dense_layers=1,
+                                                           use_kernels=use_kernels, page_choice="query_head"),
                 "retro": lambda: RetroAttention(cache, budget=16, page_size=4, window=w, dense_layers=1,
                                                 use_kernels=use_kernels),
                 "retro_short_prompt": lambda: RetroAttention(cache, budget=8, page_size=4, window=w, dense_layers=1,

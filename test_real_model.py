@@ -130,7 +130,8 @@ def _method(name, model, tokenizer, prompt_ids):
         return attn, 1, 0, prompt_ids
     if name == "compact":
         res = compaction.compact_prompt(model, torch.tensor([prompt_ids]), ratio=1.0,
-                                        separator_ids=tokenizer.encode(compaction.REPEAT_PROMPT),
+                                        separator_ids=compaction.repeat_separator(tokenizer),
+                                        bos_id=tokenizer.bos_id,
                                         max_new_tokens=N_NEW)
         return res.attn, 1, res.start_pos, prompt_ids[res.start_pos:]
     raise AssertionError(name)

@@ -171,6 +171,32 @@ def test_kernel_matches_reference(attend, W, extra, page_size, n_listed, n_pad, 
     torch.testing.assert_close(lse, lse_ref, atol=ATOL[dtype], rtol=0)  # -inf (empty rows) on both sides
 
 
+@pytest.mark.parametrize("D", [160, 256])
+def test_kernel_runs_wide_heads_in_fp32(D):
+    W, n, S = 4, 90, 16
+    q, kc, vc = rand(1, 8, W, D, seed=1), rand(1, 2, 96, D, seed=2), rand(1, 2, 96, D, seed=3)
+    page_idx = torch.tensor([[[0, 2, 5], [1, 5, -1]]], dtype=torch.int32, device=DEVICE)
+    A = torch.tensor([[[-1, 88, -1, 87, -1, 86], [86, -1, 87, -1, 88, -1]]], dtype=torch.int32, device=DEVICE)
+    o_ref, lse_ref = retro_decode_ref(q, kc, vc, page_idx, A, n, S)
+    o, lse = retro_decode(q, kc, vc, page_idx, A, n, S)
+    torch.testing.assert_close(o, o_ref, atol=ATOL[torch.float32], rtol=0)
+    torch.testing.assert_close(lse, lse_ref, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_kernel_checks_shapes_before_launch():
+    q, kc, vc = rand(1, 4, 2, 64, seed=1), rand(1, 2, 32, 64, seed=2), rand(1, 2, 32, 64, seed=3)
+    pages = torch.zeros(1, 2, 2, dtype=torch.int32, device=DEVICE)
+    A = torch.full((1, 2, 8), -1, dtype=torch.int32, device=DEVICE)
+    retro_decode(q, kc, vc, pages, A, 20, 4)  # fits
+    for args, match in [((q, kc[..., :32], vc[..., :32], pages, A), "head dim"),
+                        ((q.expand(2, -1, -1, -1), kc, vc, pages, A), "batch"),
+                        ((q, kc, vc[:, :, :16], pages, A), "differ"),
+                        ((q, kc, vc, pages[:, :1], A), "must start with"),
+                        ((q, kc, vc, pages, A[:, :, :4]), "last_loaded holds 4 pages")]:
+        with pytest.raises(ValueError, match=match):
+            retro_decode(*args, 20, 4)
+
+
 @given(W=st.integers(2, 9), S=st.integers(1, 9), Hq=st.sampled_from([1, 4]), D=head_dims(), dtype=dtypes(),
        batch=st.integers(1, 2), seed=seeds)
 def test_window_merge_matches_reference(W, S, Hq, D, dtype, batch, seed):
@@ -257,30 +283,33 @@ def test_overwritten_kv_equals_fresh_forward():
 # ------------------------------------------------------------------------------------------------
 # The object
 
-def test_revised_output_equals_attention_over_pages_seen():
-    """w = 2 on a fixed stream: the output returned for the past row tau at step tau + 1 is its
-    attention over the union of Quest's pages at steps tau and tau + 1 (keys <= tau)."""
-    q, k, v = stream(1, 40, 4, 2, 16, seed=7)
-    retro = RetroAttention(make_cache(N=40), 8, 4, window=2, dense_layers=0)
-    outs = drive(retro, q, k, v, 20, 39, 2)
+@pytest.mark.parametrize("w", [2, 3, 4, 8])
+def test_revised_output_equals_attention_over_pages_seen(w):
+    """On a fixed stream, the final output of a decoded token tau (row 0 of step tau + w - 1, when it
+    leaves the window) is its attention over the union of the pages Quest picks at steps tau .. tau +
+    w - 1 (keys <= tau). The pages are recorded independently, one fresh Quest choice per step."""
+    n_prompt, last, N = 20, 39, 40
+    q, k, v = stream(1, N, 4, 2, 16, seed=7)
+    retro = RetroAttention(make_cache(N=N), 8, 4, window=w, dense_layers=0)
+    outs = drive(retro, q, k, v, n_prompt, last, w)
     kc, vc = retro.cache.k[0, 0], retro.cache.v[0, 0]  # the stream never changes, so neither does the cache
 
     def pages_at(step):  # Quest's choice at `step`, from the bounds of the keys [0, step]
-        c = make_cache(N=40)
+        c = make_cache(N=N)
         c.write(0, k[:, :step + 1], v[:, :step + 1], torch.arange(step + 1))
         P = -(-(step + 1) // 4)
         return select_pages(page_scores_ref(q[:, step], c.kmin[0], c.kmax[0], P), P, 2, step // 4)[0]
 
+    recorded = {step: pages_at(step) for step in range(n_prompt, last + 1)}
     revised = 0
-    for tau in range(20, 39):
-        o_past = outs[tau + 1 - 20][0, 0]  # (Hq, D): row 0 of step tau + 1
-        S_tau, S_next = pages_at(tau), pages_at(tau + 1)
+    for tau in range(n_prompt, last - w + 2):
+        o_final = outs[tau + w - 1 - n_prompt][0, 0]  # (Hq, D): row 0 of step tau + w - 1
         for hk in range(2):
-            pages = set(S_tau[hk].tolist()) | set(S_next[hk].tolist())
+            pages = set().union(*(set(recorded[s][hk].tolist()) for s in range(tau, tau + w)))
             keys = {j for p in pages for j in range(4 * p, 4 * p + 4) if j <= tau}
             o_u, _ = attend_to_keys(q[0, tau, 2 * hk:2 * hk + 2], kc[hk:hk + 1], vc[hk:hk + 1], keys)
-            torch.testing.assert_close(o_past[2 * hk:2 * hk + 2], o_u)
-            revised += set(S_next[hk].tolist()) - set(S_tau[hk].tolist()) != set()
+            torch.testing.assert_close(o_final[2 * hk:2 * hk + 2], o_u)
+            revised += pages != set(recorded[tau][hk].tolist())
     assert revised > 5
 
 
@@ -307,6 +336,18 @@ def test_output_cache_size_is_independent_of_length():
     ref = RetroAttention(make_cache(N=65), 8, 4, window=4, dense_layers=0)
     drive(ref, q, k, v, 10, 63, 4)
     torch.testing.assert_close(retro.outputs.o, ref.outputs.o)
+
+
+def test_output_cache_storage_does_not_grow_with_the_prompt():
+    """The cache holds copies of the last w - 1 rows, not views of the whole prefill output."""
+    sizes = []
+    for n_prompt in (12, 60):
+        q, k, v = stream(1, 64, 4, 2, 16, seed=1)
+        retro = RetroAttention(make_cache(N=64), 8, 4, window=3, dense_layers=0)
+        drive(retro, q, k, v, n_prompt, n_prompt - 1, 3)  # the prefill only
+        o, lse = retro.outputs.o[0], retro.outputs.lse[0]
+        sizes.append((o.untyped_storage().nbytes(), lse.untyped_storage().nbytes()))
+    assert sizes[0] == sizes[1] == (2 * 4 * 16 * 4, 2 * 4 * 4)  # w - 1 = 2 rows, 4 heads, D 16, fp32
 
 
 def test_output_cache_push_keeps_the_last_rows():

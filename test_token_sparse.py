@@ -157,23 +157,55 @@ def test_cache_after_sparse_prefill_equals_dense_cache(keep):
     assert attn.stats["decode_steps"] == 1 and cache.lengths.tolist() == [65, 65, 65]
 
 
-def masses_sorted(scores):
-    m = scores / scores.sum(-1, keepdim=True)
-    return sorted(m.mean(dim=1)[0].tolist())
+def authors_budget(scores, tau, min_tokens):
+    """The authors' get_index (github dongwonjo/Token-Sparse-Attention), re-derived in plain Python
+    for one row: average the heads, normalize, count the sorted masses whose running sum stays below
+    tau; none: keep all; else drop one more than counted."""
+    heads = scores[0].tolist()
+    C = len(heads[0])
+    avg = [sum(h[j] for h in heads) / len(heads) for j in range(C)]
+    mass = sorted(a / sum(avg) for a in avg)
+    running, n = 0.0, 0
+    for m in mass:
+        running += m
+        n += running < tau
+    return C if n == 0 else max(min(min_tokens, C), C - (n + 1))
+
+
+def test_coverage_budget_hand_worked_example():
+    # head 0 sums to 8, head 1 to 4. Averaged first (authors): [2, .5, 0, 1.5, 0, 2] / 6, sorted
+    # 0, 0, 1/12, 1/4, 1/3, 1/3, running sums 0, 0, .083, .333, ... : 3 below tau = 0.2, so 4 drop.
+    # Normalized first (per_head): [.25, .125, 0, .25, 0, .375], running sums 0, 0, .125, .375: 3 drop.
+    scores = torch.tensor([[[4., 0, 0, 2, 0, 2], [0, 1, 0, 1, 0, 2]]])
+    assert ts.coverage_budget(scores, 0.2, 0) == [2]
+    assert ts.coverage_budget(scores, 0.2, 0, rule="per_head") == [3]
+    assert ts.coverage_budget(scores, 0.05, 0) == [3]   # 2 below 0.05 -> 3 drop
+    assert ts.coverage_budget(scores, 0.0, 0) == [6]    # nothing below tau: the layer stays dense
+    assert ts.coverage_budget(scores, 0.2, 5) == [5]    # min_tokens
+    with pytest.raises(ValueError, match="coverage rule"):
+        ts.coverage_budget(scores, 0.2, 0, rule="x")
+
+
+@pytest.mark.parametrize("rule", ["authors", "per_head"])
+def test_coverage_budget_is_scale_invariant(rule):
+    # every token of every head holds 1/3 of its head's mass: nothing lies below tau = 0.3
+    tiny = torch.tensor([[[1., 1., 1.], [1e-31, 1e-31, 1e-31]]])
+    assert ts.coverage_budget(tiny, 0.3, 0, rule) == [3]
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(2, 4, 40, generator=g) ** 4
+    for c in (1e-35, 1e-20, 1.0, 1e20):
+        assert ts.coverage_budget(scores * c, 0.05, 3, rule) == ts.coverage_budget(scores, 0.05, 3, rule)
+    assert ts.coverage_budget(torch.zeros(1, 2, 5), 0.3, 0, rule) == [5]  # no information: keep all
 
 
 @given(Hq=st.integers(1, 4), C=st.integers(1, 60), tau=st.floats(0.0, 0.6), min_tokens=st.integers(0, 70),
        seed=st.integers(0, 999))
-def test_dynamic_coverage_drops_only_below_tau(Hq, C, tau, min_tokens, seed):
+def test_dynamic_coverage_matches_the_authors_rule(Hq, C, tau, min_tokens, seed):
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(1, Hq, C, generator=g, dtype=torch.float64) ** 4  # skewed, like attention
     kept = ts.coverage_budget(scores, tau, min_tokens)[0]
-    mass = masses_sorted(scores)
-    dropped = C - kept
+    assert kept == authors_budget(scores, tau, min_tokens)
     assert min(min_tokens, C) <= kept <= C
-    assert dropped == 0 or sum(mass[:dropped]) < tau  # only mass below tau is ever dropped
-    if kept > min(min_tokens, C):  # and as much of it as possible
-        assert sum(mass[:dropped + 1]) >= tau
 
 
 @given(B=st.integers(1, 2), heads=gqa_heads(), L=st.integers(20, 70), window=st.integers(1, 12),
@@ -222,6 +254,22 @@ def test_kernel_path_equals_reference_path(attn_kernel):
         kept = attn.stats["ts_kept_fraction_per_layer"]
     assert all(f < 1.0 for f in kept.values())
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_kernels_check_shapes_before_launch():
+    q, k, v = qkv(1, 4, 2, 40, 64)
+    idx, n_keep = random_selection(1, 4, 40, seed=0)
+    for args, match in [((q, k[..., :32]), "head dim"), ((q.expand(2, -1, -1, -1), k), "batch"),
+                        ((q[:, :3], k), "multiple")]:
+        with pytest.raises(ValueError, match=match):
+            ts.window_scores(args[0][:, :, -8:], args[1])
+    for args, match in [((q, k[..., :32], v[..., :32]), "head dim"), ((q.expand(2, -1, -1, -1), k, v), "batch"),
+                        ((q, k, v[:, :, :20]), "differ in shape"), ((q, k[:, :, :20], v[:, :, :20]), "length")]:
+        for fn in (ts.sparse_attention, ts.sparse_attention_gathered):
+            with pytest.raises(ValueError, match=match):
+                fn(*args, idx, n_keep)
+    with pytest.raises(ValueError, match="exceeds"):
+        ts.sparse_attention(q, k, v, idx[:, :, :1], n_keep)
 
 
 def test_sparse_layers_and_flags_are_checked():

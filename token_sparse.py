@@ -9,12 +9,18 @@ skipped tokens on, and the next sparse layer chooses again. Positions keep their
 so causality in the compressed sequence is causality in the original one.
 
     score_h(j) = avgpool_7( sum_{i in last W queries} softmax_j(q_i . k_j / sqrt(D)) )   (j < L - W)
-    mass(j)    = mean_h score_h(j) / sum_j' score_h(j')                    (head-averaged, normalized)
-    dropped    = the most tokens whose sorted-ascending mass sums to < tau  ("Dynamic Token Coverage")
+    mass(j)    = mean_h score_h(j) / sum_j' mean_h score_h(j')           (heads averaged, then normalized)
+    n          = the number of sorted-ascending tokens whose cumulative mass stays < tau
+    dropped    = 0 if n = 0 (the layer stays dense), else n + 1         ("Dynamic Token Coverage")
     |S_h|      = max(min_tokens, L - W - dropped) top tokens of score_h, plus the last W tokens
 
-No sparsity when L <= min_tokens + W. Defaults (paper): tau = 0.005, min_tokens = 1024, W = 128,
-sparse layers = the second half (for Llama-3.1-8B the paper's code uses layers 15..30).
+The coverage rule is the authors' get_index (github dongwonjo/Token-Sparse-Attention); the paper's
+text leaves the order of averaging and normalizing open. No sparsity when L <= min_tokens + W.
+Defaults (paper): tau = 0.005, min_tokens = 1024, W = 128. Sparse layers: the second half of the
+layers (16..31 of 32), which is the authors' code's rule for a model it has no profile of; for
+Llama-3.1-8B their code uses 15..30, a list profiled on that model (pass --sparse-layers 15-30 to
+match it). Ours stays "half" because the default model is not Llama-3.1-8B and a profile of one
+model says nothing about another.
 
 Read top to bottom: the reference (scoring, pooling, coverage, selection, attention on the
 compressed sequence), the Triton kernels with the same signatures, then TokenSparseAttention, the
@@ -60,16 +66,39 @@ def pool_scores(scores):
     return pooled.view(B, H, C)
 
 
-def coverage_budget(scores, coverage, min_tokens):
+COVERAGE_RULES = ("authors", "per_head")
+
+
+def coverage_budget(scores, coverage, min_tokens, rule="authors"):
     """Dynamic Token Coverage: how many of the C candidate tokens each head keeps.
-    scores (B, Hq, C) >= 0 (pooled) -> list of B ints. Each head's scores are normalized to a
-    distribution and averaged over heads; sorted ascending, the longest prefix whose cumulative
-    mass stays below `coverage` is dropped; at least min_tokens are kept."""
+    scores (B, Hq, C) >= 0 (pooled) -> list of B ints (the heads of a row keep equally many).
+    rule "authors" (default; the authors' get_index, github dongwonjo/Token-Sparse-Attention): the
+      heads' scores are averaged, then normalized to a distribution; sorted ascending, n = the number
+      of tokens whose cumulative mass stays below `coverage`; n = 0 keeps every token (the layer stays
+      dense), else n + 1 are dropped (the prefix whose mass first reaches coverage).
+    rule "per_head" (ours before, kept to compare): each head normalized first, then averaged, and
+      exactly n dropped; a head with little mass on the candidates then counts as much as any other.
+    Either way at least min_tokens are kept. Normalizing divides by the plain sum (no epsilon), so
+    the budget does not change when every score is scaled by the same positive factor; an all-zero
+    row says nothing about the tokens and keeps them all."""
+    if rule not in COVERAGE_RULES:
+        raise ValueError(f"coverage rule must be one of {COVERAGE_RULES}, got {rule!r}")
     C = scores.shape[-1]
-    mass = (scores / scores.sum(-1, keepdim=True).clamp_min(1e-30)).mean(dim=1)  # (B, C), sums to 1
+    scores = scores.double()  # (B, Hq, C) is small; float64 keeps the running sums exact enough
+
+    def normalized(x):  # (..., C) -> each row a distribution; an all-zero row stays 0
+        total = x.sum(-1, keepdim=True)
+        return torch.where(total > 0, x / torch.where(total > 0, total, 1.0), 0.0)
+
+    mass = normalized(scores.mean(dim=1)) if rule == "authors" else normalized(scores).mean(dim=1)  # (B, C)
     cum = mass.sort(dim=-1).values.cumsum(dim=-1)
-    dropped = (cum < coverage).sum(dim=-1)  # cum is non-decreasing: a prefix of the sorted tokens
-    return [max(min(min_tokens, C), C - int(d)) for d in dropped.tolist()]
+    below = (cum < coverage).sum(dim=-1)  # cum is non-decreasing: a prefix of the sorted tokens
+    informative = (mass.sum(-1) > 0).tolist()
+    budgets = []
+    for n, ok in zip(below.tolist(), informative):
+        dropped = 0 if not ok or n == 0 else n + 1 if rule == "authors" else n
+        budgets.append(max(min(min_tokens, C), C - dropped))
+    return budgets
 
 
 def fixed_budget(C, keep, min_tokens):
@@ -77,7 +106,8 @@ def fixed_budget(C, keep, min_tokens):
     return min(C, max(min(min_tokens, C), math.ceil(keep * C)))
 
 
-def select_tokens(q, k, coverage=0.005, min_tokens=1024, window=128, keep=None, use_kernels=False, scale=None):
+def select_tokens(q, k, coverage=0.005, min_tokens=1024, window=128, keep=None, use_kernels=False, scale=None,
+                  coverage_rule="authors"):
     """Choose each query head's tokens. q (B, Hq, L, D), k (B, Hkv, L, D).
     Returns None when the prompt is too short to sparsify (L <= min_tokens + window), else
     idx (B, Hq, N) int32: kept positions per head, ascending, the last `window` always among them;
@@ -89,7 +119,7 @@ def select_tokens(q, k, coverage=0.005, min_tokens=1024, window=128, keep=None, 
     score_fn = window_scores if use_kernels else window_scores_ref
     scores = pool_scores(score_fn(q[:, :, C:], k, scale=scale)[:, :, :C])
     budgets = ([fixed_budget(C, keep, min_tokens)] * B if keep is not None
-               else coverage_budget(scores, coverage, min_tokens))
+               else coverage_budget(scores, coverage, min_tokens, coverage_rule))
     N = max(budgets) + window
     idx = torch.zeros(B, Hq, N, dtype=torch.int32, device=q.device)
     tail = torch.arange(C, L, dtype=torch.int32, device=q.device)
@@ -196,10 +226,17 @@ def _window_scores_kernel(Q, K, LSE, OUT, sqb, sqh, sqt, sqd, skb, skh, skt, skd
 def window_scores(q_win, k, scale=None):
     """Kernel version of window_scores_ref: q_win (B, Hq, W, D), k (B, Hkv, Tk, D) -> (B, Hq, Tk) fp32.
     Two passes because a probability needs its row's normalizer before it can be summed."""
+    if q_win.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"window_scores: need q_win (B, Hq, W, D) and k (B, Hkv, Tk, D), got "
+                         f"{tuple(q_win.shape)} and {tuple(k.shape)}")
     B, Hq, W, D = q_win.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    if Hq % Hkv or W > Tk or q_win.shape[0] != k.shape[0]:
-        raise ValueError(f"window_scores: q_win {tuple(q_win.shape)} does not fit k {tuple(k.shape)}")
+    for what, a, b in (("batch", B, k.shape[0]), ("head dim", D, k.shape[3])):
+        if a != b:
+            raise ValueError(f"window_scores: q_win {tuple(q_win.shape)} and k {tuple(k.shape)} differ in {what} ({a} vs {b})")
+    if Hq % Hkv or W > Tk:
+        raise ValueError(f"window_scores: q_win {tuple(q_win.shape)} does not fit k {tuple(k.shape)}: need "
+                         f"query heads a multiple of KV heads and W <= Tk")
     G = Hq // Hkv
     qk_scale = (1.0 / math.sqrt(D) if scale is None else scale) * kernels.LOG2E
     lse = torch.empty(B, Hq, W, dtype=torch.float32, device=q_win.device)
@@ -262,17 +299,29 @@ def _zeros_model_layout(q):
     return torch.zeros(B, T, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _check_idx(q, k, idx, n_keep):
+def _check_idx(q, k, v, idx, n_keep):
+    """The shapes sparse_attention needs, checked before a launch (a mismatch would read out of bounds)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"sparse_attention: need q (B, Hq, T, D), k, v (B, Hkv, T, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"sparse_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+    for what, i in (("batch", 0), ("length", 2), ("head dim", 3)):
+        if q.shape[i] != k.shape[i]:
+            raise ValueError(f"sparse_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in {what} "
+                             f"({q.shape[i]} vs {k.shape[i]})")
     B, Hq = q.shape[:2]
     if Hq % k.shape[1] or idx.dim() != 3 or tuple(idx.shape[:2]) != (B, Hq) or tuple(n_keep.shape) != (B, Hq):
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, idx {tuple(idx.shape)}, n_keep "
                          f"{tuple(n_keep.shape)}: expected idx (B, Hq, N) and n_keep (B, Hq), Hq a multiple of Hkv")
+    if n_keep.numel() and int(n_keep.max()) > idx.shape[2]:  # a prefill: one sync is cheap here
+        raise ValueError(f"sparse_attention: n_keep up to {int(n_keep.max())} exceeds the {idx.shape[2]} slots of idx")
     return Hq // k.shape[1]
 
 
 def sparse_attention(q, k, v, idx, n_keep, scale=None):
     """Kernel version of sparse_attention_ref (option 1: one varlen kernel, no gathered copies)."""
-    G = _check_idx(q, k, idx, n_keep)
+    G = _check_idx(q, k, v, idx, n_keep)
     B, Hq, T, D = q.shape
     o = _zeros_model_layout(q)
     idx = idx.to(torch.int32)
@@ -293,7 +342,7 @@ def sparse_attention_gathered(q, k, v, idx, n_keep, scale=None):
     """Option 2, same result: gather the rows into dense (B, Hq, N, D) tensors (K/V repeated per
     query head), run kernels.flash_prefill, scatter back. Padding rows (past n_keep) come after every
     kept row, so causally they never touch a kept row; they are scattered into a dummy row T."""
-    _check_idx(q, k, idx, n_keep)
+    _check_idx(q, k, v, idx, n_keep)
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     N = idx.shape[2]
@@ -311,10 +360,10 @@ def sparse_attention_gathered(q, k, v, idx, n_keep, scale=None):
 # Glue: the whole sparse prefill of one layer, and the method object
 
 def token_sparse_attention(q, k, v, coverage=0.005, min_tokens=1024, window=128, keep=None,
-                           use_kernels=False, attn_kernel="varlen", scale=None):
+                           use_kernels=False, attn_kernel="varlen", scale=None, coverage_rule="authors"):
     """Causal prefill attention with per-head token selection. q (B, Hq, L, D); k, v (B, Hkv, L, D).
     Returns (o (B, Hq, L, D), n_keep (B, Hq) or None when the prompt was too short to sparsify)."""
-    sel = select_tokens(q, k, coverage, min_tokens, window, keep, use_kernels, scale)
+    sel = select_tokens(q, k, coverage, min_tokens, window, keep, use_kernels, scale, coverage_rule)
     if sel is None:
         if use_kernels:
             return kernels.flash_prefill(q, k, v, causal=True, scale=scale)[0], None
@@ -359,19 +408,21 @@ class TokenSparseAttention:
     Quest or Retro object sharing the same cache)."""
 
     def __init__(self, cache, decode_attn, coverage=0.005, min_tokens=1024, window=128, sparse_layers=None,
-                 keep=None, use_kernels=False, attn_kernel="varlen"):
+                 keep=None, use_kernels=False, attn_kernel="varlen", coverage_rule="authors"):
         if not 0.0 <= coverage < 1.0:
             raise ValueError(f"--coverage must lie in [0, 1), got {coverage}")
         if min_tokens < 0 or window < 1:
             raise ValueError(f"--min-tokens must be >= 0 and --ts-window >= 1, got {min_tokens} and {window}")
         if keep is not None and not 0.0 < keep <= 1.0:
             raise ValueError(f"--keep must lie in (0, 1], got {keep}")
+        if coverage_rule not in COVERAGE_RULES:
+            raise ValueError(f"--coverage-rule must be one of {COVERAGE_RULES}, got {coverage_rule!r}")
         if attn_kernel not in ("varlen", "gather"):
             raise ValueError(f"attn_kernel must be 'varlen' or 'gather', got {attn_kernel!r}")
         self.cache, self.decode_attn = cache, decode_attn
         self.coverage, self.min_tokens, self.window, self.keep = coverage, min_tokens, window, keep
         self.sparse_layers = set(parse_sparse_layers(sparse_layers, cache.k.shape[0]))
-        self.use_kernels, self.attn_kernel = use_kernels, attn_kernel
+        self.use_kernels, self.attn_kernel, self.coverage_rule = use_kernels, attn_kernel, coverage_rule
         self.kept_fraction = {}  # sparse layer -> fraction of tokens kept in the last prefill (mean over rows)
         self.selection_s = 0.0   # wall time spent choosing tokens (a GPU sync before and after)
 
@@ -406,7 +457,7 @@ class TokenSparseAttention:
         _sync(q.device)
         t0 = time.perf_counter()
         idx, n_keep = select_tokens(qh, kh, self.coverage, self.min_tokens, self.window, self.keep,
-                                    self.use_kernels)
+                                    self.use_kernels, coverage_rule=self.coverage_rule)
         _sync(q.device)
         self.selection_s += time.perf_counter() - t0
         self.kept_fraction[layer_idx] = float(n_keep.float().mean()) / L
