@@ -27,6 +27,7 @@ compressed sequence), the Triton kernels with the same signatures, then TokenSpa
 method object generate.py uses. Layout is heads first: q (B, Hq, T, D), k, v (B, Hkv, T, D).
 """
 
+import functools
 import math
 import time
 
@@ -131,10 +132,11 @@ def select_tokens(q, k, coverage=0.005, min_tokens=1024, window=128, keep=None, 
     return idx, n_keep.contiguous()
 
 
-def sparse_attention_ref(q, k, v, idx, n_keep, scale=None):
+def sparse_attention_ref(q, k, v, idx, n_keep, scale=None, attend=attention_ref):
     """Causal attention of each query head over its own token subset, scattered back.
     q (B, Hq, T, D); k, v (B, Hkv, T, D); idx (B, Hq, N) ascending positions; n_keep (B, Hq).
-    Returns o (B, Hq, T, D): rows not in a head's subset are 0."""
+    Returns o (B, Hq, T, D): rows not in a head's subset are 0. `attend` is the dense attention run
+    on each subset (attention_ref here; sparse_attention_torch hands in the fast one)."""
     B, Hq, T, D = q.shape
     G = Hq // k.shape[1]
     o = torch.zeros_like(q)
@@ -143,8 +145,8 @@ def sparse_attention_ref(q, k, v, idx, n_keep, scale=None):
             rows = idx[b, h, :int(n_keep[b, h])].long()
             # rows are ascending, so "compressed key index <= compressed query index" (causal on the
             # short sequence) is exactly "original key position <= original query position"
-            o_h, _ = attention_ref(q[b, h, rows][None, None], k[b, h // G, rows][None, None],
-                                   v[b, h // G, rows][None, None], causal=True, scale=scale)
+            o_h, _ = attend(q[b, h, rows][None, None], k[b, h // G, rows][None, None],
+                            v[b, h // G, rows][None, None], causal=True, scale=scale)
             o[b, h, rows] = o_h[0, 0]
     return o
 
@@ -152,16 +154,8 @@ def sparse_attention_ref(q, k, v, idx, n_keep, scale=None):
 def sparse_attention_torch(q, k, v, idx, n_keep, scale=None):
     """sparse_attention_ref on the CPU run path: each head's subset through attention.attention
     (F.scaled_dot_product_attention), without the lse the reference computes."""
-    B, Hq, T, D = q.shape
-    G = Hq // k.shape[1]
-    o = torch.zeros_like(q)
-    for b in range(B):
-        for h in range(Hq):
-            rows = idx[b, h, :int(n_keep[b, h])].long()
-            o_h, _ = attention(q[b, h, rows][None, None], k[b, h // G, rows][None, None],
-                               v[b, h // G, rows][None, None], causal=True, scale=scale, need_lse=False)
-            o[b, h, rows] = o_h[0, 0]
-    return o
+    fast = functools.partial(attention, need_lse=False)
+    return sparse_attention_ref(q, k, v, idx, n_keep, scale, attend=fast)
 
 
 # ----------------------------------------------------------------------------------------------
