@@ -16,7 +16,9 @@ Sections:
               Three copies of every input are used in turn, so no call reads the last one's bytes from L2.
   prefill     Token Sparse prefill vs SDPA causal and our flash prefill at 32K/128K
   compaction  compacting a 32K context of a Llama-3-8B-shaped layer stack, ratios 10 and 50
-  e2e         a decode loop on a Llama-3.1-8B-shaped model with random weights (bf16, 32K prompt)
+  e2e         a decode loop on a Llama-3.1-8B-shaped model with random weights (bf16; --e2e-contexts prompt
+              lengths): tok/s eager and from a CUDA graph, and where a graph step's time goes (matrix
+              products / attention / page selection / other) against its bytes-per-token bound
 Timings: triton.testing.do_bench (warm-up excluded, L2 flushed between runs), milliseconds.
 """
 
@@ -44,7 +46,7 @@ from attention import DenseAttention  # noqa: E402
 from compaction import compact_cache  # noqa: E402
 from generate import generate  # noqa: E402
 from kernels import select_pages  # noqa: E402
-from kvcache import KVCache, QuestAttention  # noqa: E402
+from kvcache import KVCache, QuestAttention, quest_pages  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from retro import RetroAttention, retro_decode, window_merge  # noqa: E402
 
@@ -256,10 +258,63 @@ def bench_compaction(ctx_len=32768, ref_queries=4096, ratios=(10, 50), n_layers=
     return rows
 
 
-def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8)):
+def matmul_weights(model):
+    """The weight of every matrix product of a decode step, as the fused model runs them (cudagraph.fuse_kernels:
+    q, k, v one product, gate and up one product)."""
+    ws = [model.lm_head.weight]
+    for layer in model.layers:
+        ws += [layer.self_attn.qkv_weight, layer.self_attn.o_proj.weight, layer.mlp.gate_up_weight,
+               layer.mlp.down_proj.weight]
+    return ws
+
+
+def step_split(model, attn, window, budget, copy_bw, stats):
+    """Where the time of a decode step replayed from a CUDA graph goes, on the cache generate() filled: the
+    whole step, the matrix products alone (batch 1), the attention object's decode over all layers (cache
+    append and page selection included) and the page selection alone, each replayed from its own graph;
+    other = step - products - attention. Beside them the step's bytes (weights + what the attention read,
+    from its stats) over the copy bandwidth, the step's lower bound. For Quest also one sparse layer's
+    step (page scores + selection + paged decode) against its own bound. -> dict (ms, us, ratios)."""
+    cache, dev = attn.cache, "cuda"
+    L, B, Hkv, _, D = cache.k.shape
+    Hq, n = model.args.n_heads, cache.length(0)
+    tok = torch.zeros(B, window, dtype=torch.long, device=dev)
+    pos = torch.arange(n + 1 - window, n + 1, device=dev)  # a step appending position n (rewritten by each replay)
+    q = torch.randn(B, window, Hq, D, device=dev, dtype=cache.k.dtype)
+    k = torch.randn(B, window, Hkv, D, device=dev, dtype=cache.k.dtype)
+    ws = matmul_weights(model)
+    xs = [torch.randn(1, 1, w.shape[1], device=dev, dtype=w.dtype) for w in ws]
+    seq_len = torch.tensor([n + 1], dtype=torch.int32, device=dev)
+    graph_ms = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=50)  # noqa: E731 (raises if not capturable)
+    n_dense = L if isinstance(attn, DenseAttention) else (attn.n_dense if isinstance(attn, QuestAttention)
+                                                          else attn.dense_layers)
+    t = dict(step_ms=graph_ms(lambda: model(tok, pos, attn, last_only=True, decode=True)),
+             linear_ms=graph_ms(lambda: [cudagraph.linear(x, w) for x, w in zip(xs, ws)]),
+             attention_ms=graph_ms(lambda: [attn.decode(i, q, k, k, pos) for i in range(L)]), selection_ms=0.0)
+    if n_dense < L:
+        t["selection_ms"] = graph_ms(lambda: [quest_pages(q[:, -1], cache, i, budget, seq_len, True)
+                                              for i in range(n_dense, L)])
+    t["other_ms"] = t["step_ms"] - t["linear_ms"] - t["attention_ms"]
+    t["attention_ms"] -= t["selection_ms"]  # (attention proper: what is left of the decode calls)
+    nbytes = sum(w.numel() * w.element_size() for w in ws)
+    nbytes += (stats["kv_bytes_read"] + stats.get("retro_aux_bytes", 0)) / stats["decode_steps"]
+    t["bound_ms"] = nbytes / copy_bw * 1e3
+    t["step_over_bound"] = t["step_ms"] / t["bound_ms"]
+    if isinstance(attn, QuestAttention) and n_dense < L:
+        S, esz, i = cache.page_size, cache.k.element_size(), L - 1
+        t["quest_step_us"] = 1e3 * graph_ms(lambda: kernels.paged_decode(
+            q[:, -1], cache.k[i], cache.v[i], quest_pages(q[:, -1], cache, i, budget, seq_len, True), seq_len, S)[0])
+        # the bounds of the pages in use and the K/V of the chosen ones, each read once
+        t["quest_bound_us"] = 2 * B * Hkv * D * esz * (-(-(n + 1) // S) + budget) / copy_bw * 1e6
+        t["quest_step_over_bound"] = t["quest_step_us"] / t["quest_bound_us"]
+    return t
+
+
+def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8), copy_bw=None):
     """tokens/s of generate.generate on a Llama-3.1-8B-shaped model with random weights: every method
     eagerly, then with the decode step replayed from a CUDA graph (--cuda-graph; the
-    decode time includes the first step's capture). A short warm-up run compiles the kernels first."""
+    decode time includes the first step's capture). A short warm-up run compiles the kernels first.
+    After each graph run, step_split says where a step's time goes (needs copy_bw, bytes/s)."""
     args = ModelArgs(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                      hidden_dim=14336, rope_theta=500000.0, max_seq_len=prompt_len + new_tokens + 64,
                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -271,7 +326,7 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-    cudagraph.fuse_kernels(model)  # RMSNorm, RoPE, SiLU-mul as one kernel each (as generate.py --cuda-graph does)
+    cudagraph.fuse_kernels(model)  # as generate.py --cuda-graph does
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     rows, tokens = [], {}  # tokens: (method, mode) -> greedy tokens
     def method(name, w):
@@ -294,6 +349,13 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8
                          prefill_s=t["prefill_s"], tok_per_s=t["decode_steps"] / t["decode_s"],
                          peak_GiB=torch.cuda.max_memory_allocated() / 2**30, mode="CUDA graph" if graph else "eager"))
         tokens[rows[-1]["method"], rows[-1]["mode"]] = out[0].tolist()
+        if graph and copy_bw:
+            try:
+                with torch.no_grad():
+                    rows[-1].update(step_split(model, attn, w, budget, copy_bw, attn.stats))
+            except Exception as e:  # the tok/s figures stand without the split
+                traceback.print_exc()
+                rows[-1]["split_error"] = f"{type(e).__name__}: {e}"
         del attn
         torch.cuda.empty_cache()
     for r in rows:  # a replay computes what the eager loop computes (split plans differ: bf16 rounding may)
@@ -336,8 +398,10 @@ def main():
                        ["ratio", "keys_per_head", "seconds", "s_per_layer", "peak_extra_mib", "kv_mib_before",
                         "kv_mib_after", "out_err", "mass_err"]),
         "e2e": ("End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 256 new tokens, batch 1)",
-                lambda: [dict(context=n, **r) for n in a.e2e_contexts for r in bench_e2e(prompt_len=n)],
-                ["context", "method", "budget", "mode", "prefill_s", "tok_per_s", "peak_GiB", "same_tokens_as_eager"]),
+                lambda: [dict(context=n, **r) for n in a.e2e_contexts for r in bench_e2e(prompt_len=n, copy_bw=bw)],
+                ["context", "method", "mode", "tok_per_s", "step_ms", "linear_ms", "attention_ms", "selection_ms",
+                 "other_ms", "bound_ms", "step_over_bound", "quest_step_us", "quest_bound_us", "quest_step_over_bound",
+                 "prefill_s", "peak_GiB", "same_tokens_as_eager"]),
     }
     for name in a.sections:
         title, run, cols = sections[name]

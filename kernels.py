@@ -557,16 +557,16 @@ def page_scores(q, kmin, kmax, num_pages):
 #
 # torch.topk + sort on a row of 8K scores costs more than reading the selected pages. Here the k-th
 # largest score is found by bisection instead: each score is mapped to an int32 key in the same order
-# (flip the magnitude bits of negative floats), and halvings of the int32 range find the largest
-# T with at least k keys >= T, that is the k-th largest key (at most 32 halvings; fewer when a T with
-# exactly k keys >= T turns up first: 18 on average for 8K random scores). Pages above T are kept, then pages equal
-# to T, lowest first, until k are kept; a running sum over the kept flags gives each kept page its
-# slot, so the output comes out in ascending page order without a sort.
+# (flip the magnitude bits of negative floats), and halvings of [smallest key, largest key but the
+# newest page's] find the largest T with at least k keys >= T, the k-th largest key (~25 halvings for
+# positive scores of one magnitude; fewer when a T with exactly k keys >= T turns up first). Pages above
+# T are kept, then pages equal to T, lowest first, until k are kept; one running sum counts both, and
+# gives each kept page its slot, so the output comes out in ascending page order without a sort.
 
 @triton.jit(do_not_specialize=["num_pages", "k", "newest"])
 def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, k, newest, page_size,
                          LEN_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr):
-    if LEN_ON_DEVICE:  # the pages of a device length (see device_length); k <= their number
+    if LEN_ON_DEVICE:  # the pages of a device length (see device_length)
         num_pages = tl.cdiv(tl.load(SEQ_LEN), page_size)
         newest = num_pages - 1
     row = tl.program_id(0).to(tl.int64)
@@ -580,12 +580,13 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
     key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7F800000, key)
     key = tl.where(p == newest, 0x7FFFFFFF, key)  # the newest page ranks above every score
     key = tl.where(ok, key, -2147483648)  # padding ranks last (and is never kept: see `ok` below)
-    lo = tl.min(tl.where(ok, key, 2147483647), 0).to(tl.int64)  # count(key >= lo) = num_pages >= k
-    hi = tl.full([], 2147483648, tl.int64)  # count(key >= hi) = 0 < k
-    count_lo = tl.sum(ok.to(tl.int32), 0)
-    # at most 32 halvings; stop early once exactly k keys are >= lo (then they are the top k)
-    while (count_lo != k) & (hi - lo > 1):
-        mid = (lo + hi) // 2
+    k = tl.minimum(k, num_pages)
+    # T lies in [lo, hi): count(key >= lo) >= k > count(key >= hi); k == 1 is the newest page alone
+    lo = tl.where(k == 1, 2147483647, tl.min(tl.where(ok, key, 2147483647), 0))
+    hi = tl.maximum(tl.max(tl.where(p == newest, -2147483648, key), 0) + 1, lo + 1)
+    count_lo = tl.where(k == 1, 1, num_pages)
+    while (count_lo != k) & (lo + 1 < hi):  # stop early once exactly k keys are >= lo: they are the top k
+        mid = (lo & hi) + ((lo ^ hi) >> 1)  # (lo + hi) // 2 without int32 overflow
         count = tl.sum((key >= mid).to(tl.int32), 0)
         enough = count >= k
         lo = tl.where(enough, mid, lo)
@@ -593,13 +594,14 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
         hi = tl.where(enough, hi, mid)
     above = ok & (key > lo)
     tie = ok & (key == lo)
-    keep = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k - tl.sum(above.to(tl.int32), 0)))
-    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    ties_kept = k - tl.sum(above.to(tl.int32), 0)  # the lowest pages among the ties
+    c = tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), 0)  # pages above and ties so far, in one scan
+    keep = above | (tie & ((c >> 16) <= ties_kept))
+    slot = (c & 0xFFFF) + tl.minimum(c >> 16, ties_kept) - 1
     tl.store(OUT + row * so_row + slot, p, mask=keep)
 
 
-SELECT_TUNING = dict(max_warps=8)  # warps for a row of 8K pages (GPU)
-SELECT_MAX_PAGES = 16384  # one program holds a whole score row in registers
+SELECT_MAX_PAGES = 16384  # one program holds a whole score row in registers (the scan packs 16-bit counts)
 
 
 def select_pages(scores, num_pages, budget_pages, newest_page):
@@ -624,7 +626,7 @@ def _select(scores, num_pages, K, newest_page, len_t, page_size):
     _select_pages_kernel[(s.shape[0],)](s, out, len_t if len_t is not None else out, s.stride(0), s.stride(1),
                                         out.stride(0), num_pages, K, newest_page, page_size,
                                         LEN_ON_DEVICE=len_t is not None, BLOCK_P=BLOCK_P,
-                                        num_warps=min(SELECT_TUNING["max_warps"], max(4, BLOCK_P // 1024)))
+                                        num_warps=8)  # (H200: 8 warps best from 2K to 16K pages)
     return out.view(*lead, K)
 
 

@@ -176,8 +176,10 @@ def select_pages_upto(scores, seq_len, page_size, budget_pages):
     num_pages = (seq_len.long() + page_size - 1) // page_size
     s = scores.float()
     s = torch.where(torch.isnan(s), float("inf"), s)  # a NaN bound counts as +inf (see select_pages)
-    s = s.masked_fill(page == num_pages - 1, float("inf")).masked_fill(page >= num_pages, float("-inf"))
-    order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, P)]
+    order = s.masked_fill(page >= num_pages, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    # then the newest page to the front, above any score, +inf too (a stable sort keeps the others' order)
+    order = order.gather(-1, (order == num_pages - 1).int().sort(dim=-1, descending=True, stable=True).indices)
+    order = order[..., :min(budget_pages, P)]
     chosen = torch.where(order < num_pages, order, P).sort(dim=-1).values  # the unused slots (P) last
     return torch.where(chosen < P, chosen, -1).to(torch.int32)
 
