@@ -165,11 +165,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.rope = RoPE()
 
+    def project(self, x):  # (cudagraph.FusedAttention makes the three one matrix product)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, input_pos, attn, decode):
         B, T, _ = x.shape
-        q = self.rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = self.rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.project(x)
+        q = self.rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = self.rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if attn is None:  # plain causal attention over these T tokens, no cache
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)

@@ -386,3 +386,16 @@ def test_decode_step_with_kernels_equals_reference(method, w):
         stats.append(attn.stats)
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
     assert stats[1] == pytest.approx(stats[0]) and stats[0]["decode_steps"] == 7
+
+
+def test_newest_page_is_kept_above_infinite_bounds():
+    """More pages bounded by +inf or NaN than the budget holds: the newest page is still read, the
+    others are the lowest of the tied pages."""
+    import kernels
+    from kvcache import select_pages_upto
+    scores = torch.full((1, 2, 10), float("inf"), device=DEVICE)
+    scores[:, 1, ::2] = float("nan")
+    seq_len = torch.tensor([39], dtype=torch.int32, device=DEVICE)  # 10 pages of 4: the newest is page 9
+    for fn in (select_pages_upto, kernels.select_pages_device):
+        assert fn(scores, seq_len, 4, 3).tolist() == [[[0, 1, 9], [0, 1, 9]]]
+    assert select_pages(scores, 10, 3, 9).tolist() == [[[0, 1, 9], [0, 1, 9]]]

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from attention import DenseAttention
 from conftest import DEVICE, tiny_args, tiny_model, write_byte_tokenizer
 from kvcache import KVCache
-from model import MLP, ModelArgs, RMSNorm, RoPE, Transformer, load_safetensors, save_safetensors
+from model import MLP, Attention, ModelArgs, RMSNorm, RoPE, Transformer, load_safetensors, save_safetensors
 from tokenizer import LLAMA3_PATTERN, Tokenizer, write_rank_file
 
 
@@ -251,12 +251,25 @@ def test_rope_and_silu_mul_kernels_match_reference(T, H, D, dtype, seed):
     torch.testing.assert_close(kernels.silu_mul(gate, up).float(), (F.silu(gate) * up).float(), **tol)
 
 
+@given(N=st.integers(1, 40), K=st.integers(1, 300), dtype=st.sampled_from(["fp32", "bf16"]), seed=st.integers(0, 2**16))
+def test_gemv_kernel_matches_linear(N, K, dtype, seed):
+    """One row times a weight that is every other row of a larger matrix (its row stride is not K)."""
+    import kernels
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(1, 1, K, generator=g).to(DEVICE, dt), torch.randn(2 * N, K, generator=g).to(DEVICE, dt)[::2]
+    got = kernels.gemv(x, w)
+    assert got.shape == (1, 1, N) and got.dtype == dt
+    tol = dict(atol=1e-4, rtol=1e-4) if dt == torch.float32 else dict(atol=5e-2, rtol=2e-2)  # bf16: one rounding
+    torch.testing.assert_close(got.float(), (x.double() @ w.double().T).float(), **tol)
+
+
 def test_model_kernels_give_the_same_greedy_tokens():
     m = tiny_model(seed=6)
     a = m.args
     prompt = torch.randint(0, a.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     outs, logits = [], []
-    from cudagraph import FusedMLP, FusedRMSNorm, FusedRoPE, fuse_kernels
+    from cudagraph import FastLinear, FusedAttention, FusedMLP, FusedRMSNorm, FusedRoPE, fuse_kernels
     from generate import generate
     names = list(m.state_dict())
     for fused in (False, True):
@@ -267,6 +280,7 @@ def test_model_kernels_give_the_same_greedy_tokens():
         logits.append(m(prompt))
     assert list(m.state_dict()) == names  # the same weights under the same names
     kinds = {type(x) for x in m.modules()}
-    assert {FusedMLP, FusedRMSNorm, FusedRoPE} <= kinds and not {RMSNorm, RoPE, MLP} & kinds
+    assert {FusedMLP, FusedRMSNorm, FusedRoPE, FusedAttention, FastLinear} <= kinds
+    assert not {RMSNorm, RoPE, MLP, Attention, torch.nn.Linear} & kinds
     assert torch.equal(outs[1], outs[0])
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
