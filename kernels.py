@@ -472,7 +472,8 @@ def gemv(x, weight):
     Each program streams BLOCK_N whole rows of the weight, BLOCK_K columns at a time."""
     N, K = weight.shape
     if x.numel() != K or x.shape[-1] != K or weight.stride(1) != 1:
-        raise ValueError(f"gemv: x {tuple(x.shape)} must be one row of {K} and weight {tuple(weight.shape)} unit-stride along K")
+        raise ValueError(f"gemv: x {tuple(x.shape)} must be one row of {K} values and weight {tuple(weight.shape)} "
+                         f"unit-stride along K")
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     block_k = 1024 if N <= 4096 else 512 if N <= 8192 else 256  # longer tiles when fewer programs (H200, 8B shapes)
     _gemv_kernel[(triton.cdiv(N, 16),)](x.contiguous(), weight, y, N, K, weight.stride(0), BLOCK_N=16, BLOCK_K=block_k,
