@@ -15,7 +15,6 @@ modules from outside, as gpt-fast's quantize.py swaps linear layers.
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import kernels
 from model import MLP, Attention, RMSNorm, RoPE
@@ -25,13 +24,12 @@ def linear(x, weight):
     """x @ weight.T. A single row (a batch-1 decode step) goes to kernels.gemv: at batch 1 a product
     reads its whole weight for one row of output, and the GEMV streams it at 91-104% of copy
     bandwidth for the 8B shapes, where cuBLAS reaches 57% (4096 x 4096) to 88% (4096 x 14336)."""
-    return kernels.gemv(x, weight) if x.numel() == x.shape[-1] and weight.stride(1) == 1 else F.linear(x, weight)
+    return kernels.gemv(x, weight) if x.numel() == x.shape[-1] and weight.stride(1) == 1 else nn.functional.linear(x, weight)
 
 
 def concat_weights(*linears):
-    """One weight for bias-free nn.Linear layers that read the same input: one product instead of
-    several (one read of x, one launch, a larger GEMV). Theirs become views of it: the same memory
-    and state_dict names."""
+    """One weight for bias-free nn.Linear layers reading the same input (one product, one launch);
+    theirs become views of it: the same memory and state_dict names."""
     w = torch.cat([m.weight.detach() for m in linears])
     for m, part in zip(linears, w.split([m.out_features for m in linears])):
         m.weight = nn.Parameter(part, requires_grad=False)
@@ -54,19 +52,13 @@ class FastLinear(nn.Linear):
 
 
 class FusedAttention(Attention):
-    def fuse(self):
-        self.qkv_weight = concat_weights(self.q_proj, self.k_proj, self.v_proj)
-        self.qkv_sizes = [m.out_features for m in (self.q_proj, self.k_proj, self.v_proj)]
-
-    def project(self, x):
-        return linear(x, self.qkv_weight).split(self.qkv_sizes, dim=-1)
+    def project(self, x):  # qkv_weight: set by fuse_kernels
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return linear(x, self.qkv_weight).split([q, kv, kv], dim=-1)
 
 
 class FusedMLP(MLP):
-    def fuse(self):
-        self.gate_up_weight = concat_weights(self.gate_proj, self.up_proj)
-
-    def forward(self, x):
+    def forward(self, x):  # gate_up_weight: set by fuse_kernels
         gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
         return self.down_proj(kernels.silu_mul(gate, up))
 
@@ -77,13 +69,15 @@ FUSED = {RMSNorm: FusedRMSNorm, RoPE: FusedRoPE, nn.Linear: FastLinear, Attentio
 def fuse_kernels(model):
     """Run model.py's RMSNorm, RoPE and SiLU-times-up as one Triton kernel each (kernels.rms_norm,
     rope, silu_mul; results equal to rounding), q/k/v and gate/up as one product each, and a single
-    row's products as a GEMV (linear). Inference only (the fused weights are no longer trained). -> model"""
-    for module in model.modules():
+    row's products as a GEMV (linear). For inference: the fused weights are not trained. -> model"""
+    for m in model.modules():
         # the same module, weights and state_dict names: only forward changes (model.py's layers have no bias)
-        if type(module) in FUSED and getattr(module, "bias", None) is None:
-            module.__class__ = FUSED[type(module)]
-            if hasattr(module, "fuse"):
-                module.fuse()
+        if type(m) in FUSED and getattr(m, "bias", None) is None:
+            m.__class__ = FUSED[type(m)]
+        if type(m) is FusedAttention:
+            m.qkv_weight = concat_weights(m.q_proj, m.k_proj, m.v_proj)
+        if type(m) is FusedMLP:
+            m.gate_up_weight = concat_weights(m.gate_proj, m.up_proj)
     return model
 
 
