@@ -24,7 +24,8 @@ def linear(x, weight):
     """x @ weight.T. A single row (a batch-1 decode step) goes to kernels.gemv: at batch 1 a product
     reads its whole weight for one row of output, and the GEMV streams it at 91-104% of copy
     bandwidth for the 8B shapes, where cuBLAS reaches 57% (4096 x 4096) to 88% (4096 x 14336)."""
-    return kernels.gemv(x, weight) if x.numel() == x.shape[-1] and weight.stride(1) == 1 else nn.functional.linear(x, weight)
+    one_row = x.numel() == x.shape[-1] and weight.stride(1) == 1
+    return kernels.gemv(x, weight) if one_row else nn.functional.linear(x, weight)
 
 
 def concat_weights(*linears):
