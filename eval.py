@@ -66,7 +66,7 @@ import subprocess
 import sys
 import time
 import zipfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -204,8 +204,6 @@ class Options:
         if o.mode == "longgen" and (o.gen_prompt < 2 or o.gen_new < 1 or o.gen_prompt + o.gen_new > max_seq_len):
             raise ValueError(f"--gen-prompt {o.gen_prompt} + --gen-new {o.gen_new} must fit the model's context of "
                              f"{max_seq_len} tokens (prompt >= 2, new >= 1)")
-        if o.mode == "ruler" and o.n_samples < 1:
-            raise ValueError(f"--n-samples {o.n_samples}: need at least 1")
         return o
 
 
@@ -504,12 +502,12 @@ LOOKUP_TOKENS = 16  # covers `\nassert TABLE["key"] == "` (about 10 tokens)
 def sweep(o, model, tokenizer, stream, runs, suite, on_row=None):
     """Loss, recall and long-generation agreement with dense for every run (method_runs' tuples).
     -> list of result rows. on_row(rows): called after each run (run_sweep saves the rows so far)."""
-    start_for, graph, t0 = starter(o, model, tokenizer), o.cuda_graph, time.time()
+    start_for, graph = starter(o, model, tokenizer), o.cuda_graph
     prompt = torch.from_numpy(stream[:o.gen_prompt].astype(np.int64)).to(o.device)[None]
     attn, s0, win = start_for("dense", [])(prompt, o.gen_new)
     dense_tokens, _ = generate(model, attn, prompt[:, s0:], o.gen_new, window=win, start_pos=s0,
                                n_vocab=tokenizer.n_words, cuda_graph=graph)
-    rows = []
+    rows, t0 = [], time.time()
     for label, method, flags in runs:
         t = time.time()
         start = start_for(method, flags)
@@ -967,6 +965,7 @@ def run_longgen(o, model, tokenizer):
          f"{o.torch_dtype}{', CUDA graph' if o.cuda_graph else ''}")
     reference = longgen.dense_reference(model, prompts, N, start_for("dense", []), tokenizer.n_words, o.cuda_graph)
     note(f"  dense reference: {time.time() - t0:.0f} s")
+    t_runs = time.time()
     result = {"model": str(o.model), "device": o.device, "dtype": str(o.torch_dtype), "date": time.strftime("%Y-%m-%d"),
               "text": source, "prompts": o.n_prompts, "prompt_tokens": P, "new_tokens": N, "windows": list(o.windows),
               "definitions": "top-1 agreement: share of dense's continuation where the run's teacher-forced greedy "
@@ -991,7 +990,7 @@ def run_longgen(o, model, tokenizer):
         row["seconds"] = time.time() - t
         result["rows"].append(row)
         save_rows()
-        progress(len(result["rows"]), len(runs), t0, f"{run} {budget}: " + (
+        progress(len(result["rows"]), len(runs), t_runs, f"{run} {budget}: " + (
             f"top-1 {row['top1']['mean']:.3f}  KL {row['kl']['mean']:.4f}  first divergence "
             f"{row['first_divergence']['mean']:.1f}" if "top1" in row else f"skipped ({row['skipped']})"))
     result.update(complete=True, seconds=time.time() - t0)

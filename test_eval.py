@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluation
-import longgen
 import ruler
 from conftest import tiny_model
 from tokenizer import Tokenizer
@@ -309,20 +308,6 @@ def test_longgen_mode_dense_agrees_with_itself_and_pairs_retro_with_quest(tiny_c
     assert dense["attn_error"]["by_steps_back"][0]["mean"] < 1e-5
     assert len(retro["attn_error"]["by_steps_back"]) == 2 and len(quest["attn_error"]["by_steps_back"]) == 1
     assert retro["attn_error"]["by_steps_back"][0]["mean"] > 1e-4  # a budget of 16 of 128 tokens is lossy
-
-
-def test_attention_errors_by_hand():
-    # one layer, prompt of 2 tokens, two decode steps of w = 2 rows (positions 1-2, then 2-3)
-    ref = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.0, 1.0]]])
-    steps = [torch.zeros(1, 2, 2),                                 # the prefill: not scored
-             torch.tensor([[[0.0, 2.0], [3.0, 4.0]]]) * 1.1,       # rows at 1 (s=1), 2 (s=0): error 0.1 each
-             torch.tensor([[[3.0, 4.0], [0.0, 0.5]]])]             # rows at 2 (s=1): 0; 3 (s=0): 0.5
-    e = longgen.attention_errors(steps, ref, prompt_len=2, window=2)
-    assert e.shape == (1, 2)
-    assert e[0, 0] == pytest.approx((0.1 + 0.5) / 2) and e[0, 1] == pytest.approx((0.1 + 0.0) / 2)
-    # a first step of one row (a prompt shorter than the window) counts at s = 0 only
-    e = longgen.attention_errors([steps[0], torch.tensor([[[0.0, 1.8]]])] + steps[1:], ref, prompt_len=1, window=2)
-    assert e[0, 0] == pytest.approx((0.1 + 0.1 + 0.5) / 3) and e[0, 1] == pytest.approx((0.1 + 0.0) / 2)
 
 
 def test_modes_exclude_each_other(tiny_checkpoint, capsys):
