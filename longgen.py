@@ -37,11 +37,11 @@ from generate import generate
 # ----------------------------------------------------------------------------------------------
 # Teacher forcing through a method's decode loop
 
-def decode_step(model, attn, window, cuda_graph=False):
+def decode_step(model, attn, window, device, cuda_graph=False):
     """-> step(tokens (1, m), pos (m,)) -> the last row's next-token logits (1, V) fp32, a tensor of
     its own. cuda_graph: a step of `window` rows replays one captured graph (a shorter one, at the
     start of a prompt shorter than the window, runs eagerly, as in generate.generate)."""
-    graph = cudagraph.GraphDecodeStep(model, attn) if cuda_graph else None
+    graph = cudagraph.GraphDecodeStep(model, attn, device) if cuda_graph else None
 
     def step(tokens, pos):
         if graph is not None and tokens.shape[1] == window:
@@ -59,7 +59,7 @@ def teacher_forced_logits(model, attn, prompt, forced, start_pos=0, window=1, cu
     logits = [model(prompt, torch.arange(start_pos, start_pos + prompt.shape[1]), attn, last_only=True)[0, -1]]
     if on_step:
         on_step()
-    step = decode_step(model, attn, window, cuda_graph)
+    step = decode_step(model, attn, window, prompt.device, cuda_graph)
     tokens = prompt
     for i in range(forced.shape[1] - 1):
         tokens = torch.cat([tokens, forced[:, i:i + 1]], dim=1)

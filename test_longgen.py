@@ -36,7 +36,7 @@ def fresh(model, method, T):
 class StaticOutputStep:
     """What a replayed CUDA graph hands back: the same output tensor at every call, overwritten."""
 
-    def __init__(self, model, attn):
+    def __init__(self, model, attn, device):
         self.model, self.attn, self.out = model, attn, None
 
     def __call__(self, tokens, pos):
