@@ -205,19 +205,14 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-
-
 class Transformer(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args)
+        self.model = nn.ModuleDict(dict(  # (Hugging Face's LlamaModel: its names, no code of its own)
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args, i) for i in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
