@@ -14,10 +14,8 @@ is weighted by its mass (the softmax denominator), so a compact part with the ri
 wrong mass takes too much or too little of the attention. The steps (paper):
   1. reference queries: "repeat-prefill": run `context + "Repeat the previous context verbatim." +
      context` and take the queries of the second copy; layer by layer, so a layer's queries come
-     from a pass in which all earlier layers already attend to their compacted context ("on-policy").
-     As in the authors' prompt, the sequence has one BOS (the second copy leaves the context's out)
-     and, for a chat model, the request is a user turn followed by the assistant's header
-     (repeat_separator);
+     from a pass in which all earlier layers already attend to their compacted context ("on-policy");
+     as in the authors' prompt, with one BOS and, for a chat model, the request as a user turn;
   2. keys: the t keys with the highest aggregate attention over the reference queries (ours: the
      RMS of their softmax weights; max, mean and greedy OMP are options);
   3. biases: w = exp(beta) >= 0 by non-negative least squares A w ~= z, with
@@ -42,6 +40,7 @@ import torch
 import kernels
 from attention import attention, merge_attention, paged_decode
 from kvcache import KVCache
+from tokenizer import CHAT_TEMPLATES
 
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."  # the authors' request (github adamzweiger/compaction)
 REPEAT_PROMPT = f"\n\n{REPEAT_INSTRUCTION}\n\n"  # the separator for a model without a chat template
@@ -73,12 +72,6 @@ def biased_attention_ref(q, k, v, bias, scale=None, chunk=4096):
     return o.view(B, Hq, T, D), lse.view(B, Hq, T)
 
 
-def pool_gqa_queries(q, n_kv_heads):
-    """q (B, Hq, M, D) -> (B, Hkv, G*M, D): a KV head is compacted once, for all G query heads that read it."""
-    B, Hq, M, D = q.shape
-    return q.reshape(B, n_kv_heads, (Hq // n_kv_heads) * M, D)
-
-
 # ----------------------------------------------------------------------------------------------
 # Non-negative least squares, batched: min_w ||A w - z||^2  s.t.  w >= 0
 
@@ -101,18 +94,16 @@ def _objective(H, c, w):
 
 def nnls_gram(H, c, iters=300, polish_rounds=30, box=None):
     """NNLS given H = A^T A (..., t, t) and c = A^T z (..., t); batched over the leading dims.
-    box: (lo, hi) with 0 <= lo < hi: bound every weight to [lo, hi] instead of [0, inf) (the authors'
-    code uses [e^-3, e^3]); then step 1 alone, projected onto the box, and no polish (step 2 knows
-    only the bound w >= 0).
-
+    box (lo, hi), 0 <= lo < hi: every weight bounded to [lo, hi] instead of [0, inf) (the authors use
+    [e^-3, e^3]); then step 1 alone, projected onto the box (step 2 knows only the bound w >= 0).
     1. Accelerated projected gradient (FISTA) on the Jacobi-scaled problem, step 1/L with L the
-       largest eigenvalue (power iteration, inflated by 10% since it approaches from below); the
-       momentum restarts whenever it points uphill (O'Donoghue & Candes' gradient test). This finds
-       (nearly) the support {w > 0}.
+       largest eigenvalue (power iteration, inflated by 10% as it approaches from below); the momentum
+       restarts when it points uphill (O'Donoghue & Candes' gradient test). This finds (nearly) the
+       support {w > 0}.
     2. Active-set polish (Lawson-Hanson) in float64 from that support: solve H_PP w_P = c_P; if some
-       w_P <= 0, step from w towards the solution only until the first weight hits 0 and drop it;
-       otherwise take it and add every weight whose gradient is negative. Each round keeps w >= 0
-       and never raises the objective; it stops when no head changes (at most polish_rounds)."""
+       w_P <= 0, step towards the solution until the first weight hits 0 and drop it; otherwise take
+       it and add every weight whose gradient is negative. A round keeps w >= 0 and never raises the
+       objective; it stops when no head changes (at most polish_rounds)."""
     H, c = H.float(), c.float()
     # Jacobi scaling w = u / sqrt(H_jj): the columns of A (keys) differ in scale by orders of
     # magnitude; with a unit diagonal one step size suits every coordinate, and u >= 0 iff w >= 0.
@@ -175,9 +166,8 @@ def _active_set_polish(H, c, w, rounds):
     for _ in range(rounds):
         # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
         Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
-        # Cholesky (Hp is symmetric, positive definite unless the support block is singular even with
-        # the jitter: such a problem keeps its w, the projected-gradient answer, instead of failing the
-        # batch; see _spd_solve for why not an LU)
+        # Cholesky (see _spd_solve for why not LU); a support block singular even with the jitter keeps
+        # its w, the projected-gradient answer, instead of failing the batch
         chol, info = torch.linalg.cholesky_ex(Hp)
         chol = torch.where((info != 0)[..., None, None], eye, chol)
         sol = torch.cholesky_solve(torch.where(P, c64, 0.0).unsqueeze(-1), chol)
@@ -313,11 +303,11 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             or q_ref.shape[1] % Hkv:
         raise ValueError(f"need k, v (B, Hkv, T, D) and q_ref (B, Hq, M, D) with Hq a multiple of Hkv; "
                          f"got k {tuple(k.shape)}, v {tuple(v.shape)}, q_ref {tuple(q_ref.shape)}")
-    if key_score not in KEY_SCORES or select not in ("top", "omp") or budget_mode not in ("uniform", "error") \
-            or mass_shift not in ("lse", "max"):
-        raise ValueError(f"key_score must be one of {KEY_SCORES}, select 'top' or 'omp', budget_mode 'uniform' or "
-                         f"'error', mass_shift 'lse' or 'max'; got {key_score!r}, {select!r}, {budget_mode!r}, "
-                         f"{mass_shift!r}")
+    for name, value, choices in (("key_score", key_score, KEY_SCORES), ("select", select, ("top", "omp")),
+                                 ("budget_mode", budget_mode, ("uniform", "error")),
+                                 ("mass_shift", mass_shift, ("lse", "max"))):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     budget = _to_budget(budget, B, Hkv, T, k.device)
     kw = dict(key_score=key_score, select=select, fit_bias=fit_bias, fit_values=fit_values, ridge=ridge,
               nnls_iters=nnls_iters, omp_keys_per_step=omp_keys_per_step, scale=scale,
@@ -326,7 +316,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
         first = compact_cache(k, v, q_ref, budget, **kw)
         budget = _budget_from_error(first.out_err, budget, T)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qr = pool_gqa_queries(q_ref, Hkv)
+    qr = q_ref.reshape(B, Hkv, -1, D)  # (B, Hkv, G*M, D): a KV head is fitted once, to its G heads' queries
     M = qr.shape[2]
     t = int(budget.max())
     chunk = max(1, chunk_elems // (B * Hkv * max(T, t)))
@@ -554,7 +544,6 @@ def repeat_separator(tokenizer):
     """The token ids between the two copies of the context, framed as in the authors' prompt: for a
     tokenizer with a chat template, the request as a user turn and then the assistant's header, with
     no BOS (the sequence has one, at its start); for one without, the plain REPEAT_PROMPT."""
-    from tokenizer import CHAT_TEMPLATES
     if tokenizer.chat_format in CHAT_TEMPLATES:
         turn = CHAT_TEMPLATES[tokenizer.chat_format].format(prompt=REPEAT_INSTRUCTION)
         return [i for i in tokenizer.encode(turn, allow_special=True) if i != tokenizer.bos_id]
@@ -587,8 +576,7 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
                          f"positions, more than the model's {model.args.max_seq_len} (shorten the prompt)")
     budget = max(1, round(L / ratio))
     compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, on_layer,
-                                    skip_first=skip,
-                                    **compact_kwargs)
+                                    skip_first=skip, **compact_kwargs)
     sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
