@@ -232,12 +232,11 @@ def _reference_pass(k, v, qr, scale, key_score, chunk):
     return row_max, lse, y, importance
 
 
-def _select_top(importance, budget, t):
-    """Top-t keys per head by importance, the first budget[b, h] of them kept, in position order."""
-    T = importance.shape[-1]
-    idx = importance.topk(t, dim=-1).indices
-    valid = torch.arange(t, device=idx.device) < budget.unsqueeze(-1)
-    idx = torch.where(valid, idx, T).sort(-1).values  # position order; unused slots sort last
+def _first_in_position_order(ranked, budget, T):
+    """ranked (B, Hkv, t): key indices, best first -> (idx, valid) (B, Hkv, t): the first budget[b, h]
+    of them in position order, then the unused slots (index 0, valid False)."""
+    valid = torch.arange(ranked.shape[-1], device=ranked.device) < budget.unsqueeze(-1)
+    idx = torch.where(valid, ranked, T).sort(-1).values  # unused slots sort last
     return torch.where(idx < T, idx, 0), valid
 
 
@@ -261,9 +260,7 @@ def _select_omp(k, qr, shift, z, budget, t, scale, keys_per_step):
         As = A.gather(-1, order.unsqueeze(2).expand(B, Hkv, A.shape[2], order.shape[-1]))
         w = nnls(As, z, iters=100, polish_rounds=1)
         w_all = torch.zeros_like(w_all).scatter(-1, order, w)
-    valid = torch.arange(t, device=k.device) < budget.unsqueeze(-1)  # the first picks of each head
-    idx = torch.where(valid, order, T).sort(-1).values
-    return torch.where(idx < T, idx, 0), valid
+    return _first_in_position_order(order, budget, T)
 
 
 def _to_budget(budget, B, Hkv, T, device):
@@ -280,29 +277,21 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
                   mass_shift="lse", scale=None, chunk_elems=2**27, w_floor=1e-8, w_box=None):
     """Compact one layer: k, v (B, Hkv, T, D) (keys after RoPE); q_ref (B, Hq, M, D) reference queries
     (after RoPE, at positions after the context); budget: keys kept per KV head, an int or (B, Hkv).
-
     key_score: "rms" (default, ours), "max" or "mean" of the softmax weights a key receives over the
       reference queries; rms rewards keys that many queries use and keys that few use strongly.
     select: "top" (highest aggregate attention) or "omp" (greedy on the mass residual; memory M*T).
     fit_bias=False keeps beta = 0, fit_values=False keeps Cv = V[idx] (with both: plain top-t eviction).
-    ridge: values are fitted by ridge regression towards the original values of the kept keys (ours):
-      Cv = V_S + (P^T P + lam I)^-1 P^T (Y - P V_S), lam = ridge * mean(diag(P^T P)); ill-determined
-      directions stay at the original values instead of blowing up.
-    budget_mode: "uniform" or "error": compact once with the given budget, measure each head's output
-      error, then give each head 1/4 of the average budget plus a share of the rest proportional to
-      its error (the total is unchanged) and compact again.
-    w_box: None (exact NNLS, w >= 0; a zero weight becomes beta = log(w_floor)) or (lo, hi): every
-      kept key's weight w = exp(beta) bounded to [lo, hi]; AUTHORS_W_BOX = (e^-3, e^3) is the
-      authors' setting (github adamzweiger/compaction), under which no kept key is left with ~0 mass.
-    chunk_elems: reference queries are streamed in chunks so that one chunk's score matrix has at
-      most this many fp32 entries (2^27 = 512 MiB)."""
+    ridge (ours): Cv = V_S + (P^T P + lam I)^-1 P^T (Y - P V_S), lam = ridge * mean(diag(P^T P)), so
+      ill-determined directions stay at the kept keys' original values instead of blowing up.
+    budget_mode "error": compact once, then give each head 1/4 of the average budget plus a share of
+      the rest proportional to its output error (same total) and compact again.
+    w_box: None (exact NNLS, w >= 0; w = 0 becomes beta = log(w_floor)) or (lo, hi) bounds on every kept
+      key's w = exp(beta); AUTHORS_W_BOX = (e^-3, e^3), the authors' setting: no kept key gets ~0 mass.
+    chunk_elems: fp32 scores held at once (2^27 = 512 MiB) as the reference queries are streamed."""
+    kernels._check(q_ref, k, v, 4)
     B, Hkv, T, D = k.shape
     if w_box is not None and not 0 <= w_box[0] < w_box[1]:
         raise ValueError(f"w_box must be (lo, hi) with 0 <= lo < hi, got {w_box!r}")
-    if v.shape != k.shape or q_ref.dim() != 4 or q_ref.shape[0] != B or q_ref.shape[-1] != D \
-            or q_ref.shape[1] % Hkv:
-        raise ValueError(f"need k, v (B, Hkv, T, D) and q_ref (B, Hq, M, D) with Hq a multiple of Hkv; "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}, q_ref {tuple(q_ref.shape)}")
     for name, value, choices in (("key_score", key_score, KEY_SCORES), ("select", select, ("top", "omp")),
                                  ("budget_mode", budget_mode, ("uniform", "error")),
                                  ("mass_shift", mass_shift, ("lse", "max"))):
@@ -334,7 +323,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
         step = omp_keys_per_step or max(1, t // 16)
         idx, valid = _select_omp(k, qr, shift, z, budget, t, scale, step)
     else:
-        idx, valid = _select_top(importance, budget, t)
+        idx, valid = _first_in_position_order(importance.topk(t, dim=-1).indices, budget, T)
     gidx = idx.unsqueeze(-1).expand(B, Hkv, t, D)
     ck = k.gather(2, gidx) * valid.unsqueeze(-1)
     v_sel = v.gather(2, gidx).float() * valid.unsqueeze(-1)
@@ -397,11 +386,9 @@ def _budget_from_error(err, budget, T):
 # Decoding over a compacted cache
 
 class CompactedAttention:
-    """The attention object after compaction: per layer, cache rows [0, t) hold (Ck, Cv) with bias
-    beta, rows t, t+1, ... hold the tokens appended after the compacted context (bias 0). A token at
-    position p >= ctx_len (the original context length) is stored in row t + p - ctx_len.
-
-    layers: one CompactKV per layer (from compact_cache / CompactingAttention)."""
+    """The attention object after compaction. layers: one CompactKV per layer. Per layer, cache rows
+    [0, t) hold (Ck, Cv) with bias beta, rows t, t+1, ... the tokens appended after the compacted
+    context (bias 0): a token at position p >= ctx_len (the context's length) is stored in row t + p - ctx_len."""
 
     def __init__(self, layers, ctx_len, max_new_tokens, page_size=16, use_kernels=False):
         B, Hkv, _, D = layers[0].ck.shape
@@ -428,13 +415,12 @@ class CompactedAttention:
     def record_prefill(self, layer_idx, input_pos, o, lse):
         pass
 
-    def _rows(self, input_pos):
-        """The cache rows of positions input_pos >= ctx_len."""
+    def _rows(self, input_pos):  # the cache rows of positions >= ctx_len
         return input_pos - self.ctx_len + self.t
 
     def decode(self, layer_idx, q, k, v, input_pos):
         """q (B, 1, Hq, D) at the device position input_pos (1,) >= ctx_len; k, v (B, 1, Hkv, D) -> (B, 1, Hq, D):
-        every row, the compact ones with their bias, in one paged decode over all pages."""
+        one paged decode over every row, the compact ones with their bias."""
         seq_len = self.cache.append(layer_idx, k, v, self._rows(input_pos), self.use_kernels)  # rows [0, seq_len)
         decode = kernels.paged_decode if self.use_kernels else paged_decode  # (attention.paged_decode: CPU run path)
         o, _ = decode(q[:, 0], self.cache.k[layer_idx], self.cache.v[layer_idx], self.every_page, seq_len,
@@ -467,19 +453,15 @@ class CompactedAttention:
 
 
 class CompactingAttention:
-    """The attention object for the one repeat-prefill forward of
-    `context (ctx_len tokens) + separator (sep_len) + context again`. At each layer it
-      1. lets the first copy attend causally to itself (the context's true K/V for the next layer),
-      2. compacts the first copy's K/V with the second copy's queries as reference queries,
-      3. lets the separator and the second copy attend to the compacted context (bias beta) and,
-         causally, to themselves: their hidden states at the next layer are those of a model that
-         reads a compacted cache, so the next layer's reference queries are on-policy.
-    Afterwards `decoder(max_new_tokens)` gives the CompactedAttention to decode with.
-
-    budget: keys per KV head (int, or a function of the layer index); ref_queries: use at most this
-    many second-copy positions (evenly spaced) as reference queries; skip_first: the second copy
-    leaves out the context's first skip_first tokens (its BOS); compact_kwargs: compact_cache's.
-    on_layer(layer_idx): called after each layer is compacted (progress)."""
+    """The attention object for the one repeat-prefill forward of `context (ctx_len tokens) +
+    separator (sep_len) + context again`. At each layer the first copy attends causally to itself (the
+    context's true K/V for the next layer); its K/V are compacted with the second copy's queries as
+    reference queries; the separator and second copy attend to the compacted context (bias beta) and,
+    causally, to themselves, so the next layer's reference queries are those of a model reading a
+    compacted cache (on-policy). decoder(max_new_tokens) then gives the CompactedAttention.
+    budget: keys per KV head (int, or a function of the layer index); ref_queries: at most this many
+    second-copy positions (evenly spaced); skip_first: the second copy leaves out the context's first
+    skip_first tokens (its BOS); on_layer(layer_idx): called as each layer is compacted (progress)."""
 
     def __init__(self, ctx_len, sep_len, budget, ref_queries=None, use_kernels=False, page_size=16,
                  on_layer=None, skip_first=0, **compact_kwargs):
@@ -555,14 +537,11 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
                    ref_queries=None, use_kernels=False, page_size=16, bos_id=None, on_layer=None,
                    **compact_kwargs):
     """Compact a prompt's KV cache by a factor `ratio` (>= 1) with the repeat-prefill pass.
-
-    prompt (B, N) long; the first N - keep_last tokens form the context that is compacted (keep at
-    least the last token out: its logits start generation). separator_ids: repeat_separator(tokenizer).
-    bos_id: the tokenizer's BOS id (None if it has none); a context that starts with it is repeated
-    without it, so the pass has one BOS, as in the authors' prompt.
-    Then: generate(model, res.attn, prompt[:, res.start_pos:], ..., start_pos=res.start_pos).
-    max_new_tokens: room for the suffix and the generated tokens after the compact part.
-    on_layer(layer_idx): called as each layer is compacted (progress)."""
+    prompt (B, N) long: the first N - keep_last tokens are compacted (the last stays out: its logits
+    start generation). separator_ids: repeat_separator(tokenizer). bos_id: the tokenizer's BOS id or
+    None; a context starting with it is repeated without it (one BOS, as in the authors' prompt).
+    max_new_tokens: room after the compact part. Then: generate(model, res.attn,
+    prompt[:, res.start_pos:], ..., start_pos=res.start_pos)."""
     B, N = prompt.shape
     L = N - keep_last
     if ratio < 1 or keep_last < 1 or L < 1:

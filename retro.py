@@ -119,12 +119,11 @@ def retro_decode_torch(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page
 # ----------------------------------------------------------------------------------------------
 # Triton kernel: every row of the window from one pass over S_t
 #
-# One program per (split of the page list, batch * KV head). The tile's rows are the G query heads of
-# the KV head times the W window rows (row r = g * W + i), so each K/V tile is loaded once for all
-# G * W queries; each (row, key) pair is masked by the row's own rule (page new to it, key not after
-# it). The page list is walked as in kernels.paged_decode (kernels.paged_keys), the keys attended by
-# kernels.attend_tile, the splits merged by kernels.merge_partials (flash-decoding). With
-# update_last_loaded each program then sets A = t for its own pages, once it has read their A.
+# One program per (split of the page list, batch * KV head); its tile's rows are the KV head's G query
+# heads times the W window rows (row r = g * W + i), so each K/V tile is loaded once for all G * W
+# queries, each (row, key) masked by the row's own rule. Pages are walked as in kernels.paged_decode
+# (paged_keys, attend_tile; splits merged by merge_partials). With update_last_loaded each program
+# then sets A = t for its own pages, once it has read their A.
 
 @triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
 def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
@@ -211,7 +210,7 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=q.device)
     BLOCK_M = kernels.tile_size(G * W)
     stages = RETRO_TUNING["num_stages"] if q.device.type == "cuda" else 1
-    block_n, stages = kernels.kv_tiles(RETRO_BLOCK_N, stages, D, q.element_size())  # wide fp32 heads: less
+    block_n, stages = kernels.kv_tiles(RETRO_BLOCK_N, stages, D, q.element_size())
     _retro_decode_kernel[(num_splits, B * Hkv)](
         q, k_cache, v_cache, page_idx, last_loaded, o_part, lse_part, len_t if len_t is not None else lse_part,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *last_loaded.stride(),
@@ -418,10 +417,9 @@ class RetroAttention:
     @property
     def stats(self):
         """Counters for generate.py. kv_bytes_read and pages_read count what Quest counts (K/V of the
-        pages read, page bounds), so the two compare; retro_aux_bytes is what Retro adds: the past
-        rows' K/V overwrites, the output cache (read and written, fp32), A (read and written).
-        exposure: distinct KV tokens the final output of a decoded token covered / budget, averaged
-        over sparse layers, KV heads and tokens that left the window."""
+        pages read, page bounds); retro_aux_bytes is what Retro adds: the past rows' K/V overwrites,
+        the output cache and A (each read and written). exposure: distinct KV tokens the final output
+        of a decoded token covered / budget, averaged over sparse layers, KV heads and tokens."""
         cache, w = self.cache, self.window
         L, B, Hkv = cache.k.shape[:3]
         n, steps = cache.decoded_lengths()

@@ -60,9 +60,8 @@ def window_scores_ref(q_win, k, scale=None):
 def pool_scores(scores):
     """Average-pool (B, Hq, C) scores along the tokens (kernel 7, stride 1, zero padding): a token
     next to an important one counts as somewhat important too."""
-    B, H, C = scores.shape
-    pooled = F.avg_pool1d(scores.reshape(B * H, 1, C), POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
-    return pooled.view(B, H, C)
+    pooled = F.avg_pool1d(scores.flatten(0, 1)[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
+    return pooled.view(scores.shape)
 
 
 COVERAGE_RULES = ("authors", "per_head")
@@ -216,13 +215,13 @@ def window_scores(q_win, k, scale=None):
     qk_scale = (1.0 / math.sqrt(D) if scale is None else scale) * kernels.LOG2E
     lse = torch.empty(B, Hq, W, dtype=torch.float32, device=q_win.device)
     out = torch.empty(B, Hq, Tk, dtype=torch.float32, device=q_win.device)
-    gpu = q_win.device.type == "cuda"
-    BM, BN, warps = (64, 64, 4) if gpu else (32, 32, 4)
-    common = dict(PRECISION=kernels.dot_precision(q_win.dtype), BLOCK_D=kernels.tile_size(D), D=D, num_warps=warps)
-    _window_lse_kernel[(triton.cdiv(W, BM), B * Hq)](q_win, k, lse, *q_win.stride(), *k.stride(),
-                                                     Hq, G, W, Tk, qk_scale, BLOCK_M=BM, BLOCK_N=BN, **common)
-    _window_scores_kernel[(triton.cdiv(Tk, BN), B * Hkv)](q_win, k, lse, out, *q_win.stride(), *k.stride(),
-                                                          Hkv, G, W, Tk, qk_scale, BLOCK_M=BM, BLOCK_N=BN, **common)
+    BLOCK = 64 if q_win.device.type == "cuda" else 32  # queries and keys per tile
+    common = dict(PRECISION=kernels.dot_precision(q_win.dtype), BLOCK_M=BLOCK, BLOCK_N=BLOCK,
+                  BLOCK_D=kernels.tile_size(D), D=D, num_warps=4)
+    _window_lse_kernel[(triton.cdiv(W, BLOCK), B * Hq)](q_win, k, lse, *q_win.stride(), *k.stride(),
+                                                        Hq, G, W, Tk, qk_scale, **common)
+    _window_scores_kernel[(triton.cdiv(Tk, BLOCK), B * Hkv)](q_win, k, lse, out, *q_win.stride(), *k.stride(),
+                                                             Hkv, G, W, Tk, qk_scale, **common)
     return out
 
 
