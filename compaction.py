@@ -312,9 +312,8 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
 
     # 1. full attention of the reference queries: the targets, and each key's importance
     row_max, lse, y, importance = _reference_pass(k, v, qr, scale, key_score, chunk)
-    # The NNLS residual of query m is measured in units of exp(shift_m). Ours: shift = lse, so that
-    # A[m, j] is key j's full-attention weight, z_m = 1 and every query's *relative* mass error
-    # counts the same; "max" (the row max) weights queries by their mass (flat ones dominate).
+    # the NNLS residual of query m in units of exp(shift_m): lse (ours) counts every query's relative
+    # mass error the same (z_m = 1); "max" (the row max) weights queries by their mass
     shift = lse if mass_shift == "lse" else row_max
     z = torch.exp(lse - shift)
 
@@ -331,6 +330,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
     pad = torch.zeros(B, Hkv, 1, t, device=k.device).masked_fill(~valid.unsqueeze(2), float("-inf"))
 
     # 3. biases: NNLS on the mass, w = exp(beta)
+    beta = torch.zeros(B, Hkv, t, device=k.device)
     if fit_bias:
         H = torch.zeros(B, Hkv, t, t, device=k.device)
         c = torch.zeros(B, Hkv, t, device=k.device)
@@ -340,11 +340,10 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             c += (A.transpose(-1, -2) @ z[:, :, s:s + chunk, None]).squeeze(-1)
         w = nnls_gram(H, c, iters=nnls_iters, box=w_box)
         beta = torch.log(w.clamp_min(w_floor))  # (a box keeps w >= its lower end > w_floor)
-    else:
-        beta = torch.zeros(B, Hkv, t, device=k.device)
     beta = beta.masked_fill(~valid, float("-inf"))
 
     # 4. values: ridge least squares on the outputs, P = softmax(q Ck^T * scale + beta)
+    cv = v_sel
     if fit_values:
         PtP = torch.zeros(B, Hkv, t, t, device=k.device)
         PtY = torch.zeros(B, Hkv, t, D, device=k.device)
@@ -353,11 +352,8 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             PtP += P.transpose(-1, -2) @ P
             PtY += P.transpose(-1, -2) @ y[:, :, s:s + chunk]
         lam = ridge * PtP.diagonal(dim1=-2, dim2=-1).sum(-1) / budget + 1e-12
-        eye = torch.eye(t, device=k.device)
-        delta = _spd_solve(PtP + lam[..., None, None] * eye, PtY - PtP @ v_sel)
+        delta = _spd_solve(PtP + lam[..., None, None] * torch.eye(t, device=k.device), PtY - PtP @ v_sel)
         cv = v_sel + delta * valid.unsqueeze(-1)
-    else:
-        cv = v_sel
     cv = cv.to(v.dtype)
 
     # 5. how well it matches, on the reference queries (with the values as they will be stored)

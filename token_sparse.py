@@ -89,6 +89,7 @@ def coverage_budget(scores, coverage, min_tokens, rule="authors"):
     mass = normalized(scores.mean(dim=1)) if rule == "authors" else normalized(scores).mean(dim=1)  # (B, C)
     cum = mass.sort(dim=-1).values.cumsum(dim=-1)
     below = (cum < coverage).sum(dim=-1)  # cum is non-decreasing: a prefix of the sorted tokens
+    # dropped: none if n = 0 or the row is all zero, else n + 1 (authors) or n (per_head)
     dropped = torch.where(below > 0, below + (rule == "authors"), 0) * (mass.sum(-1) > 0)
     return (C - dropped).clamp(min=min(min_tokens, C)).tolist()
 
