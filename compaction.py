@@ -408,9 +408,6 @@ class CompactedAttention:
 
     prefill_rows = 0
 
-    def record_prefill(self, layer_idx, input_pos, o, lse):
-        pass
-
     def _rows(self, input_pos):  # the cache rows of positions >= ctx_len
         return input_pos - self.ctx_len + self.t
 
