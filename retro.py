@@ -24,9 +24,7 @@ extra queries cost little (paper: < 1 ms per token over Quest at w = 2).
 
 generate.py (--method retro): after the prefill, with n tokens so far (the newest not yet fed), feed
 the last m = min(w, n) at input_pos = arange(n - m, n) and sample from the last row; the object reads
-from input_pos which rows to overwrite. Layout: the output cache; the reference (per window row, a
-Quest paged decode over its new pages); the Triton kernel serving all w rows from one pass over S_t;
-RetroAttention, the attention object.
+from input_pos which rows to overwrite.
 """
 
 import math
