@@ -97,9 +97,10 @@ def shard(model, rank, world):
 
 
 def from_pretrained(path, rank, world, dtype=torch.float32, device="cpu", max_seq_len=None):
-    """Transformer.from_pretrained for one rank: each tensor is a view of the memory-mapped
-    safetensors, narrowed to the rank's slice before it is copied to the device, so the rank reads
-    the pages of its own rows (o_proj, down_proj: its columns of every row) and never the whole file."""
+    """Transformer.from_pretrained for one rank. Each tensor is a view of the memory-mapped
+    safetensors, narrowed to the rank's slice before it is copied to the device: the rank copies
+    its slice only and reads only the file pages it lies on (q/k/v/gate/up: a block of rows;
+    o_proj/down_proj: a stretch of every row, so most of their pages when rows span few pages)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
