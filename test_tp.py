@@ -5,6 +5,9 @@ every method and the cross-head rules, and save what they saw; the test compares
 work done here by one process on the full model. A rank that fails or hangs fails the test.
 """
 
+import contextlib
+import io
+import os
 import time
 import traceback
 from datetime import timedelta
@@ -23,12 +26,14 @@ OPTS = SimpleNamespace(budget=8, page_size=4, dense_layers=1, window=2, page_cho
                        coverage=0.2, min_tokens=4, ts_window=4, sparse_layers="all", keep=None,
                        coverage_rule="authors")
 RUNS = ["dense", "quest", "retro", "token_sparse", "compact"]
+CLI = ["--prompt", "two ranks, one text", "--max-new-tokens", "8", "--device", "cpu", "--temperature", "0",
+       "--method", "retro", "--budget", "8", "--page-size", "4", "--dense-layers", "1"]
 
 
 def tiny_model():
     """4 query heads, 2 KV heads, MLP width 96: 2 query heads, 1 KV head and 48 units per rank. The
     weights are larger than a trained model's init, so attention is peaked and the methods differ."""
-    args = ModelArgs(vocab_size=96, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=96,
+    args = ModelArgs(vocab_size=300, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=96,
                      max_seq_len=128, rope_theta=10000.0)
     model = Transformer(args)
     model.init_weights(seed=3)
@@ -84,6 +89,15 @@ def cross_head_rules(rank, world):
     return ts, c.budget.tolist()
 
 
+def cli_text(ckpt):
+    """What `generate.py --checkpoint ckpt CLI...` prints on stdout (the generated text)."""
+    import generate
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        generate.main(["--checkpoint", str(ckpt), *CLI])
+    return out.getvalue()
+
+
 def _rank(rank, world, ckpt, out_dir):
     import torch.distributed as dist
     try:
@@ -92,8 +106,10 @@ def _rank(rank, world, ckpt, out_dir):
                                 timeout=timedelta(seconds=60))
         tp.init("cpu")
         model = tp.from_pretrained(ckpt, rank, world)
+        os.environ["WORLD_SIZE"] = str(world)  # what torchrun sets: generate.py splits the heads (its group exists)
         torch.save({"decoded": decode_all(model), "rules": cross_head_rules(rank, world),
-                    "heads": (model.args.n_heads, model.args.n_kv_heads)}, out_dir / f"rank{rank}.pt")
+                    "heads": (model.args.n_heads, model.args.n_kv_heads), "cli": cli_text(ckpt)},
+                   out_dir / f"rank{rank}.pt")
     except BaseException:
         (out_dir / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -118,8 +134,10 @@ def run_ranks(ckpt, out_dir, timeout_s=120):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
+    from conftest import write_byte_tokenizer  # (here: the spawned ranks need not import pytest's helpers)
     path = tmp_path_factory.mktemp("tp_ckpt")
     tiny_model().save_pretrained(path)
+    write_byte_tokenizer(path)
     return path
 
 
@@ -136,6 +154,11 @@ def test_two_ranks_decode_every_method_like_one(checkpoint, ranks):
         for m in RUNS + ["kept"]:
             assert got["decoded"][m] == one[m], f"rank {r}, {m}"
     assert min(one["kept"].values()) < 1  # Token Sparse dropped tokens, by the rule over all heads
+
+
+def test_generate_cli_under_two_ranks_prints_what_one_prints(checkpoint, ranks):
+    one = cli_text(checkpoint)
+    assert len(one) > 0 and ranks[0]["cli"] == one
 
 
 def test_cross_head_rules_see_every_rank(ranks):

@@ -64,43 +64,51 @@ def part(name, shape, rank, world):
     return dim, rank * n, n
 
 
+def full_shape(name, shape, world):
+    """The full shape of tensor `name`, of which `shape` is one rank's part."""
+    dim = SPLIT_DIM.get(name.split(".")[-2])
+    return tuple(n * world if i == dim else n for i, n in enumerate(shape))
+
+
+def rank_args(args, world, source="config.json"):
+    """The ModelArgs of one rank's share: what its modules, KV cache and method state are built from."""
+    check_divisible(args, world, source)
+    return replace(args, n_heads=args.n_heads // world, n_kv_heads=args.n_kv_heads // world,
+                   hidden_dim=args.hidden_dim // world)
+
+
 def _all_reduce(module, inputs, output):
     dist.all_reduce(output)  # in place: the sum over ranks of their partial products
 
 
-def _to_rank_shapes(model, rank, world):
-    """Head counts, feature sizes and args of one rank, and the all-reduce after each row-parallel projection."""
-    a = model.args
-    model.args = replace(a, n_heads=a.n_heads // world, n_kv_heads=a.n_kv_heads // world,
-                         hidden_dim=a.hidden_dim // world)
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.n_heads, attn.n_kv_heads = attn.n_heads // world, attn.n_kv_heads // world
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            lin.out_features, lin.in_features = lin.weight.shape
-        if world > 1:  # hooks on the Linear modules themselves survive cudagraph.fuse_kernels' MLP swap
-            attn.o_proj.register_forward_hook(_all_reduce)
-            mlp.down_proj.register_forward_hook(_all_reduce)
+def _add_all_reduces(model, rank, world):
+    if world > 1:  # hooks on the Linear modules themselves survive cudagraph.fuse_kernels' MLP swap
+        for layer in model.layers:
+            layer.self_attn.o_proj.register_forward_hook(_all_reduce)
+            layer.mlp.down_proj.register_forward_hook(_all_reduce)
     model.tp = (rank, world)
     return model
 
 
 def shard(model, rank, world):
-    """Cut a loaded full model down to rank's share, in place (a model built in memory, as bench.py's)."""
-    check_divisible(model.args, world, source="model.args")
+    """Cut a full model in memory down to rank's share, in place (bench.py's random model)."""
+    model.args = rank_args(model.args, world, source="model.args")
     for name, p in list(model.named_parameters()):
         s = part(name, p.shape, rank, world)
         if s is not None:
             module = model.get_submodule(name.rsplit(".", 1)[0])
             module.weight = nn.Parameter(p.detach().narrow(*s).clone(), requires_grad=False)  # the rest is freed
-    return _to_rank_shapes(model, rank, world)
+            module.out_features, module.in_features = module.weight.shape
+    for layer in model.layers:
+        layer.self_attn.n_heads, layer.self_attn.n_kv_heads = model.args.n_heads, model.args.n_kv_heads
+    return _add_all_reduces(model, rank, world)
 
 
 def from_pretrained(path, rank, world, dtype=torch.float32, device="cpu", max_seq_len=None):
-    """Transformer.from_pretrained for one rank. Each tensor is a view of the memory-mapped
-    safetensors, narrowed to the rank's slice before it is copied to the device: the rank copies
-    its slice only and reads only the file pages it lies on (q/k/v/gate/up: a block of rows;
-    o_proj/down_proj: a stretch of every row, so most of their pages when rows span few pages)."""
+    """Transformer.from_pretrained for one rank: the model is built at the rank's shapes, and each
+    tensor, a view of the memory-mapped safetensors, is narrowed to the rank's slice before it is
+    copied to the device. The rank copies its slice only and reads only the file pages it lies on
+    (q/k/v/gate/up: a block of rows; o_proj/down_proj: a stretch of every row)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -109,28 +117,31 @@ def from_pretrained(path, rank, world, dtype=torch.float32, device="cpu", max_se
         args = ModelArgs.from_hf_config(json.loads(cfg_file.read_text()), source=str(cfg_file))
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
-    check_divisible(args, world, source=str(cfg_file))
     if max_seq_len is not None:
         args.max_seq_len = max_seq_len
-    with torch.device("meta"):  # full shapes, no memory: the checkpoint's shapes are checked against them
-        model = Transformer(args)
+    a = rank_args(args, world, source=str(cfg_file))
+    # a large model is built on the meta device (no memory, no init), a small one on the CPU (as model.py)
+    n_params = 2 * a.vocab_size * a.dim + a.n_layers * (2 * a.dim * a.head_dim * (a.n_heads + a.n_kv_heads)
+                                                        + 3 * a.dim * a.hidden_dim)
+    with torch.device("meta" if n_params > 50_000_000 else "cpu"):
+        model = Transformer(a)
     state = load_safetensors_dir(path)  # views of the mapping: nothing read yet
+    params = {}
     for name, p in model.state_dict().items():
-        if args.tie_embeddings and name == "lm_head.weight":
+        if a.tie_embeddings and name == "lm_head.weight":
             continue
         if name not in state:
             raise KeyError(f"{path}: tensor {name!r} is missing from the checkpoint")
-        t = state[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)} "
-                             f"from config.json")
+        t, want = state[name], full_shape(name, p.shape, world)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {want} from config.json")
         s = part(name, t.shape, rank, world)
-        t = t.narrow(*s) if s is not None else t
-        module = model.get_submodule(name.rsplit(".", 1)[0])
-        module.weight = nn.Parameter(t.to(device=device, dtype=dtype, copy=True), requires_grad=False)
-    if args.tie_embeddings:
+        t = t if s is None else t.narrow(*s)
+        params[name] = nn.Parameter(t.to(device=device, dtype=dtype, copy=True), requires_grad=False)
+    model.load_state_dict(params, strict=False, assign=True)
+    if a.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return _to_rank_shapes(model, rank, world).eval()
+    return _add_all_reduces(model, rank, world).eval()
 
 
 # ----------------------------------------------------------------------------------------------
