@@ -44,7 +44,7 @@ def tiny_model():
     return model.eval()
 
 
-def decode_all(model):
+def decode_all(model, runs=RUNS):
     """Greedy tokens of every method, and Token Sparse's kept fraction per layer (its coverage rule)."""
     from compaction import compact_prompt
     from generate import generate, make_attention
@@ -52,7 +52,7 @@ def decode_all(model):
     a = model.args
     prompt = torch.randint(0, a.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     out = {}
-    for run in RUNS:
+    for run in runs:
         start = 0
         if run == "compact":
             res = compact_prompt(model, prompt, 4, separator_ids=[1, 2, 3], max_new_tokens=NEW_TOKENS)
@@ -107,7 +107,9 @@ def _rank(rank, world, ckpt, out_dir):
         tp.init("cpu")
         model = tp.from_pretrained(ckpt, rank, world)
         os.environ["WORLD_SIZE"] = str(world)  # what torchrun sets: generate.py splits the heads (its group exists)
-        torch.save({"decoded": decode_all(model), "rules": cross_head_rules(rank, world),
+        sharded = tp.shard(Transformer.from_pretrained(ckpt), rank, world)  # cut in memory, as bench.py does
+        torch.save({"decoded": decode_all(model), "sharded": decode_all(sharded, ["retro"]),
+                    "rules": cross_head_rules(rank, world),
                     "heads": (model.args.n_heads, model.args.n_kv_heads), "cli": cli_text(ckpt)},
                    out_dir / f"rank{rank}.pt")
     except BaseException:
@@ -153,6 +155,7 @@ def test_two_ranks_decode_every_method_like_one(checkpoint, ranks):
         assert got["heads"] == (2, 1)
         for m in RUNS + ["kept"]:
             assert got["decoded"][m] == one[m], f"rank {r}, {m}"
+        assert got["sharded"]["retro"] == one["retro"], f"rank {r}, tp.shard"
     assert min(one["kept"].values()) < 1  # Token Sparse dropped tokens, by the rule over all heads
 
 
