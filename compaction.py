@@ -263,15 +263,6 @@ def _select_omp(k, qr, shift, z, budget, t, scale, keys_per_step):
     return _first_in_position_order(order, budget, T)
 
 
-def _to_budget(budget, B, Hkv, T, device):
-    b = torch.as_tensor(budget, dtype=torch.long, device=device)
-    b = b.expand(B, Hkv) if b.dim() < 2 else b
-    if b.shape != (B, Hkv) or int(b.min()) < 1:
-        raise ValueError(f"budget must be a positive int or a (B, Hkv) = ({B}, {Hkv}) tensor of positive ints, "
-                         f"got {budget!r}")
-    return b.clamp(max=T).contiguous()
-
-
 def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=True, fit_values=True,
                   ridge=1e-3, nnls_iters=300, budget_mode="uniform", omp_keys_per_step=None,
                   mass_shift="lse", scale=None, chunk_elems=2**27, w_floor=1e-8, w_box=None):
@@ -297,7 +288,12 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
                                  ("mass_shift", mass_shift, ("lse", "max"))):
         if value not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    budget = _to_budget(budget, B, Hkv, T, k.device)
+    b = torch.as_tensor(budget, dtype=torch.long, device=k.device)
+    b = b.expand(B, Hkv) if b.dim() < 2 else b
+    if b.shape != (B, Hkv) or int(b.min()) < 1:
+        raise ValueError(f"budget must be a positive int or a (B, Hkv) = ({B}, {Hkv}) tensor of positive "
+                         f"ints, got {budget!r}")
+    budget = b.clamp(max=T).contiguous()
     kw = dict(key_score=key_score, select=select, fit_bias=fit_bias, fit_values=fit_values, ridge=ridge,
               nnls_iters=nnls_iters, omp_keys_per_step=omp_keys_per_step, scale=scale,
               mass_shift=mass_shift, chunk_elems=chunk_elems, w_floor=w_floor, w_box=w_box)
@@ -387,14 +383,13 @@ class CompactedAttention:
     context (bias 0): a token at position p >= ctx_len (the context's length) is stored in row t + p - ctx_len."""
 
     def __init__(self, layers, ctx_len, max_new_tokens, page_size=16, use_kernels=False):
-        B, Hkv, _, D = layers[0].ck.shape
+        ref = layers[0].ck
+        B, Hkv, _, D = ref.shape
         self.t = max(c.ck.shape[2] for c in layers)  # rows of the compact part, the same in every layer
         self.ctx_len = ctx_len
         self.use_kernels = use_kernels
-        ref = layers[0].ck
         self.cache = KVCache(len(layers), B, Hkv, self.t + max_new_tokens, D, ref.dtype, ref.device, page_size)
-        Nmax = self.cache.k.shape[3]
-        self.bias = torch.zeros(len(layers), B, Hkv, Nmax, dtype=torch.float32, device=ref.device)
+        self.bias = torch.zeros(self.cache.k.shape[:4], dtype=torch.float32, device=ref.device)
         self.bias[:, :, :, :self.t] = float("-inf")  # layers with fewer rows: the rest are padding
         rows = torch.arange(self.t)
         for i, c in enumerate(layers):
