@@ -25,6 +25,7 @@ changes the model from outside, as gpt-fast's tp.py does: model.py and the metho
 mention it. Run: torchrun --nproc-per-node 2 generate.py --method retro (NCCL on GPUs, gloo on CPUs).
 """
 
+import atexit
 import json
 import os
 import sys
@@ -179,6 +180,7 @@ def init(device="cuda"):
                                  f"--nproc-per-node must not exceed the GPUs of a node")
             torch.cuda.set_device(local)
         dist.init_process_group("nccl" if device == "cuda" else "gloo")  # torchrun's RANK, WORLD_SIZE, MASTER_*
+        atexit.register(dist.destroy_process_group)  # (NCCL asks for it before exit)
     rank, world = dist.get_rank(), dist.get_world_size()
     token_sparse.coverage_budget, compaction._budget_from_error = coverage_budget, budget_from_error
     if rank:  # the ranks compute the same tokens: rank 0 prints them
