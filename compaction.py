@@ -26,9 +26,8 @@ wrong mass takes too much or too little of the attention. The steps (paper):
 GQA: a KV head is compacted once, with the reference queries of its G query heads pooled.
 
 Decoding then attends to [compact part, bias beta] + [tokens appended after compaction, bias 0]
-in one pass: the paged decode kernel's per-key bias. Positions: the compact keys keep the RoPE of
-the positions they had; a token appended after a compacted context of L tokens gets position L, L+1,
-... (as if the context were still there), while it is stored in cache row t + (position - L).
+in one pass (the paged decode kernel's per-key bias). The compact keys keep their RoPE; tokens after
+a context of L tokens get positions L, L+1, ... as if the context were still there.
 """
 
 import math

@@ -20,9 +20,8 @@ Defaults (paper): tau = 0.005, min_tokens = 1024, W = 128; sparse layers: the se
 authors' code's rule for a model it has no profile of (for Llama-3.1-8B it uses 15..30, profiled on
 that model: --sparse-layers 15-30; a profile of one model says nothing about another).
 
-Read top to bottom: the reference (scoring, pooling, coverage, selection, attention on the
-compressed sequence), the Triton kernels with the same signatures, then TokenSparseAttention.
-Layout is heads first: q (B, Hq, T, D), k, v (B, Hkv, T, D).
+Read top to bottom: the reference, the Triton kernels with the same signatures, then
+TokenSparseAttention. Layout is heads first: q (B, Hq, T, D), k, v (B, Hkv, T, D).
 """
 
 import functools
