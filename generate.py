@@ -24,6 +24,7 @@ if not torch.cuda.is_available():  # Triton on the CPU runs in its interpreter (
 
 import cudagraph  # noqa: E402
 import kvcache  # noqa: E402
+import tp  # noqa: E402
 from attention import DenseAttention  # noqa: E402
 from compaction import AUTHORS_W_BOX, compact_prompt, repeat_separator  # noqa: E402
 from kvcache import KVCache, QuestAttention  # noqa: E402
@@ -269,8 +270,11 @@ def main(argv=None):
         parser.error("--kernels triton on --device cpu needs TRITON_INTERPRET=1 (set by itself without a GPU)")
     torch.manual_seed(opts.seed)
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the heads split over the processes (tp.py)
+    rank = tp.init(opts.device)[0] if world > 1 else 0
     try:
-        model = Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device)
+        model = (tp.from_pretrained(ckpt, rank, world, dtype=dtype, device=opts.device) if world > 1
+                 else Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device))
         if opts.cuda_graph:  # one-launch norms, RoPE, SwiGLU: they pay off under a graph (eagerly Python costs more)
             cudagraph.fuse_kernels(model)
         tokenizer = Tokenizer(ckpt)
@@ -380,6 +384,9 @@ def main(argv=None):
                     prefill_chunk=chunk, on_prefill=on_prefill if progress else None)
     print()
     report(opts, prompt.shape[1], t, attn, cache)
+    if world > 1:
+        print(f"# tensor parallel: {world} processes; KV figures above are rank 0's ({args.n_kv_heads} KV heads)",
+              file=sys.stderr)
 
 
 def report(opts, n_prompt, t, attn, cache):
