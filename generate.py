@@ -401,9 +401,8 @@ def report(opts, n_prompt, t, attn, cache):
     s = attn.stats
     if s.get("decode_steps"):
         lines.append(f"KV bytes read per decoded token: {s['kv_bytes_read'] / s['decode_steps'] / 2**20:.3f} MiB")
-    for key, value in s.items():
-        if key not in ("kv_bytes_read", "decode_steps"):
-            lines.append(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    lines += [f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}"
+              for key, value in s.items() if key not in ("kv_bytes_read", "decode_steps")]
     print("\n".join("# " + line for line in lines), file=sys.stderr)
 
 
