@@ -99,7 +99,8 @@ def paged_decode_ref(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=Non
     pos = torch.arange(Nmax, device=q.device)
     visible = ((pos // page_size)[None, None, :, None] == page_idx[:, :, None, :].long()).any(-1)
     visible &= (pos < seq_len)[None, None, :]  # (B, Hkv, Nmax)
-    o, lse = masked_attention(q.view(B, Hkv, G, 1, D), k_cache, v_cache, visible[:, :, None, None], scale, bias)
+    visible = visible[:, :, None, None]  # (B, Hkv, 1, 1, Nmax)
+    o, lse = masked_attention(q.view(B, Hkv, G, 1, D), k_cache, v_cache, visible, scale, bias)
     return o.view(B, Hq, D).to(q.dtype), lse.view(B, Hq)
 
 
@@ -147,8 +148,8 @@ def attention(q, k, v, causal=True, q_offset=None, scale=None, need_lse=True):
         n = max(0, min(Tk, q_offset + i1)) if causal else Tk  # the keys any row of the chunk can see
         q_pos = torch.arange(i0, i1, device=q.device) + q_offset
         visible = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None] if causal else None
-        o[:, :, :, i0:i1], lse[:, :, :, i0:i1] = masked_attention(qg[:, :, :, i0:i1], kf[:, :, :n], vf[:, :, :n],
-                                                                  visible, scale)
+        o[:, :, :, i0:i1], lse[:, :, :, i0:i1] = masked_attention(
+            qg[:, :, :, i0:i1], kf[:, :, :n], vf[:, :, :n], visible, scale)
     return o.view(B, Hq, Tq, D).to(q.dtype), lse.view(B, Hq, Tq)
 
 

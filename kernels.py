@@ -359,14 +359,15 @@ MAX_DECODE_ROWS = 64  # query rows of a flash_decode tile (G heads x W window ro
 
 def _split_decode(qw, k_cache, v_cache, seq_len, len_t, G, scale, num_splits, tuning, pages=None, page_size=1,
                   bias=None):
-    """The launch flash_decode and paged_decode share: qw (B, Hq, W, D) over the keys [0, seq_len) of the
-    caches, or of the pages listed in pages (B, Hkv, n_slots) int32 -> merged o (B, Hq, W, D), lse (B, Hq, W)."""
+    """The launch flash_decode and paged_decode share: qw (B, Hq, W, D) over the keys [0, seq_len) of
+    the caches, or of the pages listed in pages (B, Hkv, n_slots) int32 -> o (B, Hq, W, D), lse (B, Hq, W)."""
     B, Hq, W, D = qw.shape
     Hkv = k_cache.shape[1]
     page_pad = triton.next_power_of_2(page_size)
     n_slots = pages.shape[2] if pages is not None else 0
     n_rows = n_slots * page_pad if pages is not None else seq_len
-    chunk, num_splits = plan_splits(n_rows, B * Hkv, qw.device, tuning["waves"], tuning["block_n"], num_splits)
+    chunk, num_splits = plan_splits(n_rows, B * Hkv, qw.device, tuning["waves"], tuning["block_n"],
+                                    num_splits)
     o_part = torch.empty(B, Hq, W, num_splits, D, dtype=torch.float32, device=qw.device)
     lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=qw.device)
     block_n, stages = kv_tiles(tuning["block_n"], tuning["num_stages"] if qw.device.type == "cuda" else 1, D,
@@ -377,7 +378,8 @@ def _split_decode(qw, k_cache, v_cache, seq_len, len_t, G, scale, num_splits, tu
     _decode_kernel[(num_splits, B * Hkv)](
         qw, k_cache, v_cache, pages_args[0], bias_args[0], o_part, lse_part,
         len_t if len_t is not None else lse_part, *qw.stride(), *k_cache.stride(), *v_cache.stride(),
-        *pages_args[1:], *bias_args[1:], Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, scale * LOG2E,
+        *pages_args[1:], *bias_args[1:],
+        Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, scale * LOG2E,
         PAGED=pages is not None, HAS_BIAS=bias is not None, LEN_ON_DEVICE=len_t is not None,
         PRECISION=dot_precision(qw.dtype), BLOCK_M=tile_size(G * W), BLOCK_N=block_n, PAGE_PAD=page_pad,
         BLOCK_D=tile_size(D), D=D, num_warps=tuning["num_warps"], num_stages=stages)
@@ -385,11 +387,11 @@ def _split_decode(qw, k_cache, v_cache, seq_len, len_t, G, scale, num_splits, tu
 
 
 def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
-    """Flash-decoding, same contract as attention.decode_ref: q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D);
-    keys [0, seq_len) -> o (B, Hq, D), lse (B, Hq) fp32. q may also be (B, Hq, W, D): the last W positions
-    (a RetroAttention window, a short chunk), attended causally -> o (B, Hq, W, D), lse (B, Hq, W); each
-    K/V tile is still read once. seq_len: an int or a device length (device_length). num_splits: how many
-    chunks the keys are cut into (default: from seq_len and the SM count)."""
+    """Flash-decoding, same contract as attention.decode_ref: q (B, Hq, D); k_cache, v_cache (B, Hkv,
+    Nmax, D); keys [0, seq_len) -> o (B, Hq, D), lse (B, Hq) fp32. q may also be (B, Hq, W, D): the last
+    W positions (a RetroAttention window, a short chunk), attended causally -> o (B, Hq, W, D), lse (B, Hq,
+    W); each K/V tile is still read once. seq_len: an int or a device length (device_length). num_splits:
+    how many chunks the keys are cut into (default: from seq_len and the SM count)."""
     window = q.dim() == 4
     G = _check(q[:, :, 0] if window else q, k_cache, v_cache, 3)
     qw = q if window else q.unsqueeze(2)  # (B, Hq, W, D); with one row its W stride is never used
@@ -422,8 +424,8 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     if bias is not None and tuple(bias.shape) != (B, Hkv, Nmax):
         raise ValueError(f"bias must be (B, Hkv, Nmax) = ({B}, {Hkv}, {Nmax}), got {tuple(bias.shape)}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    o, lse = _split_decode(q.unsqueeze(2), k_cache, v_cache, seq_len, len_t, G, scale, num_splits, PAGED_TUNING,
-                           page_idx.to(torch.int32), page_size, bias)
+    o, lse = _split_decode(q.unsqueeze(2), k_cache, v_cache, seq_len, len_t, G, scale, num_splits,
+                           PAGED_TUNING, page_idx.to(torch.int32), page_size, bias)
     return o[:, :, 0], lse[:, :, 0]
 
 
@@ -550,7 +552,8 @@ def append_kv(k_cache, v_cache, kmin, kmax, k, v, pos, page_size):
     if not has_meta:  # any (B, Hkv, ., D) tensor: never read without bounds
         kmin = kmax = k_cache
     _append_kv_kernel[(B * Hkv,)](k, v, pos, k_cache, v_cache, kmin, kmax,
-                                  *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *kmin.stride(),
+                                  *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+                                  *kmin.stride(),
                                   Hkv, T, page_size, HAS_META=has_meta, BLOCK_S=tile_size(page_size),
                                   BLOCK_D=tile_size(D), D=D, num_warps=4)
 
