@@ -206,8 +206,7 @@ def decode_attention(q, k_cache, v_cache, seq_len, use_kernels):
         n = int(seq_len)
         o, _ = attention(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True, need_lse=False)
     elif m * G <= kernels.MAX_DECODE_ROWS:  # split over the keys, all rows in one tile
-        o, _ = kernels.flash_decode(qh if m > 1 else qh[:, :, 0], k_cache, v_cache, seq_len)
-        o = o if m > 1 else o.unsqueeze(2)
+        o, _ = kernels.flash_decode(qh, k_cache, v_cache, seq_len)  # (the window form, also for m = 1)
     else:
         o, _ = kernels.flash_prefill(qh, k_cache, v_cache, causal=True, seq_len=seq_len)
     return o.transpose(1, 2)

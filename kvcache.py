@@ -60,9 +60,8 @@ class KVCache:
 
     def write(self, layer, k, v, input_pos):
         """Prefill: k, v (B, T, Hkv, D) for the contiguous host positions input_pos (T,)."""
-        T = k.shape[1]
         start = int(input_pos[0])
-        end = start + T
+        end = start + k.shape[1]
         if end > self.max_seq_len:
             raise ValueError(f"sequence of {end} tokens does not fit the KV cache of {self.max_seq_len} "
                              f"positions (raise --max-seq-len or shorten the prompt)")
@@ -134,17 +133,14 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
     page_idx (B, Hkv, K) int32 in ascending page order, K = min(budget_pages, num_pages)."""
     if budget_pages < 1 or num_pages < 1:
         raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
-    scores = scores[..., :num_pages].float()
     # a NaN bound (from a non-finite key) counts as +inf, whatever its sign bit: the page is read, and
-    # the order does not depend on how a sort ranks NaN (CPU and CUDA sorts differ)
-    scores = torch.where(torch.isnan(scores), float("inf"), scores)
-    K = min(budget_pages, num_pages)
-    # the newest page, then the K - 1 best others; a stable sort settles ties: the lower page wins
-    # (kernels.select_pages does the same)
-    order = scores.sort(dim=-1, descending=True, stable=True).indices
-    others = order[order != newest_page].view(*scores.shape[:-1], num_pages - 1)
-    page_idx = torch.cat([others[..., :K - 1], torch.full_like(order[..., :1], newest_page)], dim=-1)
-    return page_idx.sort(dim=-1).values.to(torch.int32)
+    # the order does not depend on how a sort ranks NaN (CPU and CUDA sorts differ). In float64 (exact for
+    # fp32 scores) both rank at 1e300, below the newest page (+inf), which is always kept.
+    s = scores[..., :num_pages].double().nan_to_num(nan=1e300, posinf=1e300)
+    s[..., newest_page] = float("inf")
+    # a stable sort settles ties: the lower page wins (kernels.select_pages does the same)
+    order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, num_pages)]
+    return order.sort(dim=-1).values.to(torch.int32)
 
 
 def select_pages_upto(scores, seq_len, page_size, budget_pages):
@@ -155,8 +151,7 @@ def select_pages_upto(scores, seq_len, page_size, budget_pages):
     P = scores.shape[-1]
     page = torch.arange(P, device=scores.device)
     num_pages = (seq_len.long() + page_size - 1) // page_size
-    s = scores.float()
-    s = torch.where(torch.isnan(s), float("inf"), s)  # a NaN bound counts as +inf (see select_pages)
+    s = scores.double().nan_to_num(nan=1e300, posinf=1e300)  # NaN and +inf below the newest (select_pages)
     s = s.masked_fill(page == num_pages - 1, float("inf")).masked_fill(page >= num_pages, float("-inf"))
     order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, P)]
     chosen = torch.where(order < num_pages, order, P).sort(dim=-1).values  # the unused slots (P) last
