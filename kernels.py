@@ -363,6 +363,7 @@ def _split_decode(qw, k_cache, v_cache, seq_len, len_t, G, scale, num_splits, tu
     the caches, or of the pages listed in pages (B, Hkv, n_slots) int32 -> o (B, Hq, W, D), lse (B, Hq, W)."""
     B, Hq, W, D = qw.shape
     Hkv = k_cache.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     page_pad = triton.next_power_of_2(page_size)
     n_slots = pages.shape[2] if pages is not None else 0
     n_rows = n_slots * page_pad if pages is not None else seq_len
@@ -373,12 +374,11 @@ def _split_decode(qw, k_cache, v_cache, seq_len, len_t, G, scale, num_splits, tu
     block_n, stages = kv_tiles(tuning["block_n"], tuning["num_stages"] if qw.device.type == "cuda" else 1, D,
                                qw.element_size())
     absent = (lse_part, 0, 0, 0)  # stands for a page list or bias not given: never read
-    pages_args = (pages, *pages.stride()) if pages is not None else absent
-    bias_args = (bias, *bias.stride()) if bias is not None else absent
+    PAGES, spb, sph, spk = (pages, *pages.stride()) if pages is not None else absent
+    BIAS, sbb, sbh, sbn = (bias, *bias.stride()) if bias is not None else absent
     _decode_kernel[(num_splits, B * Hkv)](
-        qw, k_cache, v_cache, pages_args[0], bias_args[0], o_part, lse_part,
-        len_t if len_t is not None else lse_part, *qw.stride(), *k_cache.stride(), *v_cache.stride(),
-        *pages_args[1:], *bias_args[1:],
+        qw, k_cache, v_cache, PAGES, BIAS, o_part, lse_part, len_t if len_t is not None else lse_part,
+        *qw.stride(), *k_cache.stride(), *v_cache.stride(), spb, sph, spk, sbb, sbh, sbn,
         Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, scale * LOG2E,
         PAGED=pages is not None, HAS_BIAS=bias is not None, LEN_ON_DEVICE=len_t is not None,
         PRECISION=dot_precision(qw.dtype), BLOCK_M=tile_size(G * W), BLOCK_N=block_n, PAGE_PAD=page_pad,
@@ -395,14 +395,13 @@ def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
     window = q.dim() == 4
     G = _check(q[:, :, 0] if window else q, k_cache, v_cache, 3)
     qw = q if window else q.unsqueeze(2)  # (B, Hq, W, D); with one row its W stride is never used
-    W, D = qw.shape[2:]
+    W = qw.shape[2]
     if window and G * W > MAX_DECODE_ROWS:
         raise ValueError(f"flash_decode: {W} window rows x {G} query heads per KV head exceed "
                          f"{MAX_DECODE_ROWS} rows of a tile; use flash_prefill")
     seq_len, len_t = device_length(seq_len, k_cache.shape[2])
     if len_t is None and W > seq_len:
         raise ValueError(f"flash_decode: {W} window rows need at least as many keys, got seq_len {seq_len}")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     o, lse = _split_decode(qw, k_cache, v_cache, seq_len, len_t, G, scale, num_splits, DECODE_TUNING)
     return (o, lse) if window else (o[:, :, 0], lse[:, :, 0])
 
@@ -414,8 +413,7 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     seq_len: an int or a device length (see device_length).
     num_splits: how many chunks the page list is cut into (default: from its length and the SM count)."""
     G = _check(q, k_cache, v_cache, 3)
-    B, Hq, D = q.shape
-    Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
+    B, Hkv, Nmax = k_cache.shape[:3]
     seq_len, len_t = device_length(seq_len, Nmax)
     if page_idx.dim() != 3 or tuple(page_idx.shape[:2]) != (B, Hkv):
         raise ValueError(f"page_idx must be (B, Hkv, K) = ({B}, {Hkv}, K), got {tuple(page_idx.shape)}")
@@ -423,7 +421,6 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
         raise ValueError(f"page_size must be >= 1, got {page_size}")
     if bias is not None and tuple(bias.shape) != (B, Hkv, Nmax):
         raise ValueError(f"bias must be (B, Hkv, Nmax) = ({B}, {Hkv}, {Nmax}), got {tuple(bias.shape)}")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     o, lse = _split_decode(q.unsqueeze(2), k_cache, v_cache, seq_len, len_t, G, scale, num_splits,
                            PAGED_TUNING, page_idx.to(torch.int32), page_size, bias)
     return o[:, :, 0], lse[:, :, 0]
