@@ -4,9 +4,9 @@ Generate text with a Llama checkpoint, decoding with one of the attention method
     python generate.py --method dense|quest|retro|token_sparse|compact [--prompt TEXT] ...
 
 Prefill runs the prompt through the model (in chunks of --prefill-chunk tokens, with a progress
-line); decoding then feeds one token per step
-(RetroAttention feeds the last w tokens: the new one and the w-1 it revises). The attention
-object chosen by --method owns the KV cache; model.py never sees the method's name.
+line); decoding then feeds one token per step (RetroAttention feeds the last w tokens: the new one
+and the w-1 it revises). The attention object chosen by --method owns the KV cache; model.py never
+sees the method's name.
 At the end we print prefill time, decode speed, peak memory and KV bytes read per decoded token.
 """
 
@@ -25,7 +25,7 @@ if not torch.cuda.is_available():  # Triton on the CPU runs in its interpreter (
 import cudagraph  # noqa: E402
 import kvcache  # noqa: E402
 from attention import DenseAttention  # noqa: E402
-from compaction import compact_prompt, repeat_separator  # noqa: E402
+from compaction import AUTHORS_W_BOX, compact_prompt, repeat_separator  # noqa: E402
 from kvcache import KVCache, QuestAttention  # noqa: E402
 from model import Transformer  # noqa: E402
 from retro import RetroAttention  # noqa: E402
@@ -35,6 +35,8 @@ from tokenizer import Tokenizer  # noqa: E402
 DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "nanokv-code-4k"
 METHODS = ["dense", "quest", "retro", "token_sparse", "compact"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_PROMPT = Path(__file__).parent / "kvcache.py"  # real code the default model never saw (it learnt the standard library)
+BIAS_BOX_DEFAULT = "none"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,20 +64,14 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
              prefill_chunk=None, on_prefill=None):
     """prompt (B, T) long on the model's device -> (new tokens (B, n), timings dict).
     window: rows fed per decode step (default attn.prefill_rows + 1: 1, or RetroAttention's w).
-    start_pos: position of prompt[0] (non-zero only when the cache already holds a prefix, e.g. after
-    KV compaction).
+    start_pos: position of prompt[0] (> 0 when the cache already holds a prefix, as after compaction).
     cuda_graph: replay the decode step from a CUDA graph (cudagraph.py; ValueError naming why not).
     on_token(ids (B,)) sees each new token except a stop token (which ends the output, B == 1).
     prefill_chunk: feed the prompt in pieces of about this many tokens, calling on_prefill(tokens done,
     T, seconds) after each."""
     device = prompt.device
     window = window or attn.prefill_rows + 1
-    step = None
-    if cuda_graph:
-        why = cudagraph.unsupported(attn, device)
-        if why:
-            raise ValueError(f"--cuda-graph: {why}")
-        step = cudagraph.GraphDecodeStep(model, attn)
+    step = cudagraph.GraphDecodeStep(model, attn, device) if cuda_graph else None
     B, T = prompt.shape
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # On a CPU, torch's OpenMP threads hand each op out and wait for one another: that pays for large
@@ -89,7 +85,8 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
         torch.set_num_threads(1)
     sync()
     t0 = time.perf_counter()
-    bounds = [round(i * T / max(1, T // (prefill_chunk or T))) for i in range(max(1, T // (prefill_chunk or T)) + 1)]
+    n_chunks = max(1, T // (prefill_chunk or T))
+    bounds = [round(i * T / n_chunks) for i in range(n_chunks + 1)]
     for lo, hi in zip(bounds, bounds[1:]):
         logits = model(prompt[:, lo:hi], torch.arange(start_pos + lo, start_pos + hi), attn, last_only=True)
         if on_prefill is not None:
@@ -103,15 +100,11 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
     if device.type == "cpu":
         torch.set_num_threads(1)
     t0 = time.perf_counter()
-
-    def stop(t):
-        return bool(stop_ids) and B == 1 and int(t[0]) in stop_ids
-
-    for _ in range(max_new_tokens - 1):
-        if stop(nxt):
-            break
+    while not (stop_ids and B == 1 and int(nxt[0]) in stop_ids):
         if on_token is not None:
             on_token(nxt)
+        if len(out) == max_new_tokens:
+            break
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         n = start_pos + tokens.shape[1]  # positions [start_pos, n) exist; the newest is n - 1
         w = min(window, tokens.shape[1])
@@ -122,8 +115,6 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
             logits = model(tokens[:, -w:], pos, attn, last_only=True, decode=True)[:, -1]
         nxt = sample(logits, temperature, top_k, generator, n_vocab)
         out.append(nxt)
-    if on_token is not None and not stop(nxt):
-        on_token(nxt)
     sync()
     t_decode = time.perf_counter() - t0
     torch.set_num_threads(threads)
@@ -138,11 +129,9 @@ def make_attention(method, cache, opts, use_kernels):
     if method == "dense":
         return DenseAttention(cache, use_kernels=use_kernels)
     if method == "quest":
-        from kvcache import QuestAttention
         return QuestAttention(cache, opts.budget, opts.page_size, opts.dense_layers, use_kernels=use_kernels,
                               page_choice=getattr(opts, "page_choice", "kv_head"))
     if method == "retro":
-        from retro import RetroAttention
         if getattr(opts, "page_choice", "kv_head") != "kv_head":
             raise ValueError("--page-choice query_head is for --method quest (RetroAttention tracks pages per KV head)")
         return RetroAttention(cache, opts.budget, opts.page_size, opts.window, opts.dense_layers,
@@ -155,15 +144,8 @@ def make_attention(method, cache, opts, use_kernels):
     raise ValueError(f"unknown method {method!r}")
 
 
-DEFAULT_PROMPT = Path(__file__).parent / "kvcache.py"  # real code the default model never saw (it learnt the standard library)
-
-
-BIAS_BOX_DEFAULT = "none"
-
-
 def bias_box(name):
     """--bias-box -> compaction.compact_cache's w_box."""
-    from compaction import AUTHORS_W_BOX
     return AUTHORS_W_BOX if name == "authors" else None
 
 
@@ -217,10 +199,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help shows every flag's default (flags off by default, or with no default, show none)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "default" in action.help:
-            return action.help
-        return action.help + " (default: %(default)s)"
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        return action.help if hidden or "default" in action.help else action.help + " (default: %(default)s)"
 
 
 def build_parser():
@@ -241,8 +221,7 @@ def build_parser():
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache size (default: prompt + new tokens)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="attention implementation: Triton kernels or PyTorch ops (auto: triton on cuda)")
-    p.add_argument("--method", default="dense",
-                   help=f"attention method, one of: {', '.join(METHODS)}")
+    p.add_argument("--method", default="dense", help=f"attention method, one of: {', '.join(METHODS)}")
     p.add_argument("--prefill-chunk", type=int, default=1024,
                    help="feed a long prompt in chunks of about this many tokens (0 = at once; token_sparse "
                         "and compact always prefill at once)")
@@ -284,24 +263,17 @@ def build_parser():
     return p
 
 
-def resolve_checkpoint(opts, parser):
-    ckpt = opts.checkpoint
-    if ckpt is None:
-        if not (DEFAULT_CHECKPOINT / "config.json").is_file():
-            parser.error(f"--checkpoint is required (no default model at {DEFAULT_CHECKPOINT})")
-        ckpt = DEFAULT_CHECKPOINT
-    if not ckpt.is_dir():
-        parser.error(f"--checkpoint {ckpt}: no such directory")
-    return ckpt
-
-
 def main(argv=None):
     parser = build_parser()
     opts = parser.parse_args(argv)
     check_options(opts, parser)
     if opts.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
-    ckpt = resolve_checkpoint(opts, parser)
+    if opts.checkpoint is None and not (DEFAULT_CHECKPOINT / "config.json").is_file():
+        parser.error(f"--checkpoint is required (no default model at {DEFAULT_CHECKPOINT})")
+    ckpt = opts.checkpoint or DEFAULT_CHECKPOINT
+    if not ckpt.is_dir():
+        parser.error(f"--checkpoint {ckpt}: no such directory")
     dtype = DTYPES[opts.dtype or ("bf16" if opts.device == "cuda" else "fp32")]
     use_kernels = opts.kernels == "triton" or (opts.kernels == "auto" and opts.device == "cuda")
     if use_kernels and opts.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -319,18 +291,12 @@ def main(argv=None):
     check_against_model(opts, parser, args, tokenizer, ckpt)
 
     default = opts.prompt is None and opts.prompt_file is None
-    if opts.prompt_file is not None:
-        if not opts.prompt_file.is_file():
-            parser.error(f"--prompt-file {opts.prompt_file}: no such file")
-        text = opts.prompt_file.read_text(errors="replace")
-    elif default:
-        path = DEFAULT_PROMPT
-        text = path.read_text()
-        if not opts.quiet:
-            print(f"[prompt] {path.name}, code the default model never trained on (pass --prompt or --prompt-file for your own)",
-                  file=sys.stderr)
-    else:
-        text = opts.prompt
+    if opts.prompt_file is not None and not opts.prompt_file.is_file():
+        parser.error(f"--prompt-file {opts.prompt_file}: no such file")
+    if default and not opts.quiet:
+        print(f"[prompt] {DEFAULT_PROMPT.name}, code the default model never trained on (pass --prompt or "
+              f"--prompt-file for your own)", file=sys.stderr)
+    text = opts.prompt if opts.prompt is not None else (opts.prompt_file or DEFAULT_PROMPT).read_text(errors="replace")
     try:
         ids = tokenizer.chat_prompt(text) if opts.chat else tokenizer.encode(text, bos=True)
     except ValueError as e:
@@ -360,11 +326,8 @@ def main(argv=None):
     if opts.method == "compact":
         # prefill + compaction happen in one repeat-prefill pass; decoding continues after the context
         t0 = time.perf_counter()
-
-        def on_layer(i):
-            if not opts.quiet:
-                print(f"[compact] layer {i + 1}/{args.n_layers} compacted ({time.perf_counter() - t0:.1f} s)",
-                      file=sys.stderr)
+        on_layer = None if opts.quiet else lambda i: print(
+            f"[compact] layer {i + 1}/{args.n_layers} compacted ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
         try:
             res = compact_prompt(model, prompt, opts.ratio, separator_ids=repeat_separator(tokenizer),
                                  bos_id=tokenizer.bos_id, w_box=bias_box(opts.bias_box),
@@ -387,26 +350,19 @@ def main(argv=None):
             attn = make_attention(opts.method, cache, opts, use_kernels)
         except ValueError as e:
             parser.error(str(e))
-    window = attn.prefill_rows + 1  # rows per decode step: the new token and the past ones it keeps (Retro)
     if opts.cuda_graph:
         why = cudagraph.unsupported(attn, torch.device(opts.device))
         if why:
             parser.error(f"--cuda-graph: {why}")
 
-    printed = [b""]
-    new_ids = []
+    new_ids, shown = [], [0]
 
     def on_token(t):
         new_ids.append(int(t[0]))
-        if opts.quiet:
-            return
-        data = tokenizer.decode_bytes(new_ids)
         # print only complete UTF-8 characters: a multi-byte character may span two tokens
-        text = data.decode("utf-8", errors="ignore")
-        done = printed[0].decode("utf-8", errors="ignore")
-        sys.stdout.write(text[len(done):])
-        sys.stdout.flush()
-        printed[0] = data
+        text = tokenizer.decode_bytes(new_ids).decode("utf-8", errors="ignore")
+        print(text[shown[0]:], end="", flush=True)
+        shown[0] = len(text)
 
     if opts.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -422,25 +378,23 @@ def main(argv=None):
         print(f"\r[prefill] {done}/{total} tokens ({done / seconds:.0f} tok/s)", end=end, file=sys.stderr, flush=True)
 
     gen = torch.Generator(device=opts.device).manual_seed(opts.seed)
-    _, t = generate(model, attn, prompt, opts.max_new_tokens, opts.temperature, opts.top_k, window,
-                    stop_ids=tokenizer.stop_ids if opts.chat else (), on_token=on_token, generator=gen,
+    _, t = generate(model, attn, prompt, opts.max_new_tokens, opts.temperature, opts.top_k,
+                    stop_ids=tokenizer.stop_ids if opts.chat else (), generator=gen,
+                    on_token=None if opts.quiet else on_token,
                     start_pos=start_pos, n_vocab=tokenizer.n_words, cuda_graph=opts.cuda_graph,
                     prefill_chunk=chunk, on_prefill=on_prefill if progress else None)
     print()
     report(opts, prompt.shape[1], t, attn, cache)
 
 
-def peak_memory_bytes(device):
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def report(opts, n_prompt, t, attn, cache):
+    cuda = opts.device == "cuda"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = torch.cuda.max_memory_allocated() if cuda else rss
     lines = [f"method {opts.method}  device {opts.device}  kernels {'triton' if attn.use_kernels else 'torch'}",
              f"prefill: {n_prompt} tokens in {t['prefill_s']:.3f} s ({n_prompt / t['prefill_s']:.1f} tok/s)",
              f"decode: {t['decode_steps']} steps in {t['decode_s']:.3f} s ({t['decode_steps'] / max(t['decode_s'], 1e-9):.1f} tok/s)",
-             f"peak memory: {peak_memory_bytes(opts.device) / 2**20:.1f} MiB ({'GPU allocated' if opts.device == 'cuda' else 'process RSS'}); "
+             f"peak memory: {peak / 2**20:.1f} MiB ({'GPU allocated' if cuda else 'process RSS'}); "
              f"KV cache {cache.nbytes() / 2**20:.1f} MiB"]
     s = attn.stats
     if s.get("decode_steps"):

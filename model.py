@@ -31,8 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
+# ModelArgs field -> its key in a Hugging Face LlamaConfig (config.json), in config.json's order
+HF_KEYS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+           "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+           "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps", "rope_theta": "rope_theta",
+           "rope_scaling": "rope_scaling", "max_seq_len": "max_position_embeddings",
+           "tie_embeddings": "tie_word_embeddings"}
+
 
 @dataclass
 class ModelArgs:
@@ -70,18 +75,15 @@ class ModelArgs:
             print(f"[config] {source} has no model_type: loading it as Llama", file=sys.stderr)
         elif cfg["model_type"] != "llama":
             raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} is not supported (only 'llama')")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
-            if key not in cfg:
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        integers = required + ("num_key_value_heads", "head_dim", "max_position_embeddings")
+        for key in integers + ("rms_norm_eps", "rope_theta"):
+            value, kind = cfg.get(key), "integer" if key in integers else "number"
+            if value is None and key in required:
                 raise ValueError(f"{source}: missing key {key!r}")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            value = cfg.get(key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
-        for key in ("rms_norm_eps", "rope_theta"):
-            value = cfg.get(key)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"{source}: {key} must be a positive number, got {value!r}")
+            types = (int, float) if kind == "number" else int
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{source}: {key} must be a positive {kind}, got {value!r}")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{source}: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
@@ -89,44 +91,21 @@ class ModelArgs:
         # RoPE settings: on the Hub as top-level rope_theta + rope_scaling; transformers 5 writes
         # them together as rope_parameters.
         rope = cfg.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        scaling = cfg.get("rope_scaling") or (rope if rope else None)
-        if scaling is not None:
-            scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
-            scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
-            if scaling["rope_type"] == "default":
-                scaling = None
-        n_heads = cfg["num_attention_heads"]
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-            hidden_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=float(theta),
-            max_seq_len=cfg.get("max_position_embeddings", 8192),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_scaling=scaling,
-        )
+        scaling = {k: v for k, v in (cfg.get("rope_scaling") or rope).items() if k != "rope_theta"}
+        scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+        kw = {name: cfg[key] for name, key in HF_KEYS.items() if cfg.get(key) is not None}
+        kw.setdefault("n_kv_heads", kw["n_heads"])
+        kw.setdefault("head_dim", kw["dim"] // kw["n_heads"])
+        kw.update(rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                  rope_scaling=None if scaling["rope_type"] == "default" else scaling,
+                  tie_embeddings=bool(kw.get("tie_embeddings", False)))
+        return cls(**kw)
 
     def to_hf_config(self):
-        cfg = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        }
-        return cfg
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                **{key: getattr(self, name) for name, key in HF_KEYS.items()},
+                "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 
-
-# ----------------------------------------------------------------------------------------------
-# Building blocks
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -161,15 +140,11 @@ def rope_frequencies(args):
     return inv_freq
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    """x (B, T, H, D); cos, sin (T, D). HF layout: dimension i pairs with i + D/2."""
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+    """x (B, T, H, D); cos, sin (T, D). HF layout: dimension i pairs with i + D/2 ("rotate_half")."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos[None, :, None] + rotated * sin[None, :, None]).to(x.dtype)
 
 
 class RoPE(nn.Module):
@@ -310,18 +285,18 @@ class Transformer(nn.Module):
         args = ModelArgs.from_hf_config(cfg, source=str(cfg_file))
         if max_seq_len is not None:
             args.max_seq_len = max_seq_len
-        a = args  # a large model is built on the meta device (no memory, no init); a small one on the CPU,
-        # whose init takes milliseconds where meta tensors first import torch._dynamo (1-2 s)
+        # a large model is built on the meta device (no memory, no init); a small one on the CPU, whose
+        # init takes milliseconds where meta tensors first import torch._dynamo (1-2 s)
+        a = args
         n_params = 2 * a.vocab_size * a.dim + a.n_layers * (2 * a.dim * a.head_dim * (a.n_heads + a.n_kv_heads)
                                                             + 3 * a.dim * a.hidden_dim)
         with torch.device("meta" if n_params > 50_000_000 else "cpu"):
             model = cls(args)
         state = load_safetensors_dir(path)
-        expected = {k: p for k, p in model.state_dict().items()}
-        if args.tie_embeddings:
-            expected.pop("lm_head.weight")
         params = {}
-        for name, p in expected.items():
+        for name, p in model.state_dict().items():
+            if name == "lm_head.weight" and args.tie_embeddings:
+                continue  # tied back to embed_tokens below
             if name not in state:
                 raise KeyError(f"{path}: tensor {name!r} is missing from the checkpoint")
             t = state[name]
@@ -340,11 +315,9 @@ class Transformer(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.args.to_hf_config(), indent=2) + "\n")
-        state = {k: v.detach() for k, v in self.state_dict().items()}
-        if self.args.tie_embeddings:
+        state = {k: v.to(dtype or v.dtype) for k, v in self.state_dict().items()}
+        if self.args.tie_embeddings:  # the file holds the shared matrix once, as embed_tokens
             state.pop("lm_head.weight")
-        if dtype is not None:
-            state = {k: v.to(dtype) for k, v in state.items()}
         save_safetensors(state, path / "model.safetensors")
 
 
@@ -365,11 +338,8 @@ def load_safetensors(file):
         raise FileNotFoundError(f"{file} does not exist")
     with open(file, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{file} is not a safetensors file (too short)")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n <= 0 or 8 + n > size:
             raise ValueError(f"{file} is not a safetensors file (header length {n} does not fit the file)")
         try:
             header = json.loads(f.read(n))
@@ -390,20 +360,19 @@ def load_safetensors(file):
                              f"data_offsets; " + (f"it lacks {', '.join(missing)}" if missing else f"got {info!r:.60}"))
         if info["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        dtype = _ST_DTYPES[info["dtype"]]
-        shape, offsets = info["shape"], info["data_offsets"]
+        dtype, shape, offsets = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)):
             raise ValueError(f"{file}: tensor {name!r} needs shape a list of sizes and data_offsets [begin, end], "
                              f"got {shape!r} and {offsets!r}")
         begin, end = offsets
-        count = math.prod(info["shape"])
-        if end - begin != count * torch.empty((), dtype=dtype).element_size() or 8 + n + end > size:
+        count = math.prod(shape)
+        if end - begin != count * dtype.itemsize or 8 + n + end > size:
             raise ValueError(f"{file}: tensor {name!r} has inconsistent data_offsets")
-        if count == 0:
-            out[name] = torch.empty(info["shape"], dtype=dtype)
+        if count == 0:  # (torch.frombuffer refuses an empty view)
+            out[name] = torch.empty(shape, dtype=dtype)
         else:
-            out[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).view(info["shape"])
+            out[name] = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + n + begin).view(shape)
     return out
 
 
@@ -412,30 +381,25 @@ def load_safetensors_dir(path):
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        state = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(load_safetensors(path / shard))
-        return state
-    single = path / "model.safetensors"
-    if not single.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
         raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
-    return load_safetensors(single)
+    return {name: t for shard in shards for name, t in load_safetensors(path / shard).items()}
 
 
 def save_safetensors(state, file):
+    tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    tensors = []
-    for name, t in state.items():
-        t = t.detach().contiguous().cpu()
+    for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
         header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        tensors.append(t)
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes, as the reference writer does
     with open(file, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for t in tensors:
+        for t in tensors.values():
             f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
