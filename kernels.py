@@ -15,8 +15,8 @@ cut into num_splits chunks (plan_splits), each attended to by its own program, a
 The G query heads that share a KV head are the rows of one tile, so each K/V tile is read once.
 
 Page-sparse decode (Quest, arXiv 2406.10774): the same split-K decode kernel, its keys read from a
-list of pages in any order; page_scores computes the bound Quest ranks pages by. Scores are kept in base 2 (exp2 is the
-hardware exponential): s2 = s * log2(e), so lse = m2 * ln 2 + log l.
+list of pages in any order; page_scores computes the bound Quest ranks pages by. Scores are kept in
+base 2 (exp2 is the hardware exponential): s2 = s * log2(e), so lse = m2 * ln 2 + log l.
 """
 
 import functools
