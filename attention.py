@@ -4,11 +4,9 @@ method follows.
 
     o_i = sum_j softmax_j(q_i . k_j / sqrt(D) + mask_ij) v_j,   lse_i = log sum_j exp(q_i . k_j / sqrt(D) + mask_ij)
 
-Everything here is naive PyTorch written to be read: these functions are the specification that
-the Triton kernels in kernels.py must reproduce (same signatures, see test_attention.py).
-
-Besides the output we return the log-sum-exp (lse) of each query row. It is what lets two partial
-attentions over disjoint key sets A and B be merged into the attention over A u B
+The references here are naive PyTorch written to be read: the specification the Triton kernels in
+kernels.py reproduce (same signatures, see test_attention.py). Each also returns the log-sum-exp (lse)
+of every query row, which merges two attentions over disjoint key sets A and B into the one over A u B
 (FlashAttention's online softmax, flash-decoding's split-K, RetroAttention's revisions):
 
     lse = logaddexp(lse_A, lse_B);   o = exp(lse_A - lse) o_A + exp(lse_B - lse) o_B
@@ -16,21 +14,21 @@ attentions over disjoint key sets A and B be merged into the attention over A u 
 Layout (heads first, like the cache): q (B, Hq, T, D) or (B, Hq, D) for one decode query,
 k/v (B, Hkv, N, D). Grouped-query attention: query head h reads KV head h // G, G = Hq // Hkv.
 
-The attention-object protocol (model.py calls it; every method here follows it, test_add_your_own.py
-shows a new one). An object owns its KV cache: it writes k, v and decides what each query reads.
+The attention-object protocol (model.py calls it; every method follows it, test_add_your_own.py adds
+one). An object owns its KV cache: it writes k, v and decides what each query reads.
 
     o = attn.prefill(layer_idx, q, k, v, input_pos)  # T new tokens; input_pos (T,) int64 on the CPU
     o = attn.decode(layer_idx, q, k, v, input_pos)   # one decode step; input_pos (m,) on the cache's device
 
-q (B, T, Hq, D) after RoPE, k, v (B, T, Hkv, D) -> o (B, T, Hq, D) in q's dtype. prefill appends
-(input_pos continues the cache) and may read positions on the host. decode gets the newest token
-(m = 1) or it and the m - 1 tokens before it (RetroAttention re-embeds them, rewriting their rows).
-decode with the Triton kernels never reads a value on the host (no int(), no branch on a tensor) and
-updates its state in place, so the same code runs eagerly and captured in a CUDA graph (cudagraph.py;
-the PyTorch run path, for a CPU, may read the length to slice the cache); the `stats`
-property computes its statistics on the host from the lengths the cache logs on the device. An object that decodes from something of the
-prompt besides the cache (RetroAttention: the last w - 1 rows' outputs) sets prefill_rows and takes
-them through record_prefill(layer_idx, input_pos, o, lse) when another object prefills (token_sparse).
+q (B, T, Hq, D) after RoPE, k, v (B, T, Hkv, D) -> o (B, T, Hq, D) in q's dtype. prefill appends (input_pos
+continues the cache) and may read positions on the host. decode gets the newest token (m = 1), or it and
+the m - 1 before it (RetroAttention re-embeds them, rewriting their rows). With the Triton kernels decode
+reads no value on the host (no int(), no branch on a tensor) and updates its state in place, so the same
+code runs eagerly and in a CUDA graph (cudagraph.py); the PyTorch run path, for a CPU, may read the length.
+The `stats` property computes the statistics on the host from the lengths the cache logs on the device.
+An object that decodes from more of the prompt than its cache (RetroAttention: the last w - 1 rows'
+outputs) sets prefill_rows to their number and takes them through record_prefill(layer_idx, input_pos,
+o, lse) when another object prefills (token_sparse); with prefill_rows = 0 it needs no record_prefill.
 """
 
 import math
@@ -48,12 +46,22 @@ def _check_gqa(q, k):
     return Hq // Hkv
 
 
-def _softmax_with_lse(scores):
-    """scores (..., N) fp32 with -inf where masked -> (probs, lse); fully masked rows give 0, -inf."""
-    lse = torch.logsumexp(scores, dim=-1)
+def masked_attention(q, k, v, visible, scale=None, bias=None):
+    """The attention every function here computes, each with its own mask. q (B, Hkv, G, R, D): R rows of
+    each of the G query heads that share a KV head; k, v (B, Hkv, N, D); visible: which row sees which key,
+    broadcastable to (B, Hkv, G, R, N), or None for all; bias (B, Hkv, N) or None, added to the scaled
+    scores -> o (B, Hkv, G, R, D), lse (B, Hkv, G, R), fp32; a row that sees no key gets o = 0, lse = -inf."""
+    B, Hkv, G, R, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = (q.float().reshape(B, Hkv, G * R, D) @ k.float().transpose(-1, -2) * scale).view(B, Hkv, G, R, -1)
+    if bias is not None:
+        s = s + bias.float()[:, :, None, None, :]
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
     # exp(-inf - -inf) would be NaN: use a finite stand-in for empty rows, their probs are all 0 anyway
-    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.exp(scores - safe_lse.unsqueeze(-1)), lse
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+    return (p.view(B, Hkv, G * R, -1) @ v.float()).view(B, Hkv, G, R, D), lse
 
 
 def attention_ref(q, k, v, causal=True, q_offset=None, scale=None):
@@ -61,19 +69,13 @@ def attention_ref(q, k, v, causal=True, q_offset=None, scale=None):
     Query i sits at absolute position q_offset + i (default Tk - Tq: the queries are the last Tq
     keys' tokens); key j sits at position j. Causal masks keys that come after the query."""
     B, Hq, Tq, D = q.shape
-    Tk = k.shape[2]
+    Hkv, Tk = k.shape[1], k.shape[2]
     G = _check_gqa(q, k)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     q_offset = Tk - Tq if q_offset is None else q_offset
-    k = k.repeat_interleave(G, dim=1).float()
-    v = v.repeat_interleave(G, dim=1).float()
-    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, Hq, Tq, Tk)
-    if causal:
-        q_pos = torch.arange(Tq, device=q.device) + q_offset
-        k_pos = torch.arange(Tk, device=q.device)
-        scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-    p, lse = _softmax_with_lse(scores)
-    return (p @ v).to(q.dtype), lse
+    q_pos = torch.arange(Tq, device=q.device) + q_offset
+    visible = torch.arange(Tk, device=q.device)[None, :] <= q_pos[:, None] if causal else None  # (Tq, Tk)
+    o, lse = masked_attention(q.view(B, Hkv, G, Tq, D), k, v, visible, scale)
+    return o.view(B, Hq, Tq, D).to(q.dtype), lse.view(B, Hq, Tq)
 
 
 def decode_ref(q, k_cache, v_cache, seq_len, scale=None):
@@ -93,19 +95,13 @@ def paged_decode_ref(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=Non
     B, Hq, D = q.shape
     Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
     G = _check_gqa(q, k_cache)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     # A key is visible iff its page is in the list and it lies before seq_len.
     pos = torch.arange(Nmax, device=q.device)
-    page_of_key = pos // page_size  # (Nmax,)
-    visible = (page_of_key[None, None, :, None] == page_idx[:, :, None, :].long()).any(-1)
+    visible = ((pos // page_size)[None, None, :, None] == page_idx[:, :, None, :].long()).any(-1)
     visible &= (pos < seq_len)[None, None, :]  # (B, Hkv, Nmax)
-    scores = torch.einsum("bhgd,bhnd->bhgn", q.float().view(B, Hkv, G, D), k_cache.float()) * scale
-    if bias is not None:
-        scores = scores + bias.float()[:, :, None, :]
-    scores = scores.masked_fill(~visible[:, :, None, :], float("-inf"))
-    p, lse = _softmax_with_lse(scores)
-    o = torch.einsum("bhgn,bhnd->bhgd", p, v_cache.float())
-    return o.reshape(B, Hq, D).to(q.dtype), lse.reshape(B, Hq)
+    visible = visible[:, :, None, None]  # (B, Hkv, 1, 1, Nmax)
+    o, lse = masked_attention(q.view(B, Hkv, G, 1, D), k_cache, v_cache, visible, scale, bias)
+    return o.view(B, Hq, D).to(q.dtype), lse.view(B, Hq)
 
 
 def merge_attention(o1, lse1, o2, lse2):
@@ -120,9 +116,8 @@ def merge_attention(o1, lse1, o2, lse2):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run path on PyTorch ops (a CPU, or --kernels torch). Same contracts and results as the
-# references above, which stay the specification: these only skip what the references spend to be
-# plain (a (Tq, Tk) matrix of every score, a mask over every cache row). On a GPU kernels.py runs.
+# The run path on PyTorch ops (a CPU, or --kernels torch): the references' contracts and results, minus
+# what they spend to be plain (a (Tq, Tk) matrix of every score, a mask over every cache row).
 
 SCORES_PER_CHUNK = 1 << 20  # fp32 scores held at once by attention() (4 MiB: they stay in cache)
 
@@ -151,13 +146,10 @@ def attention(q, k, v, causal=True, q_offset=None, scale=None, need_lse=True):
     for i0 in range(0, Tq, rows):
         i1 = min(Tq, i0 + rows)
         n = max(0, min(Tk, q_offset + i1)) if causal else Tk  # the keys any row of the chunk can see
-        qc = qg[:, :, :, i0:i1].reshape(B, Hkv, G * (i1 - i0), D)  # the G heads of a KV head share its keys
-        s = (qc @ kf[:, :, :n].transpose(-1, -2) * scale).view(B, Hkv, G, i1 - i0, n)
-        if causal:
-            q_pos = torch.arange(i0, i1, device=q.device) + q_offset
-            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > q_pos[:, None], float("-inf"))
-        p, lse[:, :, :, i0:i1] = _softmax_with_lse(s)
-        o[:, :, :, i0:i1] = (p.view(B, Hkv, G * (i1 - i0), n) @ vf[:, :, :n]).view(B, Hkv, G, i1 - i0, D)
+        q_pos = torch.arange(i0, i1, device=q.device) + q_offset
+        visible = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None] if causal else None
+        o[:, :, :, i0:i1], lse[:, :, :, i0:i1] = masked_attention(
+            qg[:, :, :, i0:i1], kf[:, :, :n], vf[:, :, :n], visible, scale)
     return o.view(B, Hq, Tq, D).to(q.dtype), lse.view(B, Hq, Tq)
 
 
@@ -167,18 +159,12 @@ def gathered_attention(q, k_cache, v_cache, pos, visible, bias=None, scale=None)
     in [0, Nmax); visible (B, Hkv, R, M) bool: which of them row r sees; bias (B, Hkv, Nmax) fp32 or
     None. -> o (B, Hq, R, D) in q.dtype, lse (B, Hq, R) fp32 (a row that sees nothing: 0, -inf)."""
     B, Hq, R, D = q.shape
-    Hkv = k_cache.shape[1]
     G = _check_gqa(q, k_cache)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     at = pos[..., None].expand(-1, -1, -1, D)
-    k, v = k_cache.gather(2, at).float(), v_cache.gather(2, at).float()  # (B, Hkv, M, D)
-    s = (q.float().reshape(B, Hkv, G * R, D) @ k.transpose(-1, -2) * scale).view(B, Hkv, G, R, -1)
-    if bias is not None:
-        s = s + bias.float().gather(2, pos)[:, :, None, None, :]
-    s = s.masked_fill(~visible[:, :, None], float("-inf"))
-    p, lse = _softmax_with_lse(s)
-    o = (p.view(B, Hkv, G * R, -1) @ v).view(B, Hq, R, D)
-    return o.to(q.dtype), lse.reshape(B, Hq, R)
+    k, v = k_cache.gather(2, at), v_cache.gather(2, at)  # (B, Hkv, M, D)
+    bias = bias.gather(2, pos) if bias is not None else None
+    o, lse = masked_attention(q.view(B, k.shape[1], G, R, D), k, v, visible[:, :, None], scale, bias)
+    return o.view(B, Hq, R, D).to(q.dtype), lse.view(B, Hq, R)
 
 
 def page_rows(page_idx, page_size):
@@ -220,8 +206,7 @@ def decode_attention(q, k_cache, v_cache, seq_len, use_kernels):
         n = int(seq_len)
         o, _ = attention(qh, k_cache[:, :, :n], v_cache[:, :, :n], causal=True, need_lse=False)
     elif m * G <= kernels.MAX_DECODE_ROWS:  # split over the keys, all rows in one tile
-        o, _ = kernels.flash_decode(qh if m > 1 else qh[:, :, 0], k_cache, v_cache, seq_len)
-        o = o if m > 1 else o.unsqueeze(2)
+        o, _ = kernels.flash_decode(qh, k_cache, v_cache, seq_len)  # (the window form, also for m = 1)
     else:
         o, _ = kernels.flash_prefill(qh, k_cache, v_cache, causal=True, seq_len=seq_len)
     return o.transpose(1, 2)
@@ -244,9 +229,6 @@ class DenseAttention:
     def decode(self, layer_idx, q, k, v, input_pos):
         seq_len = self.cache.append(layer_idx, k, v, input_pos, self.use_kernels)
         return decode_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], seq_len, self.use_kernels)
-
-    def record_prefill(self, layer_idx, input_pos, o, lse):
-        pass
 
     @property
     def stats(self):

@@ -41,6 +41,7 @@ import triton.testing  # noqa: E402
 
 import cudagraph  # noqa: E402
 import kernels  # noqa: E402
+import tp  # noqa: E402
 import token_sparse as ts  # noqa: E402
 from attention import DenseAttention  # noqa: E402
 from compaction import compact_cache  # noqa: E402
@@ -323,9 +324,12 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8
         torch.set_default_dtype(torch.bfloat16)
         model = Transformer(args).eval()
         torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)  # (under torchrun every rank draws the same full model, then keeps its heads)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+    if torch.distributed.is_initialized():
+        args = tp.shard(model, torch.distributed.get_rank(), torch.distributed.get_world_size()).args
     cudagraph.fuse_kernels(model)  # as generate.py --cuda-graph does
     prompt = torch.randint(0, args.vocab_size, (1, prompt_len), device="cuda")
     rows, tokens = [], {}  # tokens: (method, mode) -> greedy tokens
@@ -377,8 +381,13 @@ def main():
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.py measures GPU kernels: no CUDA GPU is available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: e2e with the heads split (tp.py)
+    if world > 1 and a.sections != ["e2e"]:
+        raise SystemExit(f"under torchrun bench.py runs --sections e2e only, got --sections {' '.join(a.sections)}")
+    if world > 1 and tp.init("cuda")[0]:
+        a.out = Path(os.devnull)  # rank 0 writes the results
     info = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                triton=triton.__version__)
+                triton=triton.__version__, gpus=world)
     bw = copy_bandwidth()
     info["copy_bandwidth_GBps"] = bw / 1e9
     print(f"# {info['device']}  {info['date']}  torch {info['torch']}  triton {info['triton']}  "

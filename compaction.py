@@ -14,10 +14,8 @@ is weighted by its mass (the softmax denominator), so a compact part with the ri
 wrong mass takes too much or too little of the attention. The steps (paper):
   1. reference queries: "repeat-prefill": run `context + "Repeat the previous context verbatim." +
      context` and take the queries of the second copy; layer by layer, so a layer's queries come
-     from a pass in which all earlier layers already attend to their compacted context ("on-policy").
-     As in the authors' prompt, the sequence has one BOS (the second copy leaves the context's out)
-     and, for a chat model, the request is a user turn followed by the assistant's header
-     (repeat_separator);
+     from a pass in which all earlier layers already attend to their compacted context ("on-policy");
+     as in the authors' prompt, with one BOS and, for a chat model, the request as a user turn;
   2. keys: the t keys with the highest aggregate attention over the reference queries (ours: the
      RMS of their softmax weights; max, mean and greedy OMP are options);
   3. biases: w = exp(beta) >= 0 by non-negative least squares A w ~= z, with
@@ -28,9 +26,8 @@ wrong mass takes too much or too little of the attention. The steps (paper):
 GQA: a KV head is compacted once, with the reference queries of its G query heads pooled.
 
 Decoding then attends to [compact part, bias beta] + [tokens appended after compaction, bias 0]
-in one pass: the paged decode kernel's per-key bias. Positions: the compact keys keep the RoPE of
-the positions they had; a token appended after a compacted context of L tokens gets position L, L+1,
-... (as if the context were still there), while it is stored in cache row t + (position - L).
+in one pass (the paged decode kernel's per-key bias). The compact keys keep their RoPE; tokens after
+a context of L tokens get positions L, L+1, ... as if the context were still there.
 """
 
 import math
@@ -42,6 +39,7 @@ import torch
 import kernels
 from attention import attention, merge_attention, paged_decode
 from kvcache import KVCache
+from tokenizer import CHAT_TEMPLATES
 
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."  # the authors' request (github adamzweiger/compaction)
 REPEAT_PROMPT = f"\n\n{REPEAT_INSTRUCTION}\n\n"  # the separator for a model without a chat template
@@ -73,12 +71,6 @@ def biased_attention_ref(q, k, v, bias, scale=None, chunk=4096):
     return o.view(B, Hq, T, D), lse.view(B, Hq, T)
 
 
-def pool_gqa_queries(q, n_kv_heads):
-    """q (B, Hq, M, D) -> (B, Hkv, G*M, D): a KV head is compacted once, for all G query heads that read it."""
-    B, Hq, M, D = q.shape
-    return q.reshape(B, n_kv_heads, (Hq // n_kv_heads) * M, D)
-
-
 # ----------------------------------------------------------------------------------------------
 # Non-negative least squares, batched: min_w ||A w - z||^2  s.t.  w >= 0
 
@@ -101,18 +93,16 @@ def _objective(H, c, w):
 
 def nnls_gram(H, c, iters=300, polish_rounds=30, box=None):
     """NNLS given H = A^T A (..., t, t) and c = A^T z (..., t); batched over the leading dims.
-    box: (lo, hi) with 0 <= lo < hi: bound every weight to [lo, hi] instead of [0, inf) (the authors'
-    code uses [e^-3, e^3]); then step 1 alone, projected onto the box, and no polish (step 2 knows
-    only the bound w >= 0).
-
+    box (lo, hi), 0 <= lo < hi: every weight bounded to [lo, hi] instead of [0, inf) (the authors use
+    [e^-3, e^3]); then step 1 alone, projected onto the box (step 2 knows only the bound w >= 0).
     1. Accelerated projected gradient (FISTA) on the Jacobi-scaled problem, step 1/L with L the
-       largest eigenvalue (power iteration, inflated by 10% since it approaches from below); the
-       momentum restarts whenever it points uphill (O'Donoghue & Candes' gradient test). This finds
-       (nearly) the support {w > 0}.
+       largest eigenvalue (power iteration, inflated by 10% as it approaches from below); the momentum
+       restarts when it points uphill (O'Donoghue & Candes' gradient test). This finds (nearly) the
+       support {w > 0}.
     2. Active-set polish (Lawson-Hanson) in float64 from that support: solve H_PP w_P = c_P; if some
-       w_P <= 0, step from w towards the solution only until the first weight hits 0 and drop it;
-       otherwise take it and add every weight whose gradient is negative. Each round keeps w >= 0
-       and never raises the objective; it stops when no head changes (at most polish_rounds)."""
+       w_P <= 0, step towards the solution until the first weight hits 0 and drop it; otherwise take
+       it and add every weight whose gradient is negative. A round keeps w >= 0 and never raises the
+       objective; it stops when no head changes (at most polish_rounds)."""
     H, c = H.float(), c.float()
     # Jacobi scaling w = u / sqrt(H_jj): the columns of A (keys) differ in scale by orders of
     # magnitude; with a unit diagonal one step size suits every coordinate, and u >= 0 iff w >= 0.
@@ -175,9 +165,8 @@ def _active_set_polish(H, c, w, rounds):
     for _ in range(rounds):
         # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
         Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
-        # Cholesky (Hp is symmetric, positive definite unless the support block is singular even with
-        # the jitter: such a problem keeps its w, the projected-gradient answer, instead of failing the
-        # batch; see _spd_solve for why not an LU)
+        # Cholesky (see _spd_solve for why not LU); a support block singular even with the jitter keeps
+        # its w, the projected-gradient answer, instead of failing the batch
         chol, info = torch.linalg.cholesky_ex(Hp)
         chol = torch.where((info != 0)[..., None, None], eye, chol)
         sol = torch.cholesky_solve(torch.where(P, c64, 0.0).unsqueeze(-1), chol)
@@ -242,12 +231,11 @@ def _reference_pass(k, v, qr, scale, key_score, chunk):
     return row_max, lse, y, importance
 
 
-def _select_top(importance, budget, t):
-    """Top-t keys per head by importance, the first budget[b, h] of them kept, in position order."""
-    T = importance.shape[-1]
-    idx = importance.topk(t, dim=-1).indices
-    valid = torch.arange(t, device=idx.device) < budget.unsqueeze(-1)
-    idx = torch.where(valid, idx, T).sort(-1).values  # position order; unused slots sort last
+def _first_in_position_order(ranked, budget, T):
+    """ranked (B, Hkv, t): key indices, best first -> (idx, valid) (B, Hkv, t): the first budget[b, h]
+    of them in position order, then the unused slots (index 0, valid False)."""
+    valid = torch.arange(ranked.shape[-1], device=ranked.device) < budget.unsqueeze(-1)
+    idx = torch.where(valid, ranked, T).sort(-1).values  # unused slots sort last
     return torch.where(idx < T, idx, 0), valid
 
 
@@ -271,18 +259,7 @@ def _select_omp(k, qr, shift, z, budget, t, scale, keys_per_step):
         As = A.gather(-1, order.unsqueeze(2).expand(B, Hkv, A.shape[2], order.shape[-1]))
         w = nnls(As, z, iters=100, polish_rounds=1)
         w_all = torch.zeros_like(w_all).scatter(-1, order, w)
-    valid = torch.arange(t, device=k.device) < budget.unsqueeze(-1)  # the first picks of each head
-    idx = torch.where(valid, order, T).sort(-1).values
-    return torch.where(idx < T, idx, 0), valid
-
-
-def _to_budget(budget, B, Hkv, T, device):
-    b = torch.as_tensor(budget, dtype=torch.long, device=device)
-    b = b.expand(B, Hkv) if b.dim() < 2 else b
-    if b.shape != (B, Hkv) or int(b.min()) < 1:
-        raise ValueError(f"budget must be a positive int or a (B, Hkv) = ({B}, {Hkv}) tensor of positive ints, "
-                         f"got {budget!r}")
-    return b.clamp(max=T).contiguous()
+    return _first_in_position_order(order, budget, T)
 
 
 def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=True, fit_values=True,
@@ -290,35 +267,32 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
                   mass_shift="lse", scale=None, chunk_elems=2**27, w_floor=1e-8, w_box=None):
     """Compact one layer: k, v (B, Hkv, T, D) (keys after RoPE); q_ref (B, Hq, M, D) reference queries
     (after RoPE, at positions after the context); budget: keys kept per KV head, an int or (B, Hkv).
-
     key_score: "rms" (default, ours), "max" or "mean" of the softmax weights a key receives over the
       reference queries; rms rewards keys that many queries use and keys that few use strongly.
     select: "top" (highest aggregate attention) or "omp" (greedy on the mass residual; memory M*T).
     fit_bias=False keeps beta = 0, fit_values=False keeps Cv = V[idx] (with both: plain top-t eviction).
-    ridge: values are fitted by ridge regression towards the original values of the kept keys (ours):
-      Cv = V_S + (P^T P + lam I)^-1 P^T (Y - P V_S), lam = ridge * mean(diag(P^T P)); ill-determined
-      directions stay at the original values instead of blowing up.
-    budget_mode: "uniform" or "error": compact once with the given budget, measure each head's output
-      error, then give each head 1/4 of the average budget plus a share of the rest proportional to
-      its error (the total is unchanged) and compact again.
-    w_box: None (exact NNLS, w >= 0; a zero weight becomes beta = log(w_floor)) or (lo, hi): every
-      kept key's weight w = exp(beta) bounded to [lo, hi]; AUTHORS_W_BOX = (e^-3, e^3) is the
-      authors' setting (github adamzweiger/compaction), under which no kept key is left with ~0 mass.
-    chunk_elems: reference queries are streamed in chunks so that one chunk's score matrix has at
-      most this many fp32 entries (2^27 = 512 MiB)."""
+    ridge (ours): Cv = V_S + (P^T P + lam I)^-1 P^T (Y - P V_S), lam = ridge * mean(diag(P^T P)), so
+      ill-determined directions stay at the kept keys' original values instead of blowing up.
+    budget_mode "error": compact once, then give each head 1/4 of the average budget plus a share of
+      the rest proportional to its output error (same total) and compact again.
+    w_box: None (exact NNLS, w >= 0; w = 0 becomes beta = log(w_floor)) or (lo, hi) bounds on every kept
+      key's w = exp(beta); AUTHORS_W_BOX = (e^-3, e^3), the authors' setting: no kept key gets ~0 mass.
+    chunk_elems: fp32 scores held at once (2^27 = 512 MiB) as the reference queries are streamed."""
+    kernels._check(q_ref, k, v, 4)
     B, Hkv, T, D = k.shape
     if w_box is not None and not 0 <= w_box[0] < w_box[1]:
         raise ValueError(f"w_box must be (lo, hi) with 0 <= lo < hi, got {w_box!r}")
-    if v.shape != k.shape or q_ref.dim() != 4 or q_ref.shape[0] != B or q_ref.shape[-1] != D \
-            or q_ref.shape[1] % Hkv:
-        raise ValueError(f"need k, v (B, Hkv, T, D) and q_ref (B, Hq, M, D) with Hq a multiple of Hkv; "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}, q_ref {tuple(q_ref.shape)}")
-    if key_score not in KEY_SCORES or select not in ("top", "omp") or budget_mode not in ("uniform", "error") \
-            or mass_shift not in ("lse", "max"):
-        raise ValueError(f"key_score must be one of {KEY_SCORES}, select 'top' or 'omp', budget_mode 'uniform' or "
-                         f"'error', mass_shift 'lse' or 'max'; got {key_score!r}, {select!r}, {budget_mode!r}, "
-                         f"{mass_shift!r}")
-    budget = _to_budget(budget, B, Hkv, T, k.device)
+    for name, value, choices in (("key_score", key_score, KEY_SCORES), ("select", select, ("top", "omp")),
+                                 ("budget_mode", budget_mode, ("uniform", "error")),
+                                 ("mass_shift", mass_shift, ("lse", "max"))):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    b = torch.as_tensor(budget, dtype=torch.long, device=k.device)
+    b = b.expand(B, Hkv) if b.dim() < 2 else b
+    if b.shape != (B, Hkv) or int(b.min()) < 1:
+        raise ValueError(f"budget must be a positive int or a (B, Hkv) = ({B}, {Hkv}) tensor of positive "
+                         f"ints, got {budget!r}")
+    budget = b.clamp(max=T).contiguous()
     kw = dict(key_score=key_score, select=select, fit_bias=fit_bias, fit_values=fit_values, ridge=ridge,
               nnls_iters=nnls_iters, omp_keys_per_step=omp_keys_per_step, scale=scale,
               mass_shift=mass_shift, chunk_elems=chunk_elems, w_floor=w_floor, w_box=w_box)
@@ -326,16 +300,15 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
         first = compact_cache(k, v, q_ref, budget, **kw)
         budget = _budget_from_error(first.out_err, budget, T)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    qr = pool_gqa_queries(q_ref, Hkv)
+    qr = q_ref.reshape(B, Hkv, -1, D)  # (B, Hkv, G*M, D): a KV head is fitted once, to its G heads' queries
     M = qr.shape[2]
     t = int(budget.max())
     chunk = max(1, chunk_elems // (B * Hkv * max(T, t)))
 
     # 1. full attention of the reference queries: the targets, and each key's importance
     row_max, lse, y, importance = _reference_pass(k, v, qr, scale, key_score, chunk)
-    # The NNLS residual of query m is measured in units of exp(shift_m). Ours: shift = lse, so that
-    # A[m, j] is key j's full-attention weight, z_m = 1 and every query's *relative* mass error
-    # counts the same; "max" (the row max) weights queries by their mass (flat ones dominate).
+    # the NNLS residual of query m in units of exp(shift_m): lse (ours) counts every query's relative
+    # mass error the same (z_m = 1); "max" (the row max) weights queries by their mass
     shift = lse if mass_shift == "lse" else row_max
     z = torch.exp(lse - shift)
 
@@ -344,7 +317,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
         step = omp_keys_per_step or max(1, t // 16)
         idx, valid = _select_omp(k, qr, shift, z, budget, t, scale, step)
     else:
-        idx, valid = _select_top(importance, budget, t)
+        idx, valid = _first_in_position_order(importance.topk(t, dim=-1).indices, budget, T)
     gidx = idx.unsqueeze(-1).expand(B, Hkv, t, D)
     ck = k.gather(2, gidx) * valid.unsqueeze(-1)
     v_sel = v.gather(2, gidx).float() * valid.unsqueeze(-1)
@@ -352,6 +325,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
     pad = torch.zeros(B, Hkv, 1, t, device=k.device).masked_fill(~valid.unsqueeze(2), float("-inf"))
 
     # 3. biases: NNLS on the mass, w = exp(beta)
+    beta = torch.zeros(B, Hkv, t, device=k.device)
     if fit_bias:
         H = torch.zeros(B, Hkv, t, t, device=k.device)
         c = torch.zeros(B, Hkv, t, device=k.device)
@@ -361,11 +335,10 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             c += (A.transpose(-1, -2) @ z[:, :, s:s + chunk, None]).squeeze(-1)
         w = nnls_gram(H, c, iters=nnls_iters, box=w_box)
         beta = torch.log(w.clamp_min(w_floor))  # (a box keeps w >= its lower end > w_floor)
-    else:
-        beta = torch.zeros(B, Hkv, t, device=k.device)
     beta = beta.masked_fill(~valid, float("-inf"))
 
     # 4. values: ridge least squares on the outputs, P = softmax(q Ck^T * scale + beta)
+    cv = v_sel
     if fit_values:
         PtP = torch.zeros(B, Hkv, t, t, device=k.device)
         PtY = torch.zeros(B, Hkv, t, D, device=k.device)
@@ -374,11 +347,8 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             PtP += P.transpose(-1, -2) @ P
             PtY += P.transpose(-1, -2) @ y[:, :, s:s + chunk]
         lam = ridge * PtP.diagonal(dim1=-2, dim2=-1).sum(-1) / budget + 1e-12
-        eye = torch.eye(t, device=k.device)
-        delta = _spd_solve(PtP + lam[..., None, None] * eye, PtY - PtP @ v_sel)
+        delta = _spd_solve(PtP + lam[..., None, None] * torch.eye(t, device=k.device), PtY - PtP @ v_sel)
         cv = v_sel + delta * valid.unsqueeze(-1)
-    else:
-        cv = v_sel
     cv = cv.to(v.dtype)
 
     # 5. how well it matches, on the reference queries (with the values as they will be stored)
@@ -407,21 +377,18 @@ def _budget_from_error(err, budget, T):
 # Decoding over a compacted cache
 
 class CompactedAttention:
-    """The attention object after compaction: per layer, cache rows [0, t) hold (Ck, Cv) with bias
-    beta, rows t, t+1, ... hold the tokens appended after the compacted context (bias 0). A token at
-    position p >= ctx_len (the original context length) is stored in row t + p - ctx_len.
-
-    layers: one CompactKV per layer (from compact_cache / CompactingAttention)."""
+    """The attention object after compaction. layers: one CompactKV per layer. Per layer, cache rows
+    [0, t) hold (Ck, Cv) with bias beta, rows t, t+1, ... the tokens appended after the compacted
+    context (bias 0): a token at position p >= ctx_len (the context's length) is stored in row t + p - ctx_len."""
 
     def __init__(self, layers, ctx_len, max_new_tokens, page_size=16, use_kernels=False):
-        B, Hkv, _, D = layers[0].ck.shape
+        ref = layers[0].ck
+        B, Hkv, _, D = ref.shape
         self.t = max(c.ck.shape[2] for c in layers)  # rows of the compact part, the same in every layer
         self.ctx_len = ctx_len
         self.use_kernels = use_kernels
-        ref = layers[0].ck
         self.cache = KVCache(len(layers), B, Hkv, self.t + max_new_tokens, D, ref.dtype, ref.device, page_size)
-        Nmax = self.cache.k.shape[3]
-        self.bias = torch.zeros(len(layers), B, Hkv, Nmax, dtype=torch.float32, device=ref.device)
+        self.bias = torch.zeros(self.cache.k.shape[:4], dtype=torch.float32, device=ref.device)
         self.bias[:, :, :, :self.t] = float("-inf")  # layers with fewer rows: the rest are padding
         rows = torch.arange(self.t)
         for i, c in enumerate(layers):
@@ -435,16 +402,12 @@ class CompactedAttention:
 
     prefill_rows = 0
 
-    def record_prefill(self, layer_idx, input_pos, o, lse):
-        pass
-
-    def _rows(self, input_pos):
-        """The cache rows of positions input_pos >= ctx_len."""
+    def _rows(self, input_pos):  # the cache rows of positions >= ctx_len
         return input_pos - self.ctx_len + self.t
 
     def decode(self, layer_idx, q, k, v, input_pos):
         """q (B, 1, Hq, D) at the device position input_pos (1,) >= ctx_len; k, v (B, 1, Hkv, D) -> (B, 1, Hq, D):
-        every row, the compact ones with their bias, in one paged decode over all pages."""
+        one paged decode over every row, the compact ones with their bias."""
         seq_len = self.cache.append(layer_idx, k, v, self._rows(input_pos), self.use_kernels)  # rows [0, seq_len)
         decode = kernels.paged_decode if self.use_kernels else paged_decode  # (attention.paged_decode: CPU run path)
         o, _ = decode(q[:, 0], self.cache.k[layer_idx], self.cache.v[layer_idx], self.every_page, seq_len,
@@ -477,19 +440,15 @@ class CompactedAttention:
 
 
 class CompactingAttention:
-    """The attention object for the one repeat-prefill forward of
-    `context (ctx_len tokens) + separator (sep_len) + context again`. At each layer it
-      1. lets the first copy attend causally to itself (the context's true K/V for the next layer),
-      2. compacts the first copy's K/V with the second copy's queries as reference queries,
-      3. lets the separator and the second copy attend to the compacted context (bias beta) and,
-         causally, to themselves: their hidden states at the next layer are those of a model that
-         reads a compacted cache, so the next layer's reference queries are on-policy.
-    Afterwards `decoder(max_new_tokens)` gives the CompactedAttention to decode with.
-
-    budget: keys per KV head (int, or a function of the layer index); ref_queries: use at most this
-    many second-copy positions (evenly spaced) as reference queries; skip_first: the second copy
-    leaves out the context's first skip_first tokens (its BOS); compact_kwargs: compact_cache's.
-    on_layer(layer_idx): called after each layer is compacted (progress)."""
+    """The attention object for the one repeat-prefill forward of `context (ctx_len tokens) +
+    separator (sep_len) + context again`. At each layer the first copy attends causally to itself (the
+    context's true K/V for the next layer); its K/V are compacted with the second copy's queries as
+    reference queries; the separator and second copy attend to the compacted context (bias beta) and,
+    causally, to themselves, so the next layer's reference queries are those of a model reading a
+    compacted cache (on-policy). decoder(max_new_tokens) then gives the CompactedAttention.
+    budget: keys per KV head (int, or a function of the layer index); ref_queries: at most this many
+    second-copy positions (evenly spaced); skip_first: the second copy leaves out the context's first
+    skip_first tokens (its BOS); on_layer(layer_idx): called as each layer is compacted (progress)."""
 
     def __init__(self, ctx_len, sep_len, budget, ref_queries=None, use_kernels=False, page_size=16,
                  on_layer=None, skip_first=0, **compact_kwargs):
@@ -554,7 +513,6 @@ def repeat_separator(tokenizer):
     """The token ids between the two copies of the context, framed as in the authors' prompt: for a
     tokenizer with a chat template, the request as a user turn and then the assistant's header, with
     no BOS (the sequence has one, at its start); for one without, the plain REPEAT_PROMPT."""
-    from tokenizer import CHAT_TEMPLATES
     if tokenizer.chat_format in CHAT_TEMPLATES:
         turn = CHAT_TEMPLATES[tokenizer.chat_format].format(prompt=REPEAT_INSTRUCTION)
         return [i for i in tokenizer.encode(turn, allow_special=True) if i != tokenizer.bos_id]
@@ -566,14 +524,11 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
                    ref_queries=None, use_kernels=False, page_size=16, bos_id=None, on_layer=None,
                    **compact_kwargs):
     """Compact a prompt's KV cache by a factor `ratio` (>= 1) with the repeat-prefill pass.
-
-    prompt (B, N) long; the first N - keep_last tokens form the context that is compacted (keep at
-    least the last token out: its logits start generation). separator_ids: repeat_separator(tokenizer).
-    bos_id: the tokenizer's BOS id (None if it has none); a context that starts with it is repeated
-    without it, so the pass has one BOS, as in the authors' prompt.
-    Then: generate(model, res.attn, prompt[:, res.start_pos:], ..., start_pos=res.start_pos).
-    max_new_tokens: room for the suffix and the generated tokens after the compact part.
-    on_layer(layer_idx): called as each layer is compacted (progress)."""
+    prompt (B, N) long: the first N - keep_last tokens are compacted (the last stays out: its logits
+    start generation). separator_ids: repeat_separator(tokenizer). bos_id: the tokenizer's BOS id or
+    None; a context starting with it is repeated without it (one BOS, as in the authors' prompt).
+    max_new_tokens: room after the compact part. Then: generate(model, res.attn,
+    prompt[:, res.start_pos:], ..., start_pos=res.start_pos)."""
     B, N = prompt.shape
     L = N - keep_last
     if ratio < 1 or keep_last < 1 or L < 1:
@@ -587,8 +542,7 @@ def compact_prompt(model, prompt, ratio, separator_ids=(), keep_last=1, max_new_
                          f"positions, more than the model's {model.args.max_seq_len} (shorten the prompt)")
     budget = max(1, round(L / ratio))
     compactor = CompactingAttention(L, sep.shape[1], budget, ref_queries, use_kernels, page_size, on_layer,
-                                    skip_first=skip,
-                                    **compact_kwargs)
+                                    skip_first=skip, **compact_kwargs)
     sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()

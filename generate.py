@@ -24,6 +24,7 @@ if not torch.cuda.is_available():  # Triton on the CPU runs in its interpreter (
 
 import cudagraph  # noqa: E402
 import kvcache  # noqa: E402
+import tp  # noqa: E402
 from attention import DenseAttention  # noqa: E402
 from compaction import AUTHORS_W_BOX, compact_prompt, repeat_separator  # noqa: E402
 from kvcache import KVCache, QuestAttention  # noqa: E402
@@ -75,10 +76,10 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
     B, T = prompt.shape
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # On a CPU, torch's OpenMP threads hand each op out and wait for one another: that pays for large
-    # matmuls on idle cores, but on a busy machine every wait is a trip through the scheduler (2 cores
-    # at load 8: a 3,032-token prefill of the default model 3.7-9.7 s on two threads, 2.0-2.5 s on one;
-    # a (2, 256) x (256, 768) linear 8 ms on two, 57 us on one). A batch-1 decode step is all tiny
-    # ops, so it always runs on one thread; the prefill does too when the other cores are busy.
+    # matmuls on idle cores, but on a busy machine each wait is a trip through the scheduler (2 cores at
+    # load 8: a 3,032-token prefill of the default model 3.7-9.7 s on two threads, 2.0-2.5 s on one; a
+    # (2, 256) x (256, 768) linear 8 ms on two, 57 us on one). A batch-1 decode step is all tiny ops,
+    # so it always runs on one thread; the prefill does too when the other cores are busy.
     threads = torch.get_num_threads()
     busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= (os.cpu_count() or 1)
     if device.type == "cpu" and busy:
@@ -172,17 +173,6 @@ def check_options(opts, parser):
         if not ok:
             parser.error(f"{flag} {value}: expected {expected}")
     check_budget(opts, parser)
-
-
-def check_against_model(opts, parser, args, tokenizer, ckpt):
-    """The flags and files that must agree with the loaded checkpoint."""
-    if tokenizer.n_words > args.vocab_size:
-        raise SystemExit(f"error: {ckpt}: the tokenizer has ids up to {tokenizer.n_words - 1}, but config.json's "
-                         f"vocab_size is {args.vocab_size} (expected a tokenizer of at most {args.vocab_size} ids)")
-    paged = opts.method in ("quest", "retro") or (opts.method == "token_sparse" and opts.decode != "dense")
-    if paged and opts.dense_layers >= args.n_layers:
-        parser.error(f"--dense-layers {opts.dense_layers}: the model has {args.n_layers} layers, so every layer "
-                     f"would be dense (expected < {args.n_layers}; or use --method dense)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,15 +270,24 @@ def main(argv=None):
         parser.error("--kernels triton on --device cpu needs TRITON_INTERPRET=1 (set by itself without a GPU)")
     torch.manual_seed(opts.seed)
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the heads split over the processes (tp.py)
+    rank = tp.init(opts.device)[0] if world > 1 else 0
     try:
-        model = Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device)
+        model = (tp.from_pretrained(ckpt, rank, world, dtype=dtype, device=opts.device) if world > 1
+                 else Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device))
         if opts.cuda_graph:  # one-launch norms, RoPE, SwiGLU: they pay off under a graph (eagerly Python costs more)
             cudagraph.fuse_kernels(model)
         tokenizer = Tokenizer(ckpt)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(f"error: cannot load checkpoint {ckpt}: {e}")
     args = model.args
-    check_against_model(opts, parser, args, tokenizer, ckpt)
+    if tokenizer.n_words > args.vocab_size:
+        raise SystemExit(f"error: {ckpt}: the tokenizer has ids up to {tokenizer.n_words - 1}, but config.json's "
+                         f"vocab_size is {args.vocab_size} (expected a tokenizer of at most {args.vocab_size} ids)")
+    paged = opts.method in ("quest", "retro") or (opts.method == "token_sparse" and opts.decode != "dense")
+    if paged and opts.dense_layers >= args.n_layers:
+        parser.error(f"--dense-layers {opts.dense_layers}: the model has {args.n_layers} layers, so every layer "
+                     f"would be dense (expected < {args.n_layers}; or use --method dense)")
 
     default = opts.prompt is None and opts.prompt_file is None
     if opts.prompt_file is not None and not opts.prompt_file.is_file():
@@ -296,7 +295,8 @@ def main(argv=None):
     if default and not opts.quiet:
         print(f"[prompt] {DEFAULT_PROMPT.name}, code the default model never trained on (pass --prompt or "
               f"--prompt-file for your own)", file=sys.stderr)
-    text = opts.prompt if opts.prompt is not None else (opts.prompt_file or DEFAULT_PROMPT).read_text(errors="replace")
+    path = opts.prompt_file or DEFAULT_PROMPT
+    text = opts.prompt if opts.prompt is not None else path.read_text(errors="replace")
     try:
         ids = tokenizer.chat_prompt(text) if opts.chat else tokenizer.encode(text, bos=True)
     except ValueError as e:
@@ -314,25 +314,27 @@ def main(argv=None):
     if not ids:
         parser.error("the prompt is empty")
     need = len(ids) + opts.max_new_tokens
-    max_seq_len = opts.max_seq_len or need
+    max_seq_len = opts.max_seq_len or need  # the KV cache's size
     if len(ids) >= args.max_seq_len:
         parser.error(f"the prompt has {len(ids)} tokens, more than the model's context of {args.max_seq_len}")
-    if need > min(max_seq_len, args.max_seq_len):
+    if need > context:
         parser.error(f"prompt ({len(ids)} tokens) + --max-new-tokens ({opts.max_new_tokens}) = {need} exceeds "
-                     f"the context ({min(max_seq_len, args.max_seq_len)} tokens)")
+                     f"the context ({context} tokens)")
 
     prompt = torch.tensor([ids], device=opts.device)
     start_pos = 0
     if opts.method == "compact":
         # prefill + compaction happen in one repeat-prefill pass; decoding continues after the context
         t0 = time.perf_counter()
-        on_layer = None if opts.quiet else lambda i: print(
-            f"[compact] layer {i + 1}/{args.n_layers} compacted ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+
+        def on_layer(i):
+            print(f"[compact] layer {i + 1}/{args.n_layers} compacted ({time.perf_counter() - t0:.1f} s)",
+                  file=sys.stderr)
         try:
             res = compact_prompt(model, prompt, opts.ratio, separator_ids=repeat_separator(tokenizer),
                                  bos_id=tokenizer.bos_id, w_box=bias_box(opts.bias_box),
                                  max_new_tokens=opts.max_new_tokens, use_kernels=use_kernels,
-                                 page_size=opts.page_size, on_layer=on_layer)
+                                 page_size=opts.page_size, on_layer=None if opts.quiet else on_layer)
         except ValueError as e:
             parser.error(str(e))
         attn, cache, start_pos = res.attn, res.attn.cache, res.start_pos
@@ -343,17 +345,14 @@ def main(argv=None):
               f"{res.stats['kv_mib_after']:.2f} MiB; the last {prompt.shape[1]} prompt token(s) are prefilled next",
               file=sys.stderr)
     else:
-        paged = opts.method in ("quest", "retro") or (opts.method == "token_sparse" and opts.decode != "dense")
         cache = KVCache(args.n_layers, 1, args.n_kv_heads, max_seq_len, args.head_dim, dtype, opts.device,
                         page_size=opts.page_size, page_meta=paged)
         try:
             attn = make_attention(opts.method, cache, opts, use_kernels)
         except ValueError as e:
             parser.error(str(e))
-    if opts.cuda_graph:
-        why = cudagraph.unsupported(attn, torch.device(opts.device))
-        if why:
-            parser.error(f"--cuda-graph: {why}")
+    if opts.cuda_graph and (why := cudagraph.unsupported(attn, torch.device(opts.device))):
+        parser.error(f"--cuda-graph: {why}")
 
     new_ids, shown = [], [0]
 
@@ -385,6 +384,9 @@ def main(argv=None):
                     prefill_chunk=chunk, on_prefill=on_prefill if progress else None)
     print()
     report(opts, prompt.shape[1], t, attn, cache)
+    if world > 1:
+        print(f"# tensor parallel: {world} processes; KV figures above are rank 0's ({args.n_kv_heads} KV heads)",
+              file=sys.stderr)
 
 
 def report(opts, n_prompt, t, attn, cache):
@@ -399,9 +401,8 @@ def report(opts, n_prompt, t, attn, cache):
     s = attn.stats
     if s.get("decode_steps"):
         lines.append(f"KV bytes read per decoded token: {s['kv_bytes_read'] / s['decode_steps'] / 2**20:.3f} MiB")
-    for key, value in s.items():
-        if key not in ("kv_bytes_read", "decode_steps"):
-            lines.append(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    lines += [f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}"
+              for key, value in s.items() if key not in ("kv_bytes_read", "decode_steps")]
     print("\n".join("# " + line for line in lines), file=sys.stderr)
 
 

@@ -1,23 +1,22 @@
 """
 Triton kernels shared by the ideas. Each has a reference with the same signature (attention.py,
-kvcache.page_scores_ref) and test_attention.py holds it to that reference.
+kvcache.page_scores_ref) that test_attention.py holds it to.
 
 Online softmax (FlashAttention, arXiv 2205.14135). Keys are visited a tile at a time while each
 query row keeps the largest score m seen so far, l = sum_j exp(s_j - m) and acc = sum_j exp(s_j - m) v_j.
 When a tile raises the max to m', l and acc are rescaled by exp(m - m'). At the end o = acc / l and
-lse = m + log l; no (Tq, Tk) matrix is ever stored. attend_tile below is that step, written once:
-every attention kernel of nanokv (here, retro.py, token_sparse.py) is a loop over key tiles that
-calls it, and shows only what is its own: which keys a tile holds and which row may see which key.
+lse = m + log l; no (Tq, Tk) matrix is ever stored. attend_tile is that step, written once: every
+attention kernel (here, retro.py, token_sparse.py) is a loop over key tiles that calls it with its own
+keys and mask.
 
 Split-K decode (flash-decoding). One decode query is too little work to fill a GPU, so the keys are
-cut into chunks (num_splits of them, see plan_splits), each attended to by its own program, and the
-partial results are merged:
+cut into num_splits chunks (plan_splits), each attended to by its own program, and the partials merged:
     lse = log sum_s exp(lse_s),   o = sum_s exp(lse_s - lse) o_s.
 The G query heads that share a KV head are the rows of one tile, so each K/V tile is read once.
 
-Page-sparse decode (Quest, arXiv 2406.10774): the same split-K decode over a list of pages gathered
-in any order; page_scores computes the bound Quest ranks pages by. Scores are kept in base 2
-(exp2 is the hardware exponential): s2 = s * log2(e), so lse = m2 * ln 2 + log l.
+Page-sparse decode (Quest, arXiv 2406.10774): the same split-K decode kernel, its keys read from a
+list of pages in any order; page_scores computes the bound Quest ranks pages by. Scores are kept in
+base 2 (exp2 is the hardware exponential): s2 = s * log2(e), so lse = m2 * ln 2 + log l.
 """
 
 import functools
@@ -61,10 +60,9 @@ def _check(q, k, v, q_dims):
 
 
 def device_length(seq_len, Nmax):
-    """A kernel's key count: an int, or a (1,) int32 tensor on the device that the kernel reads
-    itself. The second needs no host sync, so the call can be captured in a CUDA graph and replayed
-    as the sequence grows; the work is then planned for the largest length, Nmax (programs past the
-    real length find no keys). -> (length to plan for, tensor or None)."""
+    """A kernel's key count: an int, or a (1,) int32 device tensor the kernel reads itself (no host
+    sync: the call can be captured in a CUDA graph and replayed as the sequence grows; the work is
+    planned for Nmax, programs past the real length find no keys). -> (length to plan for, tensor or None)."""
     if torch.is_tensor(seq_len):
         if seq_len.dtype != torch.int32 or seq_len.numel() != 1:
             raise ValueError(f"a device length must be one int32 value, got {seq_len.dtype} {tuple(seq_len.shape)}")
@@ -76,8 +74,8 @@ def device_length(seq_len, Nmax):
 
 
 def prefill_tiles(q):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a prefill kernel: the Triton tutorial's H100 choice
-    for 2-byte inputs, smaller tiles for fp32 (shared memory) and for the CPU interpreter (numpy cost per tile)."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a prefill kernel: the Triton tutorial's H100 choice for
+    2-byte inputs, smaller tiles for fp32 (shared memory) and the CPU interpreter (numpy cost per tile)."""
     if q.device.type != "cuda":
         return 32, 32, 4, 1
     if q.element_size() <= 2 and q.shape[-1] <= 128:
@@ -90,9 +88,9 @@ def prefill_tiles(q):
 
 @triton.jit
 def online_softmax(m, l, s):
-    """Fold a tile of base-2 scores s (M, N), -inf where a row may not see a key, into each row's
-    running max m (M,) and sum l (M,). -> (m', l', alpha = exp2(m - m'), the factor that rescales
-    what was summed over earlier keys, p = exp2(s - m') (M, N), this tile's weights)."""
+    """Fold a tile of base-2 scores s (M, N), -inf where a row may not see a key, into each row's running
+    max m (M,) and sum l (M,). -> (m', l', alpha = exp2(m - m') to rescale the sums over earlier keys,
+    p = exp2(s - m') (M, N), this tile's weights)."""
     m_new = tl.maximum(m, tl.max(s, 1))
     # a row with no visible key so far keeps m = -inf; shift it by 0 so exp gives 0, not NaN
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -139,9 +137,9 @@ def store_split(OP, LP, m, l, acc, row, row_ok, split, num_splits, d, D: tl.cons
 
 @triton.jit
 def merge_splits(lse_s, o_s):
-    """The split-K merge for a block of rows (retro.window_merge): lse_s (M, NS), o_s (M, NS, BLOCK_D) fp32,
-    attentions over disjoint key sets -> their union's o (M, BLOCK_D) and lse (M,); empty parts
-    (lse = -inf) add nothing. merge_partials' kernel is the same for one row, in 1-D."""
+    """The split-K merge of a block of rows (merge_partials, retro.window_merge): lse_s (M, NS), o_s (M, NS,
+    BLOCK_D) fp32 of attentions over disjoint key sets -> their union's o (M, BLOCK_D), lse (M,); empty
+    parts (lse = -inf) add nothing."""
     m = tl.max(lse_s, 1)
     m = tl.where(m == float("-inf"), 0.0, m)  # every part empty: all weights 0, no NaN
     w = tl.exp(lse_s - m[:, None])
@@ -245,20 +243,15 @@ def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None, seq_len=None)
 
 @triton.jit(do_not_specialize=["NS"])
 def _merge_kernel(OP, LP, O, LSE, NS, D: tl.constexpr, BLOCK_NS: tl.constexpr, BLOCK_D: tl.constexpr):
-    # merge_splits for one row, written out in 1-D: as a (1, NS, D) block it measured ~5% slower (H200)
-    r = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(0).to(tl.int64) + tl.arange(0, 1)  # one output row per program (a block of one)
     s = tl.arange(0, BLOCK_NS)
     d = tl.arange(0, BLOCK_D)
-    lse_s = tl.load(LP + r * NS + s, mask=s < NS, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights 0, no NaN
-    w = tl.exp(lse_s - m_safe)
-    total = tl.sum(w, 0)
-    o_s = tl.load(OP + r * NS * D + s[:, None] * D + d[None, :], mask=(s[:, None] < NS) & (d[None, :] < D), other=0.0)
-    total_safe = tl.where(total > 0, total, 1.0)
-    o = tl.sum(w[:, None] * o_s, 0) / total_safe
-    tl.store(O + r * D + d, o.to(O.dtype.element_ty), mask=d < D)
-    tl.store(LSE + r, tl.where(total > 0, m_safe + tl.log(total_safe), float("-inf")))
+    lse_s = tl.load(LP + r[:, None] * NS + s[None, :], mask=s[None, :] < NS, other=float("-inf"))
+    o_s = tl.load(OP + (r[:, None, None] * NS + s[None, :, None]) * D + d[None, None, :],
+                  mask=(s[None, :, None] < NS) & (d[None, None, :] < D), other=0.0)
+    o, lse = merge_splits(lse_s, o_s)
+    tl.store(O + r[:, None] * D + d[None, :], o.to(O.dtype.element_ty), mask=d[None, :] < D)
+    tl.store(LSE + r, lse)
 
 
 def merge_partials(o_parts, lse_parts, out_dtype=None):
@@ -279,14 +272,30 @@ def merge_partials(o_parts, lse_parts, out_dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Flash decode: one program per (split, batch * KV head); the G query heads are the rows of a tile
+# Split-K decode: one program per (split, batch * KV head); the G query heads are the rows of a tile.
+# The keys are the cache rows [0, seq_len), or those of a list of pages (paged decode, Quest).
+#
+# A page list is walked as a virtual sequence in which every listed page is padded to PAGE_PAD (a power
+# of two) rows: row c is row c % PAGE_PAD of the page in slot c // PAGE_PAD. A tile then holds several
+# small pages or a piece of a large one, and any page_size works (padding rows masked). retro.py walks
+# its page list the same way (paged_keys).
 
-@triton.jit(do_not_specialize=["seq_len", "chunk", "num_splits"])
-def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
-                   sqb, sqh, sqw, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   Hkv, G, W, seq_len, chunk, num_splits, qk_scale,
-                   LEN_ON_DEVICE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+@triton.jit
+def paged_keys(PAGES, spk, c, hi, seq_len, page_size, PAGE_PAD: tl.constexpr):
+    """The cache rows k_pos of the virtual rows c (N,) of a page list, whether they exist (k_ok), and their pages."""
+    page = tl.load(PAGES + (c // PAGE_PAD) * spk, mask=c < hi, other=-1)
+    in_page = c % PAGE_PAD
+    k_pos = page * page_size + in_page
+    return k_pos, (page >= 0) & (in_page < page_size) & (k_pos < seq_len) & (c < hi), page
+
+
+@triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
+def _decode_kernel(Q, K, V, PAGES, BIAS, OP, LP, SEQ_LEN,
+                   sqb, sqh, sqw, sqd, skb, skh, skn, skd, svb, svh, svn, svd, spb, sph, spk, sbb, sbh, sbn,
+                   Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, qk_scale,
+                   PAGED: tl.constexpr, HAS_BIAS: tl.constexpr, LEN_ON_DEVICE: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAGE_PAD: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
     if LEN_ON_DEVICE:  # see device_length()
         seq_len = tl.load(SEQ_LEN)
     split = tl.program_id(0)
@@ -304,18 +313,24 @@ def _decode_kernel(Q, K, V, OP, LP, SEQ_LEN,
     q_pos = seq_len - W + i  # window row i sits at this position and sees the keys up to it
     K += b * skb + hk * skh
     V += b * svb + hk * svh
+    PAGES += b * spb + hk * sph
+    BIAS += b * sbb + hk * sbh
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo = split * chunk
-    hi = tl.minimum(lo + chunk, seq_len)
+    hi = tl.minimum(lo + chunk, n_slots * PAGE_PAD if PAGED else seq_len)
     for start in range(lo, hi, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < hi
-        visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        c = start + tl.arange(0, BLOCK_N)
+        if PAGED:  # c: virtual rows of the page list (one decode row, which sees every listed key)
+            k_pos, k_ok, _ = paged_keys(PAGES, spk, c, hi, seq_len, page_size, PAGE_PAD)
+            visible = k_ok[None, :]
+        else:  # c: the cache rows
+            k_pos, k_ok = c, c < hi
+            visible = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         m, l, acc = attend_tile(q, K, V, k_pos, k_ok, visible, m, l, acc, skn, skd, svn, svd, d, d_ok, qk_scale,
-                                PRECISION)
+                                PRECISION, BIAS, sbn, HAS_BIAS)
 
     store_split(OP, LP, m, l, acc, pid_bh.to(tl.int64) * G * W + r, r < G * W, split, num_splits, d, D)
 
@@ -324,11 +339,11 @@ KV_TILE_BYTES = 64 * 1024  # one pipeline stage's K and V tiles at most; more fa
 
 
 def kv_tiles(block_n, num_stages, D, element_size):
-    """(BLOCK_N, num_stages) for a decode loop that loads a BLOCK_N x D tile of K and one of V per
-    step. The tuned defaults (head dim 128, 2-byte inputs) fit; a wide head in fp32 (160 or 256,
-    padded to 256) would need ~280 KB of shared memory with them, more than an H100/H200 has
-    (~228 KB): then a single stage and fewer keys per tile, halved until K + V fit KV_TILE_BYTES."""
-    tile = lambda n: 2 * n * max(16, triton.next_power_of_2(D)) * element_size  # noqa: E731
+    """(BLOCK_N, num_stages) for a decode loop loading a BLOCK_N x D tile of K and one of V per step. The
+    tuned defaults fit head dim 128 in 2 bytes; a wide fp32 head (160, 256: padded to 256) would need ~280 KB
+    of shared memory, more than an H100/H200 has (~228 KB): then one stage, and the keys per tile halved
+    until K + V fit KV_TILE_BYTES."""
+    tile = lambda n: 2 * n * tile_size(D) * element_size  # noqa: E731
     if tile(block_n) <= KV_TILE_BYTES:
         return block_n, num_stages
     while block_n > 16 and tile(block_n) > KV_TILE_BYTES:
@@ -336,46 +351,79 @@ def kv_tiles(block_n, num_stages, D, element_size):
     return block_n, 1
 
 
-DECODE_BLOCK_N = 64  # keys per tile; 64 x 128 bf16 = 16 KB per K (or V) tile, wide coalesced loads
-DECODE_WAVES = 4  # programs per SM
+# keys per tile (64 x 128 bf16 = 16 KB per K or V tile: wide coalesced loads), programs per SM, launch options
+DECODE_TUNING = dict(block_n=64, waves=2, num_warps=4, num_stages=3)
+PAGED_TUNING = dict(block_n=128, waves=2, num_warps=4, num_stages=2)
 MAX_DECODE_ROWS = 64  # query rows of a flash_decode tile (G heads x W window rows)
 
 
+def _split_decode(qw, k_cache, v_cache, seq_len, len_t, G, scale, num_splits, tuning, pages=None, page_size=1,
+                  bias=None):
+    """The launch flash_decode and paged_decode share: qw (B, Hq, W, D) over the keys [0, seq_len) of
+    the caches, or of the pages listed in pages (B, Hkv, n_slots) int32 -> o (B, Hq, W, D), lse (B, Hq, W)."""
+    B, Hq, W, D = qw.shape
+    Hkv = k_cache.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    page_pad = triton.next_power_of_2(page_size)
+    n_slots = pages.shape[2] if pages is not None else 0
+    n_rows = n_slots * page_pad if pages is not None else seq_len
+    chunk, num_splits = plan_splits(n_rows, B * Hkv, qw.device, tuning["waves"], tuning["block_n"],
+                                    num_splits)
+    o_part = torch.empty(B, Hq, W, num_splits, D, dtype=torch.float32, device=qw.device)
+    lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=qw.device)
+    block_n, stages = kv_tiles(tuning["block_n"], tuning["num_stages"] if qw.device.type == "cuda" else 1, D,
+                               qw.element_size())
+    absent = (lse_part, 0, 0, 0)  # stands for a page list or bias not given: never read
+    PAGES, spb, sph, spk = (pages, *pages.stride()) if pages is not None else absent
+    BIAS, sbb, sbh, sbn = (bias, *bias.stride()) if bias is not None else absent
+    _decode_kernel[(num_splits, B * Hkv)](
+        qw, k_cache, v_cache, PAGES, BIAS, o_part, lse_part, len_t if len_t is not None else lse_part,
+        *qw.stride(), *k_cache.stride(), *v_cache.stride(), spb, sph, spk, sbb, sbh, sbn,
+        Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, scale * LOG2E,
+        PAGED=pages is not None, HAS_BIAS=bias is not None, LEN_ON_DEVICE=len_t is not None,
+        PRECISION=dot_precision(qw.dtype), BLOCK_M=tile_size(G * W), BLOCK_N=block_n, PAGE_PAD=page_pad,
+        BLOCK_D=tile_size(D), D=D, num_warps=tuning["num_warps"], num_stages=stages)
+    return merge_partials(o_part, lse_part, out_dtype=qw.dtype)
+
+
 def flash_decode(q, k_cache, v_cache, seq_len, scale=None, num_splits=None):
-    """Flash-decoding, same contract as attention.decode_ref.
-    q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D); keys [0, seq_len) -> o (B, Hq, D), lse (B, Hq) fp32.
-    q may also be (B, Hq, W, D): the last W positions of the sequence (a RetroAttention window, a short
-    chunk), attended causally -> o (B, Hq, W, D), lse (B, Hq, W); each K/V tile still read once.
-    seq_len: an int or a device length (see device_length).
-    num_splits: how many chunks the keys are cut into (default: from seq_len and the SM count)."""
+    """Flash-decoding, same contract as attention.decode_ref: q (B, Hq, D); k_cache, v_cache (B, Hkv,
+    Nmax, D); keys [0, seq_len) -> o (B, Hq, D), lse (B, Hq) fp32. q may also be (B, Hq, W, D): the last
+    W positions (a RetroAttention window, a short chunk), attended causally -> o (B, Hq, W, D), lse (B, Hq,
+    W); each K/V tile is still read once. seq_len: an int or a device length (device_length). num_splits:
+    how many chunks the keys are cut into (default: from seq_len and the SM count)."""
     window = q.dim() == 4
-    if window:
-        B, Hq, W, D = q.shape
-        G = _check(q[:, :, 0], k_cache, v_cache, 3)
-        if G * W > MAX_DECODE_ROWS:
-            raise ValueError(f"flash_decode: {W} window rows x {G} query heads per KV head exceed "
-                             f"{MAX_DECODE_ROWS} rows of a tile; use flash_prefill")
-    else:
-        G = _check(q, k_cache, v_cache, 3)
-        B, Hq, D = q.shape
-        W = 1
-    Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
-    seq_len, len_t = device_length(seq_len, Nmax)
+    G = _check(q[:, :, 0] if window else q, k_cache, v_cache, 3)
+    qw = q if window else q.unsqueeze(2)  # (B, Hq, W, D); with one row its W stride is never used
+    W = qw.shape[2]
+    if window and G * W > MAX_DECODE_ROWS:
+        raise ValueError(f"flash_decode: {W} window rows x {G} query heads per KV head exceed "
+                         f"{MAX_DECODE_ROWS} rows of a tile; use flash_prefill")
+    seq_len, len_t = device_length(seq_len, k_cache.shape[2])
     if len_t is None and W > seq_len:
         raise ValueError(f"flash_decode: {W} window rows need at least as many keys, got seq_len {seq_len}")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    chunk, num_splits = plan_splits(seq_len, B * Hkv, q.device, DECODE_WAVES, DECODE_BLOCK_N, num_splits)
-    o_part = torch.empty(B, Hq, W, num_splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=q.device)
-    qs = q.stride() if window else (*q.stride()[:2], 0, q.stride(2))
-    block_n, stages = kv_tiles(DECODE_BLOCK_N, 3 if q.device.type == "cuda" else 1, D, q.element_size())
-    _decode_kernel[(num_splits, B * Hkv)](
-        q, k_cache, v_cache, o_part, lse_part, len_t if len_t is not None else lse_part,
-        *qs, *k_cache.stride(), *v_cache.stride(), Hkv, G, W, seq_len, chunk, num_splits, scale * LOG2E,
-        LEN_ON_DEVICE=len_t is not None, PRECISION=dot_precision(q.dtype), BLOCK_M=tile_size(G * W),
-        BLOCK_N=block_n, BLOCK_D=tile_size(D), D=D, num_warps=4, num_stages=stages)
-    o, lse = merge_partials(o_part, lse_part, out_dtype=q.dtype)
+    o, lse = _split_decode(qw, k_cache, v_cache, seq_len, len_t, G, scale, num_splits, DECODE_TUNING)
     return (o, lse) if window else (o[:, :, 0], lse[:, :, 0])
+
+
+def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, scale=None, num_splits=None):
+    """Decode attention over a list of pages per KV head, same contract as attention.paged_decode_ref.
+    q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D); page_idx (B, Hkv, K) int, -1 = unused slot, pages in
+    any order but each listed once; bias (B, Hkv, Nmax) fp32 or None -> o (B, Hq, D), lse (B, Hq) fp32.
+    seq_len: an int or a device length (see device_length).
+    num_splits: how many chunks the page list is cut into (default: from its length and the SM count)."""
+    G = _check(q, k_cache, v_cache, 3)
+    B, Hkv, Nmax = k_cache.shape[:3]
+    seq_len, len_t = device_length(seq_len, Nmax)
+    if page_idx.dim() != 3 or tuple(page_idx.shape[:2]) != (B, Hkv):
+        raise ValueError(f"page_idx must be (B, Hkv, K) = ({B}, {Hkv}, K), got {tuple(page_idx.shape)}")
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    if bias is not None and tuple(bias.shape) != (B, Hkv, Nmax):
+        raise ValueError(f"bias must be (B, Hkv, Nmax) = ({B}, {Hkv}, {Nmax}), got {tuple(bias.shape)}")
+    o, lse = _split_decode(q.unsqueeze(2), k_cache, v_cache, seq_len, len_t, G, scale, num_splits,
+                           PAGED_TUNING, page_idx.to(torch.int32), page_size, bias)
+    return o[:, :, 0], lse[:, :, 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,13 +572,13 @@ def append_kv(k_cache, v_cache, kmin, kmax, k, v, pos, page_size):
     graph; the reference is KVCache.write."""
     B, T, Hkv, D = k.shape
     has_meta = kmin is not None
-    meta = kmin if has_meta else k_cache  # any tensor: never read without bounds
-    meta_strides = kmin.stride() if has_meta else (0, 0, 0, 0)
-    _append_kv_kernel[(B * Hkv,)](k, v, pos, k_cache, v_cache, meta, kmax if has_meta else meta,
-                                  *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *meta_strides,
-                                  Hkv, T, page_size, HAS_META=has_meta,
-                                  BLOCK_S=max(16, triton.next_power_of_2(page_size)),
-                                  BLOCK_D=max(16, triton.next_power_of_2(D)), D=D, num_warps=4)
+    if not has_meta:  # any (B, Hkv, ., D) tensor: never read without bounds
+        kmin = kmax = k_cache
+    _append_kv_kernel[(B * Hkv,)](k, v, pos, k_cache, v_cache, kmin, kmax,
+                                  *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+                                  *kmin.stride(),
+                                  Hkv, T, page_size, HAS_META=has_meta, BLOCK_S=tile_size(page_size),
+                                  BLOCK_D=tile_size(D), D=D, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,134 +683,33 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
     SELECT_MAX_PAGES pages (kvcache.quest_pages uses the reference beyond)."""
     if budget_pages < 1 or num_pages < 1:
         raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
-    if num_pages > SELECT_MAX_PAGES:
-        raise ValueError(f"kernels.select_pages handles up to {SELECT_MAX_PAGES} pages, got {num_pages}")
-    *lead, P = scores.shape
-    if P < num_pages or not 0 <= newest_page < num_pages:
+    if scores.shape[-1] < num_pages or not 0 <= newest_page < num_pages:
         raise ValueError(f"scores {tuple(scores.shape)} must hold num_pages {num_pages} pages and newest_page "
                          f"{newest_page} must be one of them")
     return _select(scores, num_pages, min(budget_pages, num_pages), newest_page, None, 1)
 
 
+def select_pages_device(scores, seq_len, page_size, budget_pages):
+    """select_pages for the pages of a length seq_len (an int or a device length, see device_length):
+    num_pages = ceil(seq_len / page_size), the newest page is the last; with fewer pages than budget_pages
+    all are kept and the slots left hold -1 (reference: kvcache.select_pages_upto).
+    scores (B, Hkv, Pmax) -> (B, Hkv, budget_pages) int32."""
+    if budget_pages < 1:
+        raise ValueError(f"select_pages_device: need budget_pages >= 1, got {budget_pages}")
+    n, len_t = device_length(seq_len, scores.shape[-1] * page_size)
+    num_pages = triton.cdiv(n, page_size)  # (for a device length: all Pmax, the kernel counts its own)
+    return _select(scores, num_pages, budget_pages, num_pages - 1, len_t, page_size)
+
+
 def _select(scores, num_pages, K, newest_page, len_t, page_size):
+    if num_pages > SELECT_MAX_PAGES:
+        raise ValueError(f"kernels.select_pages handles up to {SELECT_MAX_PAGES} pages, got {num_pages}")
     *lead, P = scores.shape
     s = scores.reshape(-1, P)
     out = torch.full((s.shape[0], K), -1, dtype=torch.int32, device=scores.device)  # -1: slots past the pages
-    BLOCK_P = max(16, triton.next_power_of_2(num_pages))
+    BLOCK_P = tile_size(num_pages)
     _select_pages_kernel[(s.shape[0],)](s, out, len_t if len_t is not None else out, s.stride(0), s.stride(1),
                                         out.stride(0), num_pages, K, newest_page, page_size,
                                         LEN_ON_DEVICE=len_t is not None, BLOCK_P=BLOCK_P,
                                         num_warps=8)  # (H200: 8 warps best from 2K to 16K pages)
     return out.view(*lead, K)
-
-
-def select_pages_device(scores, seq_len, page_size, budget_pages):
-    """select_pages for the pages of a device length seq_len (see device_length): num_pages =
-    ceil(seq_len / page_size), the newest page is the last; with fewer pages than budget_pages all are
-    kept and the slots left hold -1 (reference: kvcache.select_pages_upto).
-    scores (B, Hkv, Pmax) -> (B, Hkv, budget_pages) int32."""
-    P = scores.shape[-1]
-    if P > SELECT_MAX_PAGES:
-        raise ValueError(f"select_pages_device handles up to {SELECT_MAX_PAGES} pages, got {P}")
-    if budget_pages < 1:
-        raise ValueError(f"select_pages_device: need budget_pages >= 1, got {budget_pages}")
-    _, len_t = device_length(seq_len, P * page_size)
-    return _select(scores, P, budget_pages, 0, len_t, page_size)
-
-
-
-
-# ----------------------------------------------------------------------------------------------
-# Paged decode: flash decode over a list of pages, split along the list
-#
-# Tile rows walk a virtual sequence in which every listed page is padded to PAGE_PAD (a power of two)
-# rows: row c is row c % PAGE_PAD of the page in slot c // PAGE_PAD. A tile then holds several small
-# pages or a piece of a large one, and any page_size works (padding rows masked). retro.py walks its
-# page list the same way (paged_keys).
-
-@triton.jit
-def paged_keys(PAGES, spk, c, hi, seq_len, page_size, PAGE_PAD: tl.constexpr):
-    """The cache rows k_pos of the virtual rows c (N,) of a page list, whether they exist (k_ok), and their pages."""
-    page = tl.load(PAGES + (c // PAGE_PAD) * spk, mask=c < hi, other=-1)
-    in_page = c % PAGE_PAD
-    k_pos = page * page_size + in_page
-    return k_pos, (page >= 0) & (in_page < page_size) & (k_pos < seq_len) & (c < hi), page
-
-
-@triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
-def _paged_decode_kernel(Q, K, V, PAGES, BIAS, OP, LP, SEQ_LEN,
-                         sqb, sqh, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                         spb, sph, spk, sbb, sbh, sbn,
-                         Hkv, G, n_slots, seq_len, page_size, chunk, num_splits, qk_scale,
-                         HAS_BIAS: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_PAD: tl.constexpr,
-                         BLOCK_D: tl.constexpr, D: tl.constexpr):
-    if LEN_ON_DEVICE:  # see device_length()
-        seq_len = tl.load(SEQ_LEN)
-    split = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hkv).to(tl.int64)
-    hk = (pid_bh % Hkv).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    q = tl.load(Q + b * sqb + (hk * G + g[:, None]) * sqh + d[None, :] * sqd,
-                mask=(g[:, None] < G) & d_ok[None, :], other=0.0)
-    K += b * skb + hk * skh
-    V += b * svb + hk * svh
-    PAGES += b * spb + hk * sph
-    BIAS += b * sbb + hk * sbh
-
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, n_slots * PAGE_PAD)
-    for start in range(lo, hi, BLOCK_N):
-        k_pos, k_ok, _ = paged_keys(PAGES, spk, start + tl.arange(0, BLOCK_N), hi, seq_len, page_size, PAGE_PAD)
-        m, l, acc = attend_tile(q, K, V, k_pos, k_ok, k_ok[None, :], m, l, acc, skn, skd, svn, svd, d, d_ok,
-                                qk_scale, PRECISION, BIAS, sbn, HAS_BIAS)
-
-    store_split(OP, LP, m, l, acc, pid_bh.to(tl.int64) * G + g, g < G, split, num_splits, d, D)
-
-
-PAGED_BLOCK_N = 128
-PAGED_TUNING = dict(waves=2, num_warps=4, num_stages=2)  # programs per SM, and the launch options on a GPU
-
-
-def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, scale=None, num_splits=None):
-    """Decode attention over a list of pages per KV head, same contract as attention.paged_decode_ref.
-    q (B, Hq, D); k_cache, v_cache (B, Hkv, Nmax, D); page_idx (B, Hkv, K) int, -1 = unused slot, pages in
-    any order but each listed once; bias (B, Hkv, Nmax) fp32 or None -> o (B, Hq, D), lse (B, Hq) fp32.
-    seq_len: an int or a device length (see device_length).
-    num_splits: how many chunks the page list is cut into (default: from its length and the SM count)."""
-    G = _check(q, k_cache, v_cache, 3)
-    B, Hq, D = q.shape
-    Hkv, Nmax = k_cache.shape[1], k_cache.shape[2]
-    seq_len, len_t = device_length(seq_len, Nmax)
-    if page_idx.dim() != 3 or tuple(page_idx.shape[:2]) != (B, Hkv):
-        raise ValueError(f"page_idx must be (B, Hkv, K) = ({B}, {Hkv}, K), got {tuple(page_idx.shape)}")
-    if page_size < 1:
-        raise ValueError(f"page_size must be >= 1, got {page_size}")
-    if bias is not None and tuple(bias.shape) != (B, Hkv, Nmax):
-        raise ValueError(f"bias must be (B, Hkv, Nmax) = ({B}, {Hkv}, {Nmax}), got {tuple(bias.shape)}")
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    page_idx = page_idx.to(torch.int32)
-    n_slots = page_idx.shape[2]
-    page_pad = triton.next_power_of_2(page_size)
-    chunk, num_splits = plan_splits(n_slots * page_pad, B * Hkv, q.device, PAGED_TUNING["waves"], PAGED_BLOCK_N,
-                                    num_splits)
-    o_part = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-    bias_t = bias if bias is not None else lse_part  # any tensor: never read when HAS_BIAS is False
-    bias_strides = bias.stride() if bias is not None else (0, 0, 0)
-    block_n, stages = kv_tiles(PAGED_BLOCK_N, PAGED_TUNING["num_stages"] if q.device.type == "cuda" else 1, D,
-                               q.element_size())
-    _paged_decode_kernel[(num_splits, B * Hkv)](
-        q, k_cache, v_cache, page_idx, bias_t, o_part, lse_part, len_t if len_t is not None else lse_part,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *page_idx.stride(), *bias_strides,
-        Hkv, G, n_slots, seq_len, page_size, chunk, num_splits, scale * LOG2E,
-        HAS_BIAS=bias is not None, LEN_ON_DEVICE=len_t is not None, PRECISION=dot_precision(q.dtype),
-        BLOCK_G=tile_size(G), BLOCK_N=block_n, PAGE_PAD=page_pad, BLOCK_D=tile_size(D), D=D,
-        num_warps=PAGED_TUNING["num_warps"], num_stages=stages)
-    return merge_partials(o_part, lse_part, out_dtype=q.dtype)

@@ -14,7 +14,7 @@ from that page's keys rather than updated incrementally.
 import torch
 
 import kernels
-from attention import decode_attention, paged_decode, prefill_attention
+from attention import DenseAttention, decode_attention, paged_decode
 
 
 class KVCache:
@@ -60,9 +60,8 @@ class KVCache:
 
     def write(self, layer, k, v, input_pos):
         """Prefill: k, v (B, T, Hkv, D) for the contiguous host positions input_pos (T,)."""
-        T = k.shape[1]
         start = int(input_pos[0])
-        end = start + T
+        end = start + k.shape[1]
         if end > self.max_seq_len:
             raise ValueError(f"sequence of {end} tokens does not fit the KV cache of {self.max_seq_len} "
                              f"positions (raise --max-seq-len or shorten the prompt)")
@@ -84,9 +83,9 @@ class KVCache:
             self.decoded.index_add_(0, n, self._one)
         if not use_kernels:  # the PyTorch path (a CPU, never captured) may read the positions on the host
             self.write(layer, k, v, pos)
-            return self.seq_len
-        meta = (self.kmin[layer], self.kmax[layer]) if self.page_meta else (None, None)
-        kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)  # one launch
+        else:
+            meta = (self.kmin[layer], self.kmax[layer]) if self.page_meta else (None, None)
+            kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)  # one launch
         return self.seq_len
 
     def refresh_pages(self, layer, first, last):
@@ -134,36 +133,14 @@ def select_pages(scores, num_pages, budget_pages, newest_page):
     page_idx (B, Hkv, K) int32 in ascending page order, K = min(budget_pages, num_pages)."""
     if budget_pages < 1 or num_pages < 1:
         raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
-    scores = scores[..., :num_pages].float()
     # a NaN bound (from a non-finite key) counts as +inf, whatever its sign bit: the page is read, and
-    # the order does not depend on how a sort ranks NaN (CPU and CUDA sorts differ)
-    scores = torch.where(torch.isnan(scores), float("inf"), scores)
-    K = min(budget_pages, num_pages)
-    # the newest page, then the K - 1 best others; a stable sort settles ties: the lower page wins
-    # (kernels.select_pages does the same)
-    order = scores.sort(dim=-1, descending=True, stable=True).indices
-    others = order[order != newest_page].view(*scores.shape[:-1], num_pages - 1)
-    page_idx = torch.cat([others[..., :K - 1], torch.full_like(order[..., :1], newest_page)], dim=-1)
-    return page_idx.sort(dim=-1).values.to(torch.int32)
-
-
-def check_budget(budget, page_size):
-    """A budget is a whole number of pages, at least one."""
-    if page_size < 1:
-        raise ValueError(f"--page-size {page_size}: expected a page of >= 1 tokens")
-    if budget < page_size:
-        raise ValueError(f"--budget {budget} is smaller than one page (--page-size {page_size})")
-    if budget % page_size:
-        raise ValueError(f"--budget {budget} is not a multiple of --page-size {page_size}")
-
-
-def check_sparse_args(cache, budget, page_size, dense_layers):
-    """The arguments Quest and RetroAttention share: the cache's page size, a whole-page budget, dense_layers >= 0."""
-    if page_size != cache.page_size:
-        raise ValueError(f"--page-size {page_size} differs from the KV cache's page size {cache.page_size}")
-    check_budget(budget, page_size)
-    if dense_layers < 0:
-        raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
+    # the order does not depend on how a sort ranks NaN (CPU and CUDA sorts differ). In float64 (exact for
+    # fp32 scores) both rank at 1e300, below the newest page (+inf), which is always kept.
+    s = scores[..., :num_pages].double().nan_to_num(nan=1e300, posinf=1e300)
+    s[..., newest_page] = float("inf")
+    # a stable sort settles ties: the lower page wins (kernels.select_pages does the same)
+    order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, num_pages)]
+    return order.sort(dim=-1).values.to(torch.int32)
 
 
 def select_pages_upto(scores, seq_len, page_size, budget_pages):
@@ -174,12 +151,9 @@ def select_pages_upto(scores, seq_len, page_size, budget_pages):
     P = scores.shape[-1]
     page = torch.arange(P, device=scores.device)
     num_pages = (seq_len.long() + page_size - 1) // page_size
-    s = scores.float()
-    s = torch.where(torch.isnan(s), float("inf"), s)  # a NaN bound counts as +inf (see select_pages)
-    order = s.masked_fill(page >= num_pages, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
-    # then the newest page to the front, above any score, +inf too (a stable sort keeps the others' order)
-    order = order.gather(-1, (order == num_pages - 1).int().sort(dim=-1, descending=True, stable=True).indices)
-    order = order[..., :min(budget_pages, P)]
+    s = scores.double().nan_to_num(nan=1e300, posinf=1e300)  # NaN and +inf below the newest (select_pages)
+    s = s.masked_fill(page == num_pages - 1, float("inf")).masked_fill(page >= num_pages, float("-inf"))
+    order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, P)]
     chosen = torch.where(order < num_pages, order, P).sort(dim=-1).values  # the unused slots (P) last
     return torch.where(chosen < P, chosen, -1).to(torch.int32)
 
@@ -200,26 +174,44 @@ def quest_pages(q, cache, layer_idx, budget, seq_len, use_kernels, bounds=None):
 
 
 def group_view(x, G):
-    """x (B, Hkv, ...) -> (B * Hkv, G, ...): each KV head's tensor once per query head of its group,
-    as a stride-0 view (no copy). With q (B, Hq, D) viewed as (B * Hkv, G, D), the scoring,
-    selection and paged decode written for one page list per KV head then give each query head its
-    own page list (Quest's own GQA path)."""
+    """x (B, Hkv, ...) -> (B * Hkv, G, ...): each KV head's tensor once per query head of its group, a
+    stride-0 view (no copy). With q (B, Hq, D) viewed as (B * Hkv, G, D), the scoring, selection and paged
+    decode written for one page list per KV head give each query head its own (Quest's own GQA path)."""
     B, Hkv = x.shape[:2]
     return x.unsqueeze(2).expand(B, Hkv, G, *x.shape[2:]).flatten(0, 1)
 
 
-def page_reads(cache, budget, n, steps, n_dense):
+def page_reads(cache, budget, n, steps, n_dense, lists=1):
     """The reads of decode steps (n, steps: cache.decoded_lengths()) over all layers: n_dense layers
-    read the n valid rows of every KV head; the others Quest's K = min(budget // S, pages) pages (the
-    newest holds only the keys before n) plus the min/max bounds of every page (each the size of a
-    K/V row). -> (K/V rows read, pages read, K per step)."""
+    read the n valid rows of every KV head; the others, for each of `lists` page lists per KV head,
+    Quest's K = min(budget // S, pages) pages (the newest holds only the keys before n) plus the min/max
+    bounds of every page (each the size of a K/V row). -> (K/V rows read, pages read, K per step)."""
     L, B, Hkv = cache.k.shape[:3]
     S = cache.page_size
     pages = torch.ceil(n / S)
     K = pages.clamp(max=budget // S)
-    sparse_rows = (K - 1) * S + n - (pages - 1) * S + pages
+    sparse_rows = lists * ((K - 1) * S + n - (pages - 1) * S + pages)
     rows = (steps * (n_dense * n + (L - n_dense) * sparse_rows)).sum()
-    return int(rows), int(B * Hkv * (steps * (n_dense * pages + (L - n_dense) * K)).sum()), K
+    return int(rows), int(B * Hkv * (steps * (n_dense * pages + (L - n_dense) * lists * K)).sum()), K
+
+
+def check_budget(budget, page_size):
+    """A budget is a whole number of pages, at least one."""
+    if page_size < 1:
+        raise ValueError(f"--page-size {page_size}: expected a page of >= 1 tokens")
+    if budget < page_size:
+        raise ValueError(f"--budget {budget} is smaller than one page (--page-size {page_size})")
+    if budget % page_size:
+        raise ValueError(f"--budget {budget} is not a multiple of --page-size {page_size}")
+
+
+def check_sparse_args(cache, budget, page_size, dense_layers):
+    """The arguments Quest and RetroAttention share: the cache's page size, a whole-page budget, dense_layers >= 0."""
+    if page_size != cache.page_size:
+        raise ValueError(f"--page-size {page_size} differs from the KV cache's page size {cache.page_size}")
+    check_budget(budget, page_size)
+    if dense_layers < 0:
+        raise ValueError(f"--dense-layers must be >= 0, got {dense_layers}")
 
 
 PAGE_CHOICES = ("kv_head", "query_head")
@@ -242,50 +234,33 @@ class QuestAttention:
         check_sparse_args(cache, budget, page_size, dense_layers)
         if page_choice not in PAGE_CHOICES:
             raise ValueError(f"--page-choice must be one of {PAGE_CHOICES}, got {page_choice!r}")
-        self.page_choice, self.group = page_choice, 1
+        self.page_choice = page_choice
+        self.group = 1  # page lists per KV head: G with "query_head" (known at the first sparse decode)
         self.cache = cache
         self.budget = budget
         self.n_dense = cache.k.shape[0] if budget >= cache.max_seq_len else min(dense_layers, cache.k.shape[0])
         self.use_kernels = use_kernels
-
-    def prefill(self, layer_idx, q, k, v, input_pos):
-        self.cache.write(layer_idx, k, v, input_pos)
-        return prefill_attention(q, self.cache.k[layer_idx], self.cache.v[layer_idx], input_pos, self.use_kernels,
-                                 need_lse=False)[0]
+        self.prefill = DenseAttention(cache, use_kernels).prefill  # the prompt is attended densely
 
     def decode(self, layer_idx, q, k, v, input_pos):
         # q (B, 1, Hq, D) after RoPE; k, v (B, 1, Hkv, D) -> (B, 1, Hq, D)
         cache = self.cache
         seq_len = cache.append(layer_idx, k, v, input_pos, self.use_kernels)
-        kc, vc = cache.k[layer_idx], cache.v[layer_idx]
+        qh, kc, vc = q[:, 0], cache.k[layer_idx], cache.v[layer_idx]
         if layer_idx < self.n_dense:
             return decode_attention(q, kc, vc, seq_len, self.use_kernels)
-        qh, kc, vc, bounds, _ = self._page_lists(layer_idx, q[:, 0], kc, vc)
+        bounds = None  # the layer's: one page list per KV head
+        if self.page_choice == "query_head":  # one per query head: a KV head's tensors seen G times
+            B, Hq, D = qh.shape
+            G = self.group = Hq // kc.shape[1]
+            qh, kc, vc = qh.reshape(B * kc.shape[1], G, D), group_view(kc, G), group_view(vc, G)
+            bounds = (group_view(cache.kmin[layer_idx], G), group_view(cache.kmax[layer_idx], G))
         page_idx = quest_pages(qh, cache, layer_idx, self.budget, seq_len, self.use_kernels, bounds)
         attend = kernels.paged_decode if self.use_kernels else paged_decode  # (attention.paged_decode: the CPU run path)
         return attend(qh, kc, vc, page_idx, seq_len, cache.page_size)[0].reshape(q.shape)
 
-    def _page_lists(self, layer_idx, qh, kc, vc):
-        """qh (B, Hq, D) and the layer's K/V and bounds, seen as one page list per KV head (as they
-        are) or per query head (group_view). -> (qh, kc, vc, (kmin, kmax), lists per KV head)."""
-        bounds = (self.cache.kmin[layer_idx], self.cache.kmax[layer_idx])
-        if self.page_choice == "kv_head":
-            return qh, kc, vc, bounds, 1
-        B, Hq, D = qh.shape
-        G = self.group = Hq // kc.shape[1]  # (the statistics count G page lists per KV head)
-        return (qh.reshape(B * kc.shape[1], G, D), group_view(kc, G), group_view(vc, G),
-                tuple(group_view(x, G) for x in bounds), G)
-
-    def record_prefill(self, layer_idx, input_pos, o, lse):
-        pass
-
     @property
     def stats(self):
-        n, steps = self.cache.decoded_lengths()
-        rows, pages, _ = page_reads(self.cache, self.budget, n, steps, self.n_dense)
-        if self.page_choice == "query_head":  # a sparse layer reads G page lists (and bounds) per KV head
-            L, G = self.cache.k.shape[0], self.group
-            all_rows, all_pages, _ = page_reads(self.cache, self.budget, n, steps, L)  # every layer dense
-            dense_rows, dense_pages = all_rows * self.n_dense // L, all_pages * self.n_dense // L
-            rows, pages = dense_rows + G * (rows - dense_rows), dense_pages + G * (pages - dense_pages)
+        n, steps = self.cache.decoded_lengths()  # a sparse layer reads self.group page lists per KV head
+        rows, pages, _ = page_reads(self.cache, self.budget, n, steps, self.n_dense, self.group)
         return {"kv_bytes_read": rows * self.cache.row_bytes(), "pages_read": pages, "decode_steps": int(steps.sum())}

@@ -8,10 +8,9 @@ A Llama decoder and its Hugging Face checkpoint format, in one file (the tokeniz
 
 The model knows nothing of sparse attention, nor of speed tricks (cudagraph.py swaps in fused
 kernels from outside). Each layer hands its rotated q and its k, v to the attention object it is
-given, `attn.prefill(layer_idx, q, k, v, input_pos)` or `attn.decode(...)` (attention.py states the
-protocol), which owns the KV cache and decides what to read (dense, Quest, RetroAttention, Token
-Sparse, compacted). With attn=None the layer runs plain causal attention over the given tokens
-(training, full-sequence evaluation).
+given, `attn.prefill(layer_idx, q, k, v, input_pos)` or `attn.decode(...)` (protocol: attention.py),
+which owns the KV cache and decides what to read (dense, Quest, RetroAttention, Token Sparse,
+compacted); with attn=None the layer runs plain causal attention (training, full-sequence eval).
 
 Module names mirror Hugging Face's LlamaForCausalLM, so loading a checkpoint is a matter of
 dropping nothing and renaming nothing: `model.layers.3.self_attn.q_proj.weight` is
@@ -75,7 +74,8 @@ class ModelArgs:
             print(f"[config] {source} has no model_type: loading it as Llama", file=sys.stderr)
         elif cfg["model_type"] != "llama":
             raise ValueError(f"{source}: model_type {cfg.get('model_type')!r} is not supported (only 'llama')")
-        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "vocab_size")
         integers = required + ("num_key_value_heads", "head_dim", "max_position_embeddings")
         for key in integers + ("rms_norm_eps", "rope_theta"):
             value, kind = cfg.get(key), "integer" if key in integers else "number"
@@ -119,11 +119,11 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rope_frequencies(args):
-    """Inverse frequencies of the rotary embedding, with Llama 3's long-context rescaling if asked.
-    Llama 3.1 ("llama3" type): wavelengths longer than original_context / low_freq_factor are slowed
-    down by `factor`, shorter than original_context / high_freq_factor are kept, those between are
-    interpolated smoothly."""
+def rope_tables(args):
+    """cos, sin (max_seq_len, D) fp32 of the rotary embedding, built in fp64, with Llama 3's
+    long-context rescaling if asked. Llama 3.1 ("llama3" type): wavelengths longer than
+    original_context / low_freq_factor are slowed down by `factor`, shorter than
+    original_context / high_freq_factor are kept, those between are interpolated smoothly."""
     D = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
     s = args.rope_scaling or {}
@@ -137,7 +137,9 @@ def rope_frequencies(args):
         scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         inv_freq = torch.where(wavelen > old_ctx / lo, inv_freq / factor,
                                torch.where(wavelen < old_ctx / hi, inv_freq, scaled))
-    return inv_freq
+    freqs = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)  # dimension i and i + D/2 turn by the same angle
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):
@@ -207,19 +209,14 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-
-
 class Transformer(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args)
+        self.model = nn.ModuleDict(dict(  # (Hugging Face's LlamaModel: its names, no code of its own)
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args, i) for i in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -232,23 +229,18 @@ class Transformer(nn.Module):
     def init_weights(self, seed=0):
         """GPT-2 style init: N(0, 0.02), residual projections scaled down by depth."""
         g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            else:
-                std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+                std = 0.02 / math.sqrt(2 * self.args.n_layers) if residual else 0.02
+                norm = name.endswith("norm.weight")
+                p.copy_(torch.ones_like(p) if norm else torch.randn(p.shape, generator=g) * std)
 
     def rope(self, input_pos):
         """cos, sin (T, D) in fp32 for the given positions (table built once per device)."""
         dev = self.lm_head.weight.device
         if self._rope_cache is None or self._rope_cache[0].device != dev:
-            inv_freq = rope_frequencies(self.args)
-            t = torch.arange(self.args.max_seq_len, dtype=torch.float64)
-            freqs = torch.outer(t, inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self._rope_cache = (emb.cos().float().to(dev), emb.sin().float().to(dev))
+            self._rope_cache = [t.to(dev) for t in rope_tables(self.args)]
         pos = input_pos.to(dev)
         return self._rope_cache[0][pos], self._rope_cache[1][pos]
 

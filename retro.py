@@ -1,11 +1,11 @@
 """
-RetroAttention: let later decode steps revise the attention outputs of recent tokens
+RetroAttention: later decode steps revise the attention outputs of recent tokens
 (paper: "RetroAttention", arXiv 2508.09001, ICLR 2026; no public code, this file is our reading).
 
-Quest (kvcache.py) lets each decode step read only budget // S pages of the KV cache. A token's
-attention output is then fixed by the pages *its* step happened to pick, though the next steps load
-other pages anyway. RetroAttention reuses those pages to revise the outputs of the previous w - 1
-tokens, whose outputs are kept in a small output cache with their log-sum-exp (lse):
+Quest (kvcache.py) lets each decode step read only budget // S pages of the KV cache, so a token's
+attention output is fixed by the pages *its* step picked, though the next steps load other pages
+anyway. RetroAttention reuses those pages to revise the outputs of the previous w - 1 tokens, kept
+in a small output cache with their log-sum-exp (lse):
 
     step t loads S_t (Quest's pages for the current token t); A[p] = last step that loaded page p
     for each past token tau = t-w+1 .. t-1 (the retrospective window; w counts the current token):
@@ -14,23 +14,17 @@ tokens, whose outputs are kept in a small output cache with their log-sum-exp (l
         lse' = logaddexp(lse, lse_s),   o' = exp(lse - lse') o + exp(lse_s - lse') o_s
     then A[p] = t for every p in S_t.
 
-The merge is FlashAttention's: over disjoint key sets it equals one attention over their union, so
-after the window has passed, tau's output has covered S_tau u ... u S_{tau+w-1} instead of S_tau.
-A revised output changes tau's hidden state, so at the next layer tau is re-embedded: new q, k, v
-come from its revised hidden state, k and v overwrite tau's stale cache rows (later tokens read the
-corrected K/V for free) and the new q is the one its supplement uses. A decode step is therefore a
-forward pass over the last w rows, positions t-w+1 .. t. w = 1 is Quest; the paper uses w = 2 and
-ablates 4 and 8 (gains saturate past 8). The pages are loaded once for all w rows: decoding is
-memory bound, so the extra queries cost little (paper: < 1 ms per token over Quest at w = 2).
+Over disjoint key sets this merge is one attention over their union, so once the window has passed,
+tau's output has covered S_tau u ... u S_{tau+w-1} instead of S_tau. A revised output changes tau's
+hidden state, so at the next layer tau is re-embedded: its new k, v overwrite its stale cache rows
+(later tokens read the corrected K/V for free) and its new q serves its supplement. A decode step is
+therefore a forward pass over the last w rows, positions t-w+1 .. t; w = 1 is Quest (the paper uses
+w = 2 and ablates 4 and 8). The pages are loaded once for all w rows: decoding is memory bound, so the
+extra queries cost little (paper: < 1 ms per token over Quest at w = 2).
 
-Layout of this file: the output cache; the reference of one step's attention (a loop over the window
-rows, each a Quest paged decode over its new pages); the Triton kernel that serves all w rows from
-one pass over S_t; RetroAttention, the attention object generate.py drives.
-
-What generate.py does for --method retro (generate.generate(..., window=w)): prefill the prompt as
-usual; then, with n tokens so far (the newest just sampled, not yet fed), feed the last m = min(w, n)
-tokens at input_pos = arange(n - m, n) and sample from the logits of the last row. model.py knows
-nothing of this: the object tells the rows to overwrite from the new one by input_pos.
+generate.py (--method retro): after the prefill, with n tokens so far (the newest not yet fed), feed
+the last m = min(w, n) at input_pos = arange(n - m, n) and sample from the last row; the object reads
+from input_pos which rows to overwrite.
 """
 
 import math
@@ -41,8 +35,8 @@ import triton
 import triton.language as tl
 
 import kernels
-from attention import (_check_gqa, decode_attention, gathered_attention, merge_attention, page_rows,
-                       paged_decode_ref, prefill_attention)
+from attention import (decode_attention, gathered_attention, merge_attention, page_rows, paged_decode_ref,
+                       prefill_attention)
 from kvcache import check_sparse_args, page_reads, quest_pages
 
 
@@ -51,11 +45,10 @@ from kvcache import check_sparse_args, page_reads, quest_pages
 
 class OutputCache:
     """Per layer, the attention outputs (before o_proj) and lse of the w - 1 tokens before the current
-    one, oldest first: o (L, B, Hq, w-1, D), lse (L, B, Hq, w-1) fp32, fixed buffers updated in place
-    (a CUDA graph replays reads and writes of the same ones). A slot with no token yet (a prompt
-    shorter than w - 1) holds o = 0, lse = -inf, which a merge leaves unchanged. The size does not
-    grow with the generation (paper: an output cache of (w-1, B, L, hidden) plus normalizers). Kept
-    in fp32: a row is merged into up to w - 1 times and should not be rounded each time."""
+    one, oldest first: o (L, B, Hq, w-1, D), lse (L, B, Hq, w-1), fp32 as a row is merged into up to
+    w - 1 times. Fixed buffers updated in place (a CUDA graph replays them), of a size independent of
+    the generation (paper: (w-1, B, L, hidden) plus normalizers). A slot with no token yet (a prompt
+    shorter than w - 1) holds o = 0, lse = -inf, which a merge leaves unchanged."""
 
     def __init__(self, n_layers, size):
         self.n_layers, self.size = n_layers, size
@@ -90,19 +83,18 @@ def retro_decode_ref(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_s
     fp32 (B, Hq, W, 1, D) and (B, Hq, W, 1), for window_merge_ref."""
     W = q.shape[2]
     A = last_loaded.gather(-1, page_idx.clamp(min=0).long())  # (B, Hkv, K): A of each listed page
-    outs, lses = [], []
+    rows = []
     for i in range(W):
         tau = seq_len - W + i
         new_pages = torch.where((page_idx >= 0) & (A < tau), page_idx, -1)
         # seq_len tau + 1 is the causal mask: a listed page may hold keys newer than tau (the page
         # of the current token always does); they do not exist for tau
-        o, lse = paged_decode_ref(q[:, :, i], k_cache, v_cache, new_pages, tau + 1, page_size, scale=scale)
-        outs.append(o)
-        lses.append(lse)
+        rows.append(paged_decode_ref(q[:, :, i], k_cache, v_cache, new_pages, tau + 1, page_size,
+                                     scale=scale))
     if update_last_loaded:
         b, h, slot = (page_idx >= 0).nonzero(as_tuple=True)
         last_loaded[b, h, page_idx[b, h, slot].long()] = seq_len - 1
-    o, lse = torch.stack(outs, 2), torch.stack(lses, 2)
+    o, lse = (torch.stack(parts, 2) for parts in zip(*rows))
     return (o.float().unsqueeze(3), lse.unsqueeze(3)) if partials else (o, lse)
 
 
@@ -125,12 +117,11 @@ def retro_decode_torch(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page
 # ----------------------------------------------------------------------------------------------
 # Triton kernel: every row of the window from one pass over S_t
 #
-# One program per (split of the page list, batch * KV head). The tile's rows are the G query heads of
-# the KV head times the W window rows (row r = g * W + i), so each K/V tile is loaded once for all
-# G * W queries; each (row, key) pair is masked by the row's own rule (page new to it, key not after
-# it). The page list is walked as in kernels.paged_decode (kernels.paged_keys), the keys attended by
-# kernels.attend_tile, the splits merged by kernels.merge_partials (flash-decoding). With
-# update_last_loaded each program then sets A = t for its own pages, once it has read their A.
+# One program per (split of the page list, batch * KV head); its tile's rows are the KV head's G query
+# heads times the W window rows (row r = g * W + i), so each K/V tile is loaded once for all G * W
+# queries, each (row, key) masked by the row's own rule. Pages are walked as in kernels.paged_decode
+# (paged_keys, attend_tile; splits merged by merge_partials). With update_last_loaded each program
+# then sets A = t for its own pages, once it has read their A.
 
 @triton.jit(do_not_specialize=["n_slots", "seq_len", "chunk", "num_splits"])
 def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
@@ -183,31 +174,8 @@ def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
             tl.store(LAST + page * sap, seq_len - 1, mask=page >= 0)
 
 
-def _check_retro_shapes(q, k_cache, v_cache, page_idx, last_loaded, page_size):
-    """retro_decode's shapes, checked before the launch (a mismatch would read out of bounds)."""
-    if q.dim() != 4 or k_cache.dim() != 4 or page_idx.dim() != 3 or last_loaded.dim() != 3:
-        raise ValueError(f"retro_decode: need q (B, Hq, W, D), caches (B, Hkv, Nmax, D), page_idx (B, Hkv, K) and "
-                         f"last_loaded (B, Hkv, Pmax); got {tuple(q.shape)}, {tuple(k_cache.shape)}, "
-                         f"{tuple(page_idx.shape)}, {tuple(last_loaded.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"retro_decode: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    for what, a, b in (("batch", q.shape[0], k_cache.shape[0]), ("head dim", q.shape[3], k_cache.shape[3])):
-        if a != b:
-            raise ValueError(f"retro_decode: q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} differ in {what} "
-                             f"({a} vs {b})")
-    G = _check_gqa(q, k_cache)
-    B, Hkv, Nmax = k_cache.shape[:3]
-    if page_idx.shape[:2] != (B, Hkv) or last_loaded.shape[:2] != (B, Hkv):
-        raise ValueError(f"page_idx {tuple(page_idx.shape)} and last_loaded {tuple(last_loaded.shape)} "
-                         f"must start with (B, Hkv) = ({B}, {Hkv})")
-    if page_size < 1 or last_loaded.shape[2] * page_size < Nmax:
-        raise ValueError(f"retro_decode: last_loaded holds {last_loaded.shape[2]} pages of {page_size}, fewer than "
-                         f"the cache's {Nmax} rows need")
-    return G
-
-
 RETRO_BLOCK_N = 128
-RETRO_TUNING = dict(waves=2, num_stages=2)  # programs per SM; pipeline stages for 2-byte inputs (GPU)
+RETRO_TUNING = dict(waves=2, num_stages=2)  # programs per SM; pipeline stages (GPU)
 
 
 def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size, scale=None,
@@ -215,11 +183,18 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     """Triton version of retro_decode_ref (same arguments, same result). seq_len may also be a device
     length (kernels.device_length), for a step captured in a CUDA graph. partials: return the splits'
     unmerged (o (B, Hq, W, NS, D), lse (B, Hq, W, NS)) fp32, NS splits, for window_merge."""
-    G = _check_retro_shapes(q, k_cache, v_cache, page_idx, last_loaded, page_size)
+    G = kernels._check(q, k_cache, v_cache, 4)  # shapes checked before the launch (else: reads out of bounds)
     B, Hq, W, D = q.shape
-    Hkv = k_cache.shape[1]
+    Hkv, Nmax = k_cache.shape[1:3]
+    if page_idx.dim() != 3 or last_loaded.dim() != 3 or page_idx.shape[:2] != (B, Hkv) \
+            or last_loaded.shape[:2] != (B, Hkv):
+        raise ValueError(f"retro_decode: page_idx {tuple(page_idx.shape)} and last_loaded "
+                         f"{tuple(last_loaded.shape)} must start with (B, Hkv) = ({B}, {Hkv})")
+    if page_size < 1 or last_loaded.shape[2] * page_size < Nmax:
+        raise ValueError(f"retro_decode: last_loaded holds {last_loaded.shape[2]} pages of {page_size}, "
+                         f"fewer than the cache's {Nmax} rows need")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    seq_len, len_t = kernels.device_length(seq_len, k_cache.shape[2])
+    seq_len, len_t = kernels.device_length(seq_len, Nmax)
     page_idx = page_idx.to(torch.int32)
     if update_last_loaded and last_loaded.dtype != torch.int32:
         raise ValueError(f"update_last_loaded needs last_loaded in int32 (updated in place), got {last_loaded.dtype}")
@@ -232,9 +207,7 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
     o_part = torch.empty(B, Hq, W, num_splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(B, Hq, W, num_splits, dtype=torch.float32, device=q.device)
     BLOCK_M = kernels.tile_size(G * W)
-    # fp32 tiles are twice as large: two pipeline stages keep K and V within shared memory, and a
-    # wide head (160, 256) in fp32 gets one stage and fewer keys per tile (kernels.kv_tiles)
-    stages = 1 if q.device.type != "cuda" else 2 if q.element_size() == 4 else RETRO_TUNING["num_stages"]
+    stages = RETRO_TUNING["num_stages"] if q.device.type == "cuda" else 1
     block_n, stages = kernels.kv_tiles(RETRO_BLOCK_N, stages, D, q.element_size())
     _retro_decode_kernel[(num_splits, B * Hkv)](
         q, k_cache, v_cache, page_idx, last_loaded, o_part, lse_part, len_t if len_t is not None else lse_part,
@@ -353,10 +326,11 @@ class RetroAttention:
                                       device=cache.k.device)
         # a budget covering the whole cache loads every page at every step (then nothing is ever revised)
         self.all_pages = budget >= cache.max_seq_len
-        self._every_page = torch.arange(cache.num_pages_max, dtype=torch.int32, device=cache.k.device).expand(B, Hkv, -1)
+        pages = torch.arange(cache.num_pages_max, device=cache.k.device)
+        self._every_page = pages.int().expand(B, Hkv, -1)
         self.first_decoded = 0  # position of the first token decoded (exposure counts decoded tokens)
         self.track_exposure = track_exposure
-        self._page_start = torch.arange(cache.num_pages_max, device=cache.k.device) * cache.page_size
+        self._page_start = pages * cache.page_size
         self._exposure = torch.zeros(2, dtype=torch.float64, device=cache.k.device)  # sum, count
 
     def prefill(self, layer_idx, q, k, v, input_pos):
@@ -408,12 +382,10 @@ class RetroAttention:
             out = attend(qh, kc, vc, page_idx, A, seq_len, S, update_last_loaded=True)[0].transpose(1, 2)
         else:
             # What a past row's cached (o, lse) is merged with (ours; the paper leaves it open): the
-            # supplement computed now, with the row's fresh query (re-embedded from its revised lower-layer
-            # outputs), over the keys <= tau of the pages new to it, read after this step's overwrite. The
-            # cached part is not recomputed: it keeps the queries and window K/V of the steps that produced
-            # it, since refreshing it would mean reloading every page tau has already seen, the traffic
-            # Quest exists to avoid. The merge is therefore exactly one attention over the union of pages
-            # while tau's lower layers stay unchanged (as with a budget covering the sequence), and an
+            # supplement computed now with the row's fresh (re-embedded) query, over the keys <= tau of the
+            # pages new to it, read after this step's overwrite. The cached part is not recomputed (that
+            # would reload every page tau has seen, the traffic Quest avoids): the merge is exactly one
+            # attention over the union of pages while tau's lower layers are unchanged, and an
             # approximation of it once a lower layer's revision has moved tau's q, k, v.
             o_part, lse_part = attend(qh, kc, vc, page_idx, A, seq_len, S, update_last_loaded=True, partials=True)
             merge = window_merge if self.use_kernels else window_merge_ref
@@ -443,10 +415,9 @@ class RetroAttention:
     @property
     def stats(self):
         """Counters for generate.py. kv_bytes_read and pages_read count what Quest counts (K/V of the
-        pages read, page bounds), so the two compare; retro_aux_bytes is what Retro adds: the past
-        rows' K/V overwrites, the output cache (read and written, fp32), A (read and written).
-        exposure: distinct KV tokens the final output of a decoded token covered / budget, averaged
-        over sparse layers, KV heads and tokens that left the window."""
+        pages read, page bounds); retro_aux_bytes is what Retro adds: the past rows' K/V overwrites,
+        the output cache and A (each read and written). exposure: distinct KV tokens the final output
+        of a decoded token covered / budget, averaged over sparse layers, KV heads and tokens."""
         cache, w = self.cache, self.window
         L, B, Hkv = cache.k.shape[:3]
         n, steps = cache.decoded_lengths()

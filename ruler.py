@@ -4,9 +4,10 @@ RULER-style long-context tasks, generated here, and the intervals that make thei
 Why a file of its own: the attention methods trade accuracy for a smaller KV budget, and the papers
 measure that trade on RULER (Hsieh et al., arXiv 2404.06654): synthetic prompts of an exact length
 whose answer is known, so that a score depends on the context length and nothing else. This file is
-the data and the scoring; eval.py runs the methods on it. A score from a few dozen prompts is only a
-claim together with its uncertainty, so the intervals live here too (section "Intervals"), and every
-table of eval.py uses them.
+the data, the scoring and the run of every method at two KV budgets (`eval.py --ruler` loads the
+model, loops over the cells and saves). A score from a few dozen prompts is only a claim together
+with its uncertainty, so the intervals live here too (section "Intervals"), and every table of
+eval.py and longgen.py uses them.
 
 The tasks (RULER Sec. 3; the prompts follow its task definitions, in our own words):
 
@@ -36,6 +37,9 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+
+from generate import generate
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 STYLES = ("prose", "code")
@@ -365,6 +369,119 @@ def found(text, answer):
 def score(text, answers):
     """1 if every expected answer occurs in the decoded text, else 0 (string_match_all, all-or-nothing)."""
     return int(all(found(text, a) for a in answers))
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the methods: every method at two KV budgets, greedy answers, a table
+
+METHODS = ("quest", "retro", "token_sparse", "compact")
+BUDGET_FRACTIONS = ((8, "1/8"), (4, "1/4"))  # budgets as fractions of the context: C/8 and C/4 tokens
+PAGE = 16  # generate.py's --page-size default: quest / retro budgets are whole pages
+
+
+def budget_runs(context, windows, methods=METHODS):
+    """(method label, budget label, method, generate.py flags) of every run at one context: dense
+    (the ceiling), then per budget C/8 and C/4: Quest (RetroAttention with w = 1), RetroAttention
+    (each w), Token Sparse Attention at a fixed keep fraction (a prefill method: decoding stays dense)
+    and KV compaction at ratio 8 / 4 (the question stays whole)."""
+    runs = [("dense", "full", "dense", [])]
+    for d, frac in BUDGET_FRACTIONS:
+        b = str(max(PAGE, context // d // PAGE * PAGE))  # whole pages of generate.py's default size
+        runs.append(("quest", frac, "retro", ["--budget", b, "--window", "1"]))
+        runs += [(f"retro w={w}", frac, "retro", ["--budget", b, "--window", str(w)]) for w in windows]
+        runs.append(("token_sparse", frac, "token_sparse", ["--keep", str(1 / d), "--min-tokens", "16",
+                                                            "--ts-window", "64"]))
+        runs.append(("compact", frac, "compact", ["--ratio", str(d)]))
+    return [r for r in runs if r[0] == "dense" or r[0].split()[0] in methods]
+
+
+@torch.no_grad()
+def answer(model, tokenizer, samples, start, cuda_graph=False):
+    """Greedy-decode each sample's answer through a fresh method state from start(prompt, n_new,
+    keep_last) -> (attn, start_pos, window): -> [(score 0/1, decoded text)]; a sample the method
+    refuses (compaction's repeat-prefill beyond the model's context) -> (None, reason)."""
+    device = next(model.parameters()).device
+    out = []
+    for s in samples:
+        x = torch.from_numpy(s.ids).to(device)[None]
+        try:
+            attn, s0, win = start(x, s.n_new, s.question_len)
+        except ValueError as e:
+            out.append((None, str(e)))
+            continue
+        new, _ = generate(model, attn, x[:, s0:], s.n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words,
+                          cuda_graph=cuda_graph)
+        text = tokenizer.decode([int(t) for t in new[0]])
+        out.append((score(text, s.answers), text))
+    return out
+
+
+def cell(task, context, run, samples, scored):
+    """One (task, context, run) result: the count, its Wilson interval and two decoded examples.
+    run: a budget_runs tuple; scored: answer()'s list."""
+    label, budget, method, flags = run
+    hits = [s for s, _ in scored if s is not None]
+    k, n = sum(hits), len(hits)
+    return {"task": task, "context": context, "run": label, "budget": budget, "method": method, "flags": flags,
+            "correct": k, "n": n, "skipped": len(scored) - n, "accuracy": k / n if n else None,
+            "wilson95": list(wilson(k, n)) if n else None,
+            "examples": [{"answers": s.answers, "decoded": text, "score": sc}
+                         for s, (sc, text) in list(zip(samples, scored))[:2]]}
+
+
+def table(cells, contexts, tasks):
+    """Markdown: one table per context, a row per run, a column per task: correct/n [95% Wilson]."""
+    def fmt(k, n):
+        if not n:
+            return "n/a"
+        lo, hi = wilson(k, n)
+        return f"{k}/{n} [{lo:.2f}, {hi:.2f}]"
+    lines = []
+    for c in [c for c in contexts if any(x["context"] == c for x in cells)]:
+        lines += [f"\nContext {c} tokens: exact match, correct/n [95% Wilson interval]\n",
+                  "| method | budget | " + " | ".join(tasks) + " | all tasks |",
+                  "| --- | --- |" + " ---: |" * (len(tasks) + 1)]
+        for run, budget in dict.fromkeys((x["run"], x["budget"]) for x in cells if x["context"] == c):
+            row = {x["task"]: x for x in cells if x["context"] == c and x["run"] == run and x["budget"] == budget}
+            ks = [row[t]["correct"] if t in row else 0 for t in tasks]
+            ns = [row[t]["n"] if t in row else 0 for t in tasks]
+            lines.append(f"| {run} | {budget} | " + " | ".join(fmt(k, n) for k, n in zip(ks, ns))
+                         + f" | {fmt(sum(ks), sum(ns)) if all(ns) else 'partial'} |")
+    return "\n".join(lines)
+
+
+def plot(result, out_png, plt):
+    """Accuracy against budget, one panel per task (pooled over the contexts), Wilson error bars,
+    dense as the dashed ceiling. plt: matplotlib.pyplot."""
+    tasks = result["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3 * len(tasks), 3), squeeze=False)
+    fracs = [f for _, f in sorted(BUDGET_FRACTIONS, reverse=True)]  # 1/8, 1/4
+    for ax, task in zip(axes[0], tasks):
+        cells = [x for x in result["cells"] if x["task"] == task]
+
+        def pooled(run, budget):
+            xs = [x for x in cells if x["run"] == run and x["budget"] == budget]
+            k, n = sum(x["correct"] for x in xs), sum(x["n"] for x in xs)
+            return (k / n, *wilson(k, n)) if n else None
+        d = pooled("dense", "full")
+        if d:
+            ax.axhline(d[0], color="k", ls="--", lw=1, label="dense")
+        for j, run in enumerate(dict.fromkeys(x["run"] for x in cells if x["run"] != "dense")):
+            pts = [(i + 0.04 * j, pooled(run, f)) for i, f in enumerate(fracs) if pooled(run, f)]
+            if pts:
+                ax.errorbar([i for i, _ in pts], [p[0] for _, p in pts], capsize=3, marker="o", label=run,
+                            yerr=[[p[0] - p[1] for _, p in pts], [p[2] - p[0] for _, p in pts]])
+        ax.set_xticks(range(len(fracs)), [f"{f} of C" for f in fracs])
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(task, fontsize=9)
+    axes[0][0].set_ylabel("exact match (95% Wilson)")
+    axes[0][-1].legend(fontsize=7)
+    measured = sorted({x["context"] for x in result["cells"]})
+    fig.suptitle(f"{result['model'].split('/')[-1]}, RULER-style ({result['style']}), contexts {measured}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as evaluation
+import ruler
 from conftest import tiny_model
 from tokenizer import Tokenizer
 
@@ -24,12 +25,12 @@ PROSE = heapq.__about__  # real English sentences that every Python ships
 
 
 def start(model, method, flags=(), prefill_chunk=0, keep_last=1):
-    """A fresh method state for eval's measurements, as --real builds it."""
+    """A fresh method state for eval's measurements, as every mode builds it."""
     mopts = evaluation.method_options(method, list(flags))
+    o = evaluation.Options(device="cpu", dtype="fp32", prefill_chunk=prefill_chunk)
 
     def start_fn(x, n, keep_last=keep_last):
-        return evaluation.start_method(model, method, mopts, x, n, torch.float32, "cpu", False, [10, 10], keep_last,
-                                       prefill_chunk)
+        return evaluation.start_method(model, method, mopts, x, n, o, [10, 10], keep_last)
     return start_fn
 
 
@@ -274,7 +275,7 @@ def test_ruler_mode_runs_every_method_and_saves_each_cell(tiny_checkpoint, tmp_p
 
 
 def test_ruler_budgets_are_an_eighth_and_a_quarter_of_the_context():
-    runs = evaluation.ruler_runs(2048, [4])
+    runs = ruler.budget_runs(2048, [4])
     budgets = {(run, b): flags for run, b, _, flags in runs}
     assert budgets["quest", "1/8"] == ["--budget", "256", "--window", "1"]
     assert budgets["retro w=4", "1/4"] == ["--budget", "512", "--window", "4"]
@@ -309,35 +310,18 @@ def test_longgen_mode_dense_agrees_with_itself_and_pairs_retro_with_quest(tiny_c
     assert retro["attn_error"]["by_steps_back"][0]["mean"] > 1e-4  # a budget of 16 of 128 tokens is lossy
 
 
-def test_attention_errors_by_hand():
-    # one layer, prompt of 2 tokens, two decode steps of w = 2 rows (positions 1-2, then 2-3)
-    ref = [torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [0.0, 1.0]])]
-    calls = [[torch.zeros(2, 2),                                   # the prefill: not scored
-              torch.tensor([[0.0, 2.0], [3.0, 4.0]]) * 1.1,        # rows at 1 (s=1), 2 (s=0): error 0.1 each
-              torch.tensor([[3.0, 4.0], [0.0, 0.5]])]]             # rows at 2 (s=1): 0; 3 (s=0): 0.5
-    e = evaluation.attention_errors(calls, ref, prompt_len=2, window=2)
-    assert e.shape == (1, 2)
-    assert e[0, 0] == pytest.approx((0.1 + 0.5) / 2) and e[0, 1] == pytest.approx((0.1 + 0.0) / 2)
-
-
 def test_modes_exclude_each_other(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit):
         evaluation.main(["--ruler", "--longgen", "--checkpoint", str(tiny_checkpoint)])
     assert "different modes" in capsys.readouterr().err
 
 
-def test_ruler_cell_at_full_budget_decodes_what_dense_decodes(tiny_checkpoint):
-    import ruler
+def test_ruler_answer_at_full_budget_decodes_what_dense_decodes(tiny_checkpoint):
     model = tiny_model(seed=1).cpu()
     tok = Tokenizer(tiny_checkpoint)
     samples = [ruler.make_sample(tok, "niah_single", "prose", 480, d, 0) for d in (0.0, 1.0)]
     texts = {}
     for method, flags in [("dense", []), ("retro", ["--budget", "512", "--window", "1"]),
                           ("retro", ["--budget", "512", "--window", "2"])]:
-        mopts = evaluation.method_options(method, flags)
-
-        def start_fn(x, n, keep_last=1):
-            return evaluation.start_method(model, method, mopts, x, n, torch.float32, "cpu", False, [10, 10],
-                                           keep_last, 64)
-        texts[method, tuple(flags)] = [t for _, t in evaluation.ruler_cell(model, tok, samples, start_fn)]
+        texts[method, tuple(flags)] = [t for _, t in ruler.answer(model, tok, samples, start(model, method, flags, 64))]
     assert len(set(map(tuple, texts.values()))) == 1

@@ -350,6 +350,20 @@ def test_select_pages_upto_equals_select_pages(num_pages, budget_pages):
     assert torch.equal(kernels.select_pages_device(scores, seq_len, S, budget_pages), got)
 
 
+def test_newest_page_is_kept_above_infinite_and_nan_bounds():
+    """The newest page outranks every score, +inf and NaN (of either sign) included, in the host and
+    device-length selections and their kernels: here 3 pages of 5 are kept, 3 others have such bounds."""
+    import kernels
+    from kvcache import select_pages_upto
+    scores = torch.tensor([[[float("inf"), float("nan"), -float("nan"), 1.0, 2.0]]], device=DEVICE)
+    want = torch.tensor([[[0, 1, 4]]], dtype=torch.int32)
+    seq_len = torch.tensor([5 * 4 - 1], dtype=torch.int32, device=DEVICE)  # page_size 4: 5 pages, the last newest
+    for got in (select_pages(scores, 5, 3, 4), kernels.select_pages(scores, 5, 3, 4),
+                select_pages_upto(scores, seq_len, 4, 3), kernels.select_pages_device(scores, seq_len, 4, 3),
+                kernels.select_pages_device(scores, 19, 4, 3)):
+        assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("quest_covering", 1), ("quest_query_head", 1), ("retro", 1), ("retro", 3),
                                       ("retro_short_prompt", 4)])
 def test_decode_step_with_kernels_equals_reference(method, w):
@@ -387,15 +401,3 @@ def test_decode_step_with_kernels_equals_reference(method, w):
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
     assert stats[1] == pytest.approx(stats[0]) and stats[0]["decode_steps"] == 7
 
-
-def test_newest_page_is_kept_above_infinite_bounds():
-    """More pages bounded by +inf or NaN than the budget holds: the newest page is still read, the
-    others are the lowest of the tied pages."""
-    import kernels
-    from kvcache import select_pages_upto
-    scores = torch.full((1, 2, 10), float("inf"), device=DEVICE)
-    scores[:, 1, ::2] = float("nan")
-    seq_len = torch.tensor([39], dtype=torch.int32, device=DEVICE)  # 10 pages of 4: the newest is page 9
-    for fn in (select_pages_upto, kernels.select_pages_device):
-        assert fn(scores, seq_len, 4, 3).tolist() == [[[0, 1, 9], [0, 1, 9]]]
-    assert select_pages(scores, 10, 3, 9).tolist() == [[[0, 1, 9], [0, 1, 9]]]

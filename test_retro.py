@@ -190,7 +190,7 @@ def test_kernel_checks_shapes_before_launch():
     retro_decode(q, kc, vc, pages, A, 20, 4)  # fits
     for args, match in [((q, kc[..., :32], vc[..., :32], pages, A), "head dim"),
                         ((q.expand(2, -1, -1, -1), kc, vc, pages, A), "batch"),
-                        ((q, kc, vc[:, :, :16], pages, A), "differ"),
+                        ((q, kc, vc[:, :, :16], pages, A), "one shape"),
                         ((q, kc, vc, pages[:, :1], A), "must start with"),
                         ((q, kc, vc, pages, A[:, :, :4]), "last_loaded holds 4 pages")]:
         with pytest.raises(ValueError, match=match):

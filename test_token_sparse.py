@@ -264,7 +264,7 @@ def test_kernels_check_shapes_before_launch():
         with pytest.raises(ValueError, match=match):
             ts.window_scores(args[0][:, :, -8:], args[1])
     for args, match in [((q, k[..., :32], v[..., :32]), "head dim"), ((q.expand(2, -1, -1, -1), k, v), "batch"),
-                        ((q, k, v[:, :, :20]), "differ in shape"), ((q, k[:, :, :20], v[:, :, :20]), "length")]:
+                        ((q, k, v[:, :, :20]), "one shape"), ((q, k[:, :, :20], v[:, :, :20]), "length")]:
         for fn in (ts.sparse_attention, ts.sparse_attention_gathered):
             with pytest.raises(ValueError, match=match):
                 fn(*args, idx, n_keep)

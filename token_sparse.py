@@ -16,15 +16,12 @@ so causality in the compressed sequence is causality in the original one.
 
 The coverage rule is the authors' get_index (github dongwonjo/Token-Sparse-Attention); the paper's
 text leaves the order of averaging and normalizing open. No sparsity when L <= min_tokens + W.
-Defaults (paper): tau = 0.005, min_tokens = 1024, W = 128. Sparse layers: the second half of the
-layers (16..31 of 32), which is the authors' code's rule for a model it has no profile of; for
-Llama-3.1-8B their code uses 15..30, a list profiled on that model (pass --sparse-layers 15-30 to
-match it). Ours stays "half" because the default model is not Llama-3.1-8B and a profile of one
-model says nothing about another.
+Defaults (paper): tau = 0.005, min_tokens = 1024, W = 128; sparse layers: the second half, the
+authors' code's rule for a model it has no profile of (for Llama-3.1-8B it uses 15..30, profiled on
+that model: --sparse-layers 15-30; a profile of one model says nothing about another).
 
-Read top to bottom: the reference (scoring, pooling, coverage, selection, attention on the
-compressed sequence), the Triton kernels with the same signatures, then TokenSparseAttention, the
-method object generate.py uses. Layout is heads first: q (B, Hq, T, D), k, v (B, Hkv, T, D).
+Read top to bottom: the reference, the Triton kernels with the same signatures, then
+TokenSparseAttention. Layout is heads first: q (B, Hq, T, D), k, v (B, Hkv, T, D).
 """
 
 import functools
@@ -62,9 +59,8 @@ def window_scores_ref(q_win, k, scale=None):
 def pool_scores(scores):
     """Average-pool (B, Hq, C) scores along the tokens (kernel 7, stride 1, zero padding): a token
     next to an important one counts as somewhat important too."""
-    B, H, C = scores.shape
-    pooled = F.avg_pool1d(scores.reshape(B * H, 1, C), POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
-    return pooled.view(B, H, C)
+    pooled = F.avg_pool1d(scores.flatten(0, 1)[:, None], POOL_KERNEL, stride=1, padding=POOL_KERNEL // 2)
+    return pooled.view(scores.shape)
 
 
 COVERAGE_RULES = ("authors", "per_head")
@@ -73,15 +69,13 @@ COVERAGE_RULES = ("authors", "per_head")
 def coverage_budget(scores, coverage, min_tokens, rule="authors"):
     """Dynamic Token Coverage: how many of the C candidate tokens each head keeps.
     scores (B, Hq, C) >= 0 (pooled) -> list of B ints (the heads of a row keep equally many).
-    rule "authors" (default; the authors' get_index, github dongwonjo/Token-Sparse-Attention): the
-      heads' scores are averaged, then normalized to a distribution; sorted ascending, n = the number
-      of tokens whose cumulative mass stays below `coverage`; n = 0 keeps every token (the layer stays
-      dense), else n + 1 are dropped (the prefix whose mass first reaches coverage).
+    rule "authors" (default, their get_index): the heads' scores averaged, then normalized to a
+      distribution; sorted ascending, n = the number of tokens whose cumulative mass stays below
+      `coverage`; n = 0 keeps every token, else n + 1 are dropped (the prefix whose mass reaches it).
     rule "per_head" (ours before, kept to compare): each head normalized first, then averaged, and
       exactly n dropped; a head with little mass on the candidates then counts as much as any other.
-    Either way at least min_tokens are kept. Normalizing divides by the plain sum (no epsilon), so
-    the budget does not change when every score is scaled by the same positive factor; an all-zero
-    row says nothing about the tokens and keeps them all."""
+    At least min_tokens are kept. Normalizing divides by the plain sum (no epsilon: scaling every
+    score leaves the budget unchanged); an all-zero row says nothing and keeps every token."""
     if rule not in COVERAGE_RULES:
         raise ValueError(f"coverage rule must be one of {COVERAGE_RULES}, got {rule!r}")
     C = scores.shape[-1]
@@ -94,17 +88,9 @@ def coverage_budget(scores, coverage, min_tokens, rule="authors"):
     mass = normalized(scores.mean(dim=1)) if rule == "authors" else normalized(scores).mean(dim=1)  # (B, C)
     cum = mass.sort(dim=-1).values.cumsum(dim=-1)
     below = (cum < coverage).sum(dim=-1)  # cum is non-decreasing: a prefix of the sorted tokens
-    informative = (mass.sum(-1) > 0).tolist()
-    budgets = []
-    for n, ok in zip(below.tolist(), informative):
-        dropped = 0 if not ok or n == 0 else n + 1 if rule == "authors" else n
-        budgets.append(max(min(min_tokens, C), C - dropped))
-    return budgets
-
-
-def fixed_budget(C, keep, min_tokens):
-    """Fixed-budget mode (ours, for speed curves): keep ceil(keep * C) candidates, at least min_tokens."""
-    return min(C, max(min(min_tokens, C), math.ceil(keep * C)))
+    # dropped: none if n = 0 or the row is all zero, else n + 1 (authors) or n (per_head)
+    dropped = torch.where(below > 0, below + (rule == "authors"), 0) * (mass.sum(-1) > 0)
+    return (C - dropped).clamp(min=min(min_tokens, C)).tolist()
 
 
 def select_tokens(q, k, coverage=0.005, min_tokens=1024, window=128, keep=None, use_kernels=False, scale=None,
@@ -119,14 +105,15 @@ def select_tokens(q, k, coverage=0.005, min_tokens=1024, window=128, keep=None, 
     C = L - window  # candidates; the window tokens are kept regardless
     score_fn = window_scores if use_kernels else window_scores_ref
     scores = pool_scores(score_fn(q[:, :, C:], k, scale=scale)[:, :, :C])
-    budgets = ([fixed_budget(C, keep, min_tokens)] * B if keep is not None
-               else coverage_budget(scores, coverage, min_tokens, coverage_rule))
+    if keep is None:
+        budgets = coverage_budget(scores, coverage, min_tokens, coverage_rule)
+    else:  # fixed-budget mode (ours, for speed curves): ceil(keep * C) candidates, at least min_tokens
+        budgets = [min(C, max(min(min_tokens, C), math.ceil(keep * C)))] * B
     N = max(budgets) + window
     idx = torch.zeros(B, Hq, N, dtype=torch.int32, device=q.device)
     tail = torch.arange(C, L, dtype=torch.int32, device=q.device)
     for b, n in enumerate(budgets):  # rows of a batch may keep different numbers of tokens
-        top = scores[b].topk(n, dim=-1).indices.sort(dim=-1).values  # each head by its own scores
-        idx[b, :, :n] = top
+        idx[b, :, :n] = scores[b].topk(n, dim=-1).indices.sort(dim=-1).values  # each head by its own scores
         idx[b, :, n:n + window] = tail
     n_keep = torch.tensor(budgets, dtype=torch.int32, device=q.device)[:, None].expand(B, Hq) + window
     return idx, n_keep.contiguous()
@@ -220,28 +207,21 @@ def _window_scores_kernel(Q, K, LSE, OUT, sqb, sqh, sqt, sqd, skb, skh, skt, skd
 def window_scores(q_win, k, scale=None):
     """Kernel version of window_scores_ref: q_win (B, Hq, W, D), k (B, Hkv, Tk, D) -> (B, Hq, Tk) fp32.
     Two passes because a probability needs its row's normalizer before it can be summed."""
-    if q_win.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"window_scores: need q_win (B, Hq, W, D) and k (B, Hkv, Tk, D), got "
-                         f"{tuple(q_win.shape)} and {tuple(k.shape)}")
+    G = kernels._check(q_win, k, k, 4)  # shapes checked before a launch (a mismatch would read out of bounds)
     B, Hq, W, D = q_win.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    for what, a, b in (("batch", B, k.shape[0]), ("head dim", D, k.shape[3])):
-        if a != b:
-            raise ValueError(f"window_scores: q_win {tuple(q_win.shape)} and k {tuple(k.shape)} differ in {what} ({a} vs {b})")
-    if Hq % Hkv or W > Tk:
-        raise ValueError(f"window_scores: q_win {tuple(q_win.shape)} does not fit k {tuple(k.shape)}: need "
-                         f"query heads a multiple of KV heads and W <= Tk")
-    G = Hq // Hkv
+    if W > Tk:
+        raise ValueError(f"window_scores: a window of {W} queries needs at least as many keys, got {Tk}")
     qk_scale = (1.0 / math.sqrt(D) if scale is None else scale) * kernels.LOG2E
     lse = torch.empty(B, Hq, W, dtype=torch.float32, device=q_win.device)
     out = torch.empty(B, Hq, Tk, dtype=torch.float32, device=q_win.device)
-    gpu = q_win.device.type == "cuda"
-    BM, BN, warps = (64, 64, 4) if gpu else (32, 32, 4)
-    common = dict(PRECISION=kernels.dot_precision(q_win.dtype), BLOCK_D=kernels.tile_size(D), D=D, num_warps=warps)
-    _window_lse_kernel[(triton.cdiv(W, BM), B * Hq)](q_win, k, lse, *q_win.stride(), *k.stride(),
-                                                     Hq, G, W, Tk, qk_scale, BLOCK_M=BM, BLOCK_N=BN, **common)
-    _window_scores_kernel[(triton.cdiv(Tk, BN), B * Hkv)](q_win, k, lse, out, *q_win.stride(), *k.stride(),
-                                                          Hkv, G, W, Tk, qk_scale, BLOCK_M=BM, BLOCK_N=BN, **common)
+    BLOCK = 64 if q_win.device.type == "cuda" else 32  # queries and keys per tile
+    common = dict(PRECISION=kernels.dot_precision(q_win.dtype), BLOCK_M=BLOCK, BLOCK_N=BLOCK,
+                  BLOCK_D=kernels.tile_size(D), D=D, num_warps=4)
+    _window_lse_kernel[(triton.cdiv(W, BLOCK), B * Hq)](q_win, k, lse, *q_win.stride(), *k.stride(),
+                                                        Hq, G, W, Tk, qk_scale, **common)
+    _window_scores_kernel[(triton.cdiv(Tk, BLOCK), B * Hkv)](q_win, k, lse, out, *q_win.stride(), *k.stride(),
+                                                             Hkv, G, W, Tk, qk_scale, **common)
     return out
 
 
@@ -286,38 +266,26 @@ def _sparse_attn_kernel(Q, K, V, O, IDX, NKEEP,
              mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _zeros_model_layout(q):
-    """A zero (B, Hq, T, D) output whose memory is (B, T, Hq, D): the model's layout, so the
-    attention object hands it back with a free transpose."""
-    B, Hq, T, D = q.shape
-    return torch.zeros(B, T, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
-
-
 def _check_idx(q, k, v, idx, n_keep):
     """The shapes sparse_attention needs, checked before a launch (a mismatch would read out of bounds)."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"sparse_attention: need q (B, Hq, T, D), k, v (B, Hkv, T, D); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"sparse_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
-    for what, i in (("batch", 0), ("length", 2), ("head dim", 3)):
-        if q.shape[i] != k.shape[i]:
-            raise ValueError(f"sparse_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in {what} "
-                             f"({q.shape[i]} vs {k.shape[i]})")
-    B, Hq = q.shape[:2]
-    if Hq % k.shape[1] or idx.dim() != 3 or tuple(idx.shape[:2]) != (B, Hq) or tuple(n_keep.shape) != (B, Hq):
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, idx {tuple(idx.shape)}, n_keep "
-                         f"{tuple(n_keep.shape)}: expected idx (B, Hq, N) and n_keep (B, Hq), Hq a multiple of Hkv")
+    G = kernels._check(q, k, v, 4)
+    B, Hq, T = q.shape[:3]
+    if k.shape[2] != T:
+        raise ValueError(f"sparse_attention: q {tuple(q.shape)} and k {tuple(k.shape)} differ in length")
+    if idx.dim() != 3 or tuple(idx.shape[:2]) != (B, Hq) or tuple(n_keep.shape) != (B, Hq):
+        raise ValueError(f"sparse_attention: idx {tuple(idx.shape)}, n_keep {tuple(n_keep.shape)}: expected "
+                         f"(B, Hq, N) and (B, Hq) = ({B}, {Hq})")
     if n_keep.numel() and int(n_keep.max()) > idx.shape[2]:  # a prefill: one sync is cheap here
         raise ValueError(f"sparse_attention: n_keep up to {int(n_keep.max())} exceeds the {idx.shape[2]} slots of idx")
-    return Hq // k.shape[1]
+    return G
 
 
 def sparse_attention(q, k, v, idx, n_keep, scale=None):
     """Kernel version of sparse_attention_ref (option 1: one varlen kernel, no gathered copies)."""
     G = _check_idx(q, k, v, idx, n_keep)
     B, Hq, T, D = q.shape
-    o = _zeros_model_layout(q)
+    # zeros laid out as the model's (B, T, Hq, D): the attention object transposes them back for free
+    o = torch.zeros(B, T, Hq, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     idx = idx.to(torch.int32)
     n_keep = n_keep.to(torch.int32).contiguous()
     if idx.shape[2] == 0 or T == 0:
@@ -336,9 +304,8 @@ def sparse_attention_gathered(q, k, v, idx, n_keep, scale=None):
     """Option 2, same result: gather the rows into dense (B, Hq, N, D) tensors (K/V repeated per
     query head), run kernels.flash_prefill, scatter back. Padding rows (past n_keep) come after every
     kept row, so causally they never touch a kept row; they are scattered into a dummy row T."""
-    _check_idx(q, k, v, idx, n_keep)
+    G = _check_idx(q, k, v, idx, n_keep)
     B, Hq, T, D = q.shape
-    G = Hq // k.shape[1]
     N = idx.shape[2]
     pos = idx.long().clamp(0, T - 1)
     bi = torch.arange(B, device=q.device)[:, None, None]
@@ -363,19 +330,22 @@ def token_sparse_attention(q, k, v, coverage=0.005, min_tokens=1024, window=128,
             return kernels.flash_prefill(q, k, v, causal=True, scale=scale)[0], None
         return attention(q, k, v, causal=True, scale=scale, need_lse=False)[0], None
     idx, n_keep = sel
+    return attend_selected(use_kernels, attn_kernel)(q, k, v, idx, n_keep, scale), n_keep
+
+
+def attend_selected(use_kernels, attn_kernel="varlen"):
+    """The attention over the selected tokens, sparse_attention_ref's result: the varlen kernel
+    (sparse_attention), the gathered one (attn_kernel "gather") or, without kernels, the PyTorch run path."""
     if not use_kernels:
-        return sparse_attention_torch(q, k, v, idx, n_keep, scale), n_keep
-    fn = sparse_attention if attn_kernel == "varlen" else sparse_attention_gathered
-    return fn(q, k, v, idx, n_keep, scale), n_keep
+        return sparse_attention_torch
+    return sparse_attention if attn_kernel == "varlen" else sparse_attention_gathered
 
 
 def parse_sparse_layers(spec, n_layers):
     """None or "half" -> the second half of the layers (paper default); "all"; or "15-30" / "3,5,7"
     (both ends of a range included). Returns a sorted list of layer indices."""
-    if spec is None or spec == "half":
-        return list(range(n_layers // 2, n_layers))
-    if spec == "all":
-        return list(range(n_layers))
+    if spec in (None, "half", "all"):
+        return list(range(0 if spec == "all" else n_layers // 2, n_layers))
     if isinstance(spec, str):
         layers = []
         try:
@@ -416,7 +386,8 @@ class TokenSparseAttention:
         self.cache, self.decode_attn = cache, decode_attn
         self.coverage, self.min_tokens, self.window, self.keep = coverage, min_tokens, window, keep
         self.sparse_layers = set(parse_sparse_layers(sparse_layers, cache.k.shape[0]))
-        self.use_kernels, self.attn_kernel, self.coverage_rule = use_kernels, attn_kernel, coverage_rule
+        self.use_kernels, self.coverage_rule = use_kernels, coverage_rule
+        self.attend = attend_selected(use_kernels, attn_kernel)  # the fast path, picked once
         self.kept_fraction = {}  # sparse layer -> fraction of tokens kept in the last prefill (mean over rows)
         self.selection_s = 0.0   # wall time spent choosing tokens (a GPU sync before and after)
 
@@ -456,22 +427,15 @@ class TokenSparseAttention:
         self.selection_s += time.perf_counter() - t0
         self.kept_fraction[layer_idx] = float(n_keep.float().mean()) / L
 
-        if not self.use_kernels:
-            o = sparse_attention_torch(qh, kh, vh, idx, n_keep)
-        elif self.attn_kernel == "varlen":
-            o = sparse_attention(qh, kh, vh, idx, n_keep)
-        else:
-            o = sparse_attention_gathered(qh, kh, vh, idx, n_keep)
         # Skipped rows are 0 here; the layer adds o_proj(0) = 0 (no bias) to the residual stream,
         # so a skipped token passes this attention unchanged and a later layer may select it again.
-        o = o.transpose(1, 2)
+        o = self.attend(qh, kh, vh, idx, n_keep).transpose(1, 2)
         rows = self.decode_attn.prefill_rows
         if rows:
             # The decoder keeps the prompt's last rows' outputs with their lse (RetroAttention: w - 1,
             # to revise them). Ours: those few rows attend densely, so the kept (o, lse) are exact.
             o_rows, lse_rows = prefill_attention(q[:, -rows:], self.cache.k[layer_idx], self.cache.v[layer_idx],
                                                  input_pos[-rows:], self.use_kernels)
-            o = o.clone()
             o[:, -rows:] = o_rows
             self.decode_attn.record_prefill(layer_idx, input_pos[-rows:], o_rows, lse_rows)
         return o
