@@ -426,9 +426,10 @@ def recall_accuracy(model, tokenizer, suite, make_attn, device="cpu", window=1, 
     return by_distance
 
 
-def run_loss(o, model, tokenizer, mopts):
+def run_loss(o, model, tokenizer):
     """The default mode: held-out loss at each context and recall at each distance, one method."""
     a = model.args
+    mopts = method_options("dense" if o.method == "sdpa" else o.method, o.method_flags)
 
     def make_attn(max_seq_len):
         cache = KVCache(a.n_layers, 1, a.n_kv_heads, max_seq_len, a.head_dim, o.torch_dtype, o.device,
@@ -878,8 +879,9 @@ def print_real_tables(result, header):
                                        if ag else "n/a | n/a | n/a | n/a |"))
 
 
-def run_real(o, model, tokenizer, data):
+def run_real(o, model, tokenizer):
     t0 = time.time()
+    data = real_data(o, tokenizer)
     source, stream, suite, _ = data
     runs = method_runs(o.budgets, o.windows, o.coverages, o.ratios, unfitted=False)
     note(f"real: {source}, {len(stream):,} tokens; {len(runs)} runs; perplexity at {list(o.contexts)} x "
@@ -1120,7 +1122,7 @@ def main(argv=None):
         parser.error(f"--n-samples {o.n_samples}: need at least 1")
     if o.method != "sdpa" and o.method not in gen.METHODS:
         parser.error(f"--method {o.method!r}: choose sdpa or one of generate.py's methods: {', '.join(gen.METHODS)}")
-    # the method's options are generate.py's: parse them with its parser so both tools agree
+    # the method's options are generate.py's: checked by its parser (so both tools agree) before the model loads
     method_parser = gen.build_parser()
     method_parser.prog = f"{parser.prog} (method options of generate.py)"
     mopts = method_parser.parse_args(rest + ["--method", "dense" if o.method == "sdpa" else o.method])
@@ -1146,11 +1148,8 @@ def main(argv=None):
         o = replace(o, mode="real")
     try:
         o = o.settle(model.args.max_seq_len)
-        if o.mode == "real":
-            return run_real(o, model, tokenizer, real_data(o, tokenizer))
-        run = {"loss": lambda: run_loss(o, model, tokenizer, mopts), "sweep": run_sweep, "ruler": run_ruler,
-               "longgen": run_longgen}[o.mode]
-        return run() if o.mode == "loss" else run(o, model, tokenizer)
+        run = {"loss": run_loss, "sweep": run_sweep, "real": run_real, "ruler": run_ruler, "longgen": run_longgen}
+        return run[o.mode](o, model, tokenizer)
     except ValueError as e:
         parser.error(f"--{o.mode}: {e}" if o.mode != "loss" else str(e))
 

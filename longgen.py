@@ -1,7 +1,7 @@
 """
 Long generation against dense, the regime RetroAttention (arXiv 2508.09001) is about: a sparse
-decode step reads a budget of the KV cache, its error enters the cache as the next layers' input,
-and the errors pile up over a long generation. How far does each method stay with dense, and does
+decode step reads a budget of the KV cache, and its error passes to the next layers and, through
+the keys and values of the tokens it generates, to every later step. How far does each method stay with dense, and does
 RetroAttention's revision of past rows make the difference the paper claims?
 
 Why a file of its own: this is one measurement with its own pieces, used by `eval.py --longgen` and
@@ -18,7 +18,7 @@ like with like):
 and the attention output error of layer l at position i, computed s steps after i was new:
     e_l(i, s) = ||o_l(i, s) - o_dense_l(i)|| / ||o_dense_l(i)||
 RetroAttention feeds w rows per step, the new token (s = 0) and the w - 1 before it, revised with
-the pages the new query chose (paper Sec. 3): if revision helps, e(s) falls with s. Intervals are
+the pages the new query chose (retro.py): if revision helps, e(s) falls with s. Intervals are
 95% percentile bootstrap over prompts; Retro minus Quest is paired by prompt (ruler.py).
 
 On a GPU the decode steps replay a CUDA graph (cudagraph.py): the recorder copies each layer's
