@@ -377,8 +377,11 @@ def main():
     p.add_argument("--budgets", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--e2e-contexts", type=int, nargs="+", default=[32768], help="prompt lengths of the e2e section")
+    p.add_argument("--e2e-new-tokens", type=int, default=256, help="tokens decoded per e2e run")
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     a = p.parse_args()
+    if a.e2e_new_tokens < 1 or min(a.e2e_contexts) < 1:
+        raise SystemExit("bench.py: --e2e-contexts and --e2e-new-tokens must be >= 1")
     if not torch.cuda.is_available():
         raise SystemExit("bench.py measures GPU kernels: no CUDA GPU is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: e2e with the heads split (tp.py)
@@ -406,9 +409,10 @@ def main():
                        bench_compaction,
                        ["ratio", "keys_per_head", "seconds", "s_per_layer", "peak_extra_mib", "kv_mib_before",
                         "kv_mib_after", "out_err", "mass_err"]),
-        "e2e": ("End-to-end decode, Llama-3.1-8B-shaped random model (bf16, 256 new tokens, batch 1)",
-                lambda: [dict(context=n, **r) for n in a.e2e_contexts for r in bench_e2e(prompt_len=n, copy_bw=bw)],
-                ["context", "method", "mode", "tok_per_s", "step_ms", "linear_ms", "attention_ms", "selection_ms",
+        "e2e": (f"End-to-end decode, Llama-3.1-8B-shaped random model (bf16, {a.e2e_new_tokens} new tokens, batch 1)",
+                lambda: [dict(prompt_len=n, new_tokens=a.e2e_new_tokens, **r) for n in a.e2e_contexts
+                         for r in bench_e2e(prompt_len=n, new_tokens=a.e2e_new_tokens, copy_bw=bw)],
+                ["prompt_len", "method", "mode", "tok_per_s", "step_ms", "linear_ms", "attention_ms", "selection_ms",
                  "other_ms", "bound_ms", "step_over_bound", "quest_step_us", "quest_bound_us", "quest_step_over_bound",
                  "prefill_s", "peak_GiB", "same_tokens_as_eager"]),
     }
