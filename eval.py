@@ -75,6 +75,7 @@ import torch.nn.functional as F
 
 import cudagraph
 import generate as gen
+from compaction import compact_prompt, repeat_separator
 import kvcache
 import longgen
 import ruler
@@ -230,7 +231,6 @@ def start_method(model, method, mopts, prompt, max_new, o, separator_ids, keep_l
     several times slower on a CPU than in chunks)."""
     a = model.args
     if method == "compact":
-        from compaction import compact_prompt
         fit = {} if not getattr(mopts, "no_fit", False) else {"fit_bias": False, "fit_values": False}
         fit["w_box"] = gen.bias_box(getattr(mopts, "bias_box", gen.BIAS_BOX_DEFAULT))
         res = compact_prompt(model, prompt, mopts.ratio, separator_ids=separator_ids, keep_last=keep_last,
@@ -254,7 +254,6 @@ def start_method(model, method, mopts, prompt, max_new, o, separator_ids, keep_l
 def starter(o, model, tokenizer):
     """-> start_for(method, generate.py flags) -> start(prompt, max_new, keep_last=1) -> (attn,
     start_pos, window): how every mode builds a fresh state of one method for one sequence."""
-    from compaction import repeat_separator
     sep = repeat_separator(tokenizer)
 
     def start_for(method, flags):
