@@ -18,7 +18,7 @@ wrong mass takes too much or too little of the attention. The steps (paper):
      as in the authors' prompt, with one BOS and, for a chat model, the request as a user turn;
   2. keys: the t keys with the highest aggregate attention over the reference queries (ours: the
      RMS of their softmax weights; max, mean and greedy OMP are options);
-  3. biases: w = exp(beta) >= 0 by non-negative least squares A w ~= z, with
+  3. biases: w = exp(beta) >= 0 by non-negative least squares A w ~= z (nnls.py), with
      A[m, j] = exp(q_m . Ck_j / sqrt(D) - s_m),  z_m = sum_i exp(q_m . K_i / sqrt(D) - s_m).
      Ours: s_m = log of the full mass of query m, so A[m, j] is key j's full-attention weight,
      z_m = 1, and every query's relative mass error counts alike (the paper shifts by a max);
@@ -35,10 +35,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import kernels
-from attention import attention, merge_attention, paged_decode
+from attention import attention, masked_attention, merge_attention, paged_decode
 from kvcache import KVCache
+from nnls import nnls, nnls_gram, spd_solve
 from tokenizer import CHAT_TEMPLATES
 
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."  # the authors' request (github adamzweiger/compaction)
@@ -55,138 +57,17 @@ def biased_attention_ref(q, k, v, bias, scale=None, chunk=4096):
     q (B, Hq, T, D); k, v (B, Hkv, N, D); bias (B, Hkv, N) fp32 (-inf = key absent)
     -> o (B, Hq, T, D), lse (B, Hq, T). Queries are processed in chunks to bound memory."""
     B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    G = Hq // Hkv
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kf, vf, bf = k.float(), v.float(), bias.float()[:, :, None, None, :]
-    qg = q.reshape(B, Hkv, G, T, D)
-    o = torch.empty(B, Hkv, G, T, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hkv, G, T, dtype=torch.float32, device=q.device)
-    for s in range(0, T, chunk):
-        scores = torch.einsum("bhgtd,bhnd->bhgtn", qg[:, :, :, s:s + chunk].float(), kf) * scale + bf
-        l = torch.logsumexp(scores, dim=-1)
-        p = torch.exp(scores - torch.where(torch.isfinite(l), l, 0.0).unsqueeze(-1))
-        o[:, :, :, s:s + chunk] = torch.einsum("bhgtn,bhnd->bhgtd", p, vf).to(q.dtype)
-        lse[:, :, :, s:s + chunk] = l
-    return o.view(B, Hq, T, D), lse.view(B, Hq, T)
+    qg = q.reshape(B, k.shape[1], Hq // k.shape[1], T, D)
+    parts = [masked_attention(qg[:, :, :, s:s + chunk], k, v, None, scale, bias) for s in range(0, max(T, 1), chunk)]
+    o, lse = torch.cat([o for o, _ in parts], 3), torch.cat([lse for _, lse in parts], 3)
+    return o.view(B, Hq, T, D).to(q.dtype), lse.view(B, Hq, T)
 
 
-# ----------------------------------------------------------------------------------------------
-# Non-negative least squares, batched: min_w ||A w - z||^2  s.t.  w >= 0
-
-def nnls(A, z, iters=300, polish_rounds=30):
-    """A (..., M, t), z (..., M) -> w (..., t) >= 0. Works on the normal equations (see nnls_gram)."""
-    A, z = A.float(), z.float()
-    return nnls_gram(A.transpose(-1, -2) @ A, (A.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1),
-                     iters=iters, polish_rounds=polish_rounds)
-
-
-def _matvec(H, x):
-    """H (..., t, t) @ x (..., t). Batched small matmuls are slow on CPU; the broadcast form is not."""
-    return (H @ x.unsqueeze(-1)).squeeze(-1) if H.is_cuda else (H * x.unsqueeze(-2)).sum(-1)
-
-
-def _objective(H, c, w):
-    """0.5 w^T H w - c^T w (= 0.5 ||A w - z||^2 up to a constant)."""
-    return 0.5 * (w * _matvec(H, w)).sum(-1) - (c * w).sum(-1)
-
-
-def nnls_gram(H, c, iters=300, polish_rounds=30, box=None):
-    """NNLS given H = A^T A (..., t, t) and c = A^T z (..., t); batched over the leading dims.
-    box (lo, hi), 0 <= lo < hi: every weight bounded to [lo, hi] instead of [0, inf) (the authors use
-    [e^-3, e^3]); then step 1 alone, projected onto the box (step 2 knows only the bound w >= 0).
-    1. Accelerated projected gradient (FISTA) on the Jacobi-scaled problem, step 1/L with L the
-       largest eigenvalue (power iteration, inflated by 10% as it approaches from below); the momentum
-       restarts when it points uphill (O'Donoghue & Candes' gradient test). This finds (nearly) the
-       support {w > 0}.
-    2. Active-set polish (Lawson-Hanson) in float64 from that support: solve H_PP w_P = c_P; if some
-       w_P <= 0, step towards the solution until the first weight hits 0 and drop it; otherwise take
-       it and add every weight whose gradient is negative. A round keeps w >= 0 and never raises the
-       objective; it stops when no head changes (at most polish_rounds)."""
-    H, c = H.float(), c.float()
-    # Jacobi scaling w = u / sqrt(H_jj): the columns of A (keys) differ in scale by orders of
-    # magnitude; with a unit diagonal one step size suits every coordinate, and u >= 0 iff w >= 0.
-    # A zero column (a padding slot) has no say in the fit: its weight stays 0.
-    diag = H.diagonal(dim1=-2, dim2=-1)
-    d = torch.where(diag > 0, diag.clamp_min(1e-30).rsqrt(), 0.0)
-    # bounds on u = w / d, per coordinate; a zero column stays at 0 whatever the box
-    lo, hi = (0.0, float("inf")) if box is None else box
-    u_lo = torch.where(d > 0, lo / torch.where(d > 0, d, 1.0), 0.0)
-    u_hi = torch.where(d > 0, hi / torch.where(d > 0, d, 1.0), 0.0)
-    w = _projected_gradient(H * d.unsqueeze(-1) * d.unsqueeze(-2), c * d, iters, u_lo, u_hi) * d
-    return _active_set_polish(H, c, w, polish_rounds) if polish_rounds and box is None else w
-
-
-def _projected_gradient(H, c, iters, lo, hi):
-    """FISTA on 0.5 u^T H u - c^T u over lo <= u <= hi (elementwise bounds, (..., t))."""
-    t = H.shape[-1]
-    # start from the best uniform weight w = a * 1 (the right total mass), or 0 when 1^T H 1 ~ 0
-    ones_H_ones = H.sum((-1, -2))
-    usable = ones_H_ones > 1e-6 * H.diagonal(dim1=-2, dim2=-1).sum(-1)
-    a = torch.where(usable, c.sum(-1) / torch.where(usable, ones_H_ones, 1.0), 0.0).clamp_min(0)
-    w = torch.minimum(torch.maximum(a.unsqueeze(-1).expand_as(c), lo), hi)
-    # power iteration for the Lipschitz constant of the gradient, from a fixed pseudo-random start
-    # (a constant start vector can lie in H's null space)
-    x = torch.randn(t, generator=torch.Generator().manual_seed(0)).to(c.device).expand_as(c)
-    for _ in range(30):
-        x = _matvec(H, x)
-        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    trace = H.diagonal(dim1=-2, dim2=-1).sum(-1)
-    L = torch.maximum((x * _matvec(H, x)).sum(-1) * 1.1, 1e-6 * trace).clamp_min(1e-30).unsqueeze(-1)
-    y, theta = w, torch.ones_like(L)
-    for _ in range(iters):
-        w_new = torch.minimum(torch.maximum(y - (_matvec(H, y) - c) / L, lo), hi)
-        theta_new = (1 + torch.sqrt(1 + 4 * theta * theta)) / 2
-        restart = ((y - w_new) * (w_new - w)).sum(-1, keepdim=True) > 0
-        y = torch.where(restart, w_new, w_new + (theta - 1) / theta_new * (w_new - w))
-        theta = torch.where(restart, torch.ones_like(theta), theta_new)
-        w = w_new
-    return w
-
-
-def _spd_solve(A, b):
-    """A x = b for symmetric positive definite A (..., t, t), by Cholesky: batched LU of such blocks
-    (t ~ 400) fails inside MKL on 2 CPU threads ("Parameter 6 was incorrect on entry to DLASWP",
-    torch 2.13). A block that is not positive definite in floating point falls back to LU alone."""
-    chol, info = torch.linalg.cholesky_ex(A)
-    x = torch.cholesky_solve(b, chol)
-    for i in (info != 0).nonzero().tolist():
-        x[tuple(i)] = torch.linalg.solve(A[tuple(i)], b[tuple(i)])
-    return x
-
-
-def _active_set_polish(H, c, w, rounds):
-    t = H.shape[-1]
-    H64, c64, w64 = H.double(), c.double(), w.double()
-    eye = torch.eye(t, dtype=torch.float64, device=H.device)
-    jitter = 1e-12 * H64.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
-    tol = 1e-10 * (H64.abs().amax((-1, -2)) * w64.abs().amax(-1) + c64.abs().amax(-1)).unsqueeze(-1)
-    P = w64 > 0  # the support (Lawson-Hanson's passive set)
-    for _ in range(rounds):
-        # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
-        Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
-        # Cholesky (see _spd_solve for why not LU); a support block singular even with the jitter keeps
-        # its w, the projected-gradient answer, instead of failing the batch
-        chol, info = torch.linalg.cholesky_ex(Hp)
-        chol = torch.where((info != 0)[..., None, None], eye, chol)
-        sol = torch.cholesky_solve(torch.where(P, c64, 0.0).unsqueeze(-1), chol)
-        solved = (info == 0).unsqueeze(-1)
-        sol = torch.where(P & solved, sol.squeeze(-1), 0.0)
-        feasible = (sol > 0).eq(P).all(-1, keepdim=True) & solved
-        # largest step in [0, 1] from w towards sol that keeps w >= 0 (1 when feasible)
-        shrink = torch.where(P & (sol <= 0), w64 / (w64 - sol).clamp_min(1e-300), torch.ones_like(w64))
-        alpha = shrink.amin(-1, keepdim=True).clamp(0, 1)
-        cand = (w64 + alpha * (sol - w64)).clamp_min(0)
-        cand = torch.where(cand <= 1e-12 * cand.amax(-1, keepdim=True), 0.0, cand)
-        ok = (_objective(H64, c64, cand) <= _objective(H64, c64, w64)).unsqueeze(-1) \
-            & torch.isfinite(cand).all(-1, keepdim=True) & solved
-        w64 = torch.where(ok, cand, w64)
-        g = _matvec(H64, w64) - c64
-        new_P = torch.where(ok & feasible, (w64 > 0) | (g < -tol), w64 > 0)
-        if torch.equal(new_P, P) and bool((ok & feasible).all()):
-            break  # every problem of the batch is at a KKT point (up to tol)
-        P = new_P
-    return w64.float()
+def _biased_then_causal(q, ck, cv, beta, k, v, use_kernels):
+    """q (B, Hq, T, D) over [ck, cv with bias beta, all visible] + [k, v, causal: q are their last T rows]."""
+    o1, lse1 = biased_attention_ref(q, ck, cv, beta)
+    o2, lse2 = (kernels.flash_prefill if use_kernels else attention)(q, k, v, causal=True)
+    return merge_attention(o1, lse1, o2, lse2)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,7 +228,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
             PtP += P.transpose(-1, -2) @ P
             PtY += P.transpose(-1, -2) @ y[:, :, s:s + chunk]
         lam = ridge * PtP.diagonal(dim1=-2, dim2=-1).sum(-1) / budget + 1e-12
-        delta = _spd_solve(PtP + lam[..., None, None] * torch.eye(t, device=k.device), PtY - PtP @ v_sel)
+        delta = spd_solve(PtP + lam[..., None, None] * torch.eye(t, device=k.device), PtY - PtP @ v_sel)
         cv = v_sel + delta * valid.unsqueeze(-1)
     cv = cv.to(v.dtype)
 
@@ -385,16 +266,14 @@ class CompactedAttention:
         ref = layers[0].ck
         B, Hkv, _, D = ref.shape
         self.t = max(c.ck.shape[2] for c in layers)  # rows of the compact part, the same in every layer
-        self.ctx_len = ctx_len
-        self.use_kernels = use_kernels
+        self.ctx_len, self.use_kernels = ctx_len, use_kernels
         self.cache = KVCache(len(layers), B, Hkv, self.t + max_new_tokens, D, ref.dtype, ref.device, page_size)
         self.bias = torch.zeros(self.cache.k.shape[:4], dtype=torch.float32, device=ref.device)
         self.bias[:, :, :, :self.t] = float("-inf")  # layers with fewer rows: the rest are padding
         rows = torch.arange(self.t)
         for i, c in enumerate(layers):
             n = c.ck.shape[2]
-            pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, self.t - n))  # noqa: E731
-            self.cache.write(i, pad(c.ck).transpose(1, 2), pad(c.cv).transpose(1, 2), rows)
+            self.cache.write(i, *(F.pad(x, (0, 0, 0, self.t - n)).transpose(1, 2) for x in (c.ck, c.cv)), rows)
             self.bias[i, :, :, :n] = c.beta
         self.compact_rows = sum(int(c.budget.sum()) for c in layers)  # kept (key, value) rows, all heads
         self.every_page = torch.arange(self.cache.num_pages_max, dtype=torch.int32, device=ref.device).expand(B, Hkv, -1)
@@ -415,8 +294,7 @@ class CompactedAttention:
         return o.unsqueeze(1)
 
     def prefill(self, layer_idx, q, k, v, input_pos):
-        """Several new tokens at host positions input_pos >= ctx_len: [compact part with bias, all
-        visible] merged with [appended rows, causal]."""
+        """Several new tokens at host positions input_pos >= ctx_len."""
         p0 = int(input_pos[0])
         if p0 < self.ctx_len:
             raise ValueError(f"position {p0} lies inside the compacted context of {self.ctx_len} tokens; "
@@ -424,11 +302,9 @@ class CompactedAttention:
         rows = self._rows(input_pos)
         self.cache.write(layer_idx, k, v, rows)
         kc, vc, bias = self.cache.k[layer_idx], self.cache.v[layer_idx], self.bias[layer_idx]
-        n, t, qh = int(rows[-1]) + 1, self.t, q.transpose(1, 2)
-        o1, lse1 = biased_attention_ref(qh, kc[:, :, :t], vc[:, :, :t], bias[:, :, :t])
-        prefill = kernels.flash_prefill if self.use_kernels else attention
-        o2, lse2 = prefill(qh, kc[:, :, t:n], vc[:, :, t:n], causal=True)
-        o, _ = merge_attention(o1, lse1, o2, lse2)
+        n, t = int(rows[-1]) + 1, self.t
+        o = _biased_then_causal(q.transpose(1, 2), kc[:, :, :t], vc[:, :, :t], bias[:, :, :t],
+                                kc[:, :, t:n], vc[:, :, t:n], self.use_kernels)
         return o.transpose(1, 2)
 
     @property
@@ -452,14 +328,9 @@ class CompactingAttention:
 
     def __init__(self, ctx_len, sep_len, budget, ref_queries=None, use_kernels=False, page_size=16,
                  on_layer=None, skip_first=0, **compact_kwargs):
-        self.ctx_len, self.sep_len = ctx_len, sep_len
-        self.on_layer = on_layer
-        self.copy_len = ctx_len - skip_first  # tokens of the second copy
-        self.budget = budget
-        self.ref_queries = ref_queries
-        self.use_kernels = use_kernels
-        self.page_size = page_size
-        self.compact_kwargs = compact_kwargs
+        self.ctx_len, self.sep_len, self.copy_len = ctx_len, sep_len, ctx_len - skip_first
+        self.budget, self.ref_queries, self.on_layer = budget, ref_queries, on_layer
+        self.use_kernels, self.page_size, self.compact_kwargs = use_kernels, page_size, compact_kwargs
         self.layers = {}
         self.stats = {"kv_bytes_read": 0, "decode_steps": 0}
 
@@ -487,9 +358,7 @@ class CompactingAttention:
         c = compact_cache(kh[:, :, :L], vh[:, :, :L], q_ref, budget, **self.compact_kwargs)
         self.layers[layer_idx] = c
 
-        o1, lse1 = biased_attention_ref(qh[:, :, L:], c.ck, c.cv, c.beta)
-        o2, lse2 = prefill(qh[:, :, L:], kh[:, :, L:], vh[:, :, L:], causal=True)
-        o_rest, _ = merge_attention(o1, lse1, o2, lse2)
+        o_rest = _biased_then_causal(qh[:, :, L:], c.ck, c.cv, c.beta, kh[:, :, L:], vh[:, :, L:], self.use_kernels)
         if self.on_layer is not None:
             self.on_layer(layer_idx)
         return torch.cat([o_ctx, o_rest], dim=2).transpose(1, 2)

@@ -313,13 +313,10 @@ class RetroAttention:
         check_sparse_args(cache, budget, page_size, dense_layers)
         if window < 1:
             raise ValueError(f"--window must be >= 1 (1 is Quest), got {window}")
-        self.cache = cache
-        self.budget = budget
-        self.window = window
+        self.cache, self.budget, self.window, self.use_kernels = cache, budget, window, use_kernels
         self.prefill_rows = window - 1
         n_layers, B, Hkv = cache.k.shape[:3]
         self.dense_layers = min(dense_layers, n_layers)
-        self.use_kernels = use_kernels
         self.outputs = OutputCache(n_layers, window - 1)
         # A: per (layer, batch, KV head, page) the last step (= position of its current token) that loaded it
         self.last_loaded = torch.full((n_layers, B, Hkv, cache.num_pages_max), -1, dtype=torch.int32,

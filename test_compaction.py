@@ -4,11 +4,14 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from attention import attention_ref, paged_decode_ref
 import compaction
+import kernels
+from attention import DenseAttention, attention_ref, paged_decode_ref
 from compaction import (AUTHORS_W_BOX, CompactedAttention, CompactingAttention, biased_attention_ref, compact_cache,
-                        compact_prompt, nnls, nnls_gram, repeat_separator)
+                        compact_prompt, repeat_separator)
 from conftest import DEVICE, gqa_heads, rand, tiny_model
+from generate import generate
+from kvcache import KVCache
 
 
 def _errors(c, k, v, q):
@@ -34,33 +37,6 @@ def test_full_size_reproduces_cache(T, heads, select, seed):
     oc, lse_c = biased_attention_ref(q, c.ck, c.cv, c.beta)
     torch.testing.assert_close(oc, o, atol=1e-3, rtol=0)
     torch.testing.assert_close(lse_c, lse, atol=1e-3, rtol=0)
-
-
-@settings(max_examples=25)
-@given(M=st.integers(1, 30), t=st.integers(1, 12), kind=st.sampled_from(["exp", "gauss", "exp_low_rank", "repeated"]),
-       positive_z=st.booleans(), seed=st.integers(0, 10**6))
-def test_nnls_nonnegative_and_kkt(M, t, kind, positive_z, seed):
-    g = torch.Generator().manual_seed(seed)
-    if kind == "exp":  # like ours: exponentiated scores, columns of very different scale
-        A = torch.exp(2 * torch.randn(M, t, generator=g))
-    elif kind == "gauss":
-        A = torch.randn(M, t, generator=g)
-    elif kind == "exp_low_rank":  # exp of a rank-2 score matrix: nearly collinear columns, badly conditioned
-        A = torch.exp(torch.randn(M, 2, generator=g) @ torch.randn(2, t, generator=g))
-    else:  # the same key twice, or a key no query sees (weights underflow to 0): H_PP exactly singular
-        A = torch.exp(2 * torch.randn(M, t, generator=g))
-        A[:, t // 2:] = A[:, :t - t // 2][:, :t // 2]
-        A[:, torch.rand(t, generator=g) < 0.2] = 0
-    z = torch.randn(M, generator=g)
-    z = 3 * z.abs() if positive_z else z
-    w = nnls(A, z)
-    assert (w >= 0).all()
-    # KKT of min ||A w - z||^2, w >= 0: gradient g = A^T (A w - z) is >= 0 where w = 0, 0 where w > 0
-    A64, z64, w64 = A.double(), z.double(), w.double()
-    grad = A64.T @ (A64 @ w64 - z64)
-    eps = 1e-5 * float((A64.abs().T @ (A64.abs() @ w64 + z64.abs())).max() + 1e-12)
-    assert (grad[w64 > 0].abs() <= eps).all(), grad
-    assert (grad[w64 == 0] >= -eps).all(), grad
 
 
 def _clustered(seed, Hkv=2, G=2, T=256, M=192, C=12, D=16):
@@ -134,7 +110,6 @@ def test_append_after_compaction_equals_biased_concatenation(use_kernels):
 
 @pytest.mark.parametrize("S, n", [(4, 23), (16, 40)])
 def test_biased_decode_kernel_matches_reference(S, n):
-    import kernels
     B, Hq, Hkv, D = 2, 4, 2, 32
     Nmax = 48
     q, k, v = rand(B, Hq, D, seed=0), rand(B, Hkv, Nmax, D, seed=1), rand(B, Hkv, Nmax, D, seed=2)
@@ -149,9 +124,6 @@ def test_biased_decode_kernel_matches_reference(S, n):
 
 
 def _greedy(model, prompt, n, compact_ratio=None):
-    from attention import DenseAttention
-    from generate import generate
-    from kvcache import KVCache
     a = model.args
     if compact_ratio is None:
         attn = DenseAttention(KVCache(a.n_layers, 1, a.n_kv_heads, prompt.shape[1] + n, a.head_dim,
@@ -224,8 +196,6 @@ def test_reference_queries_are_on_policy(monkeypatch):
             return getattr(self.inner, name)
 
     on_policy = Record(compactor.decoder(max_new_tokens=L + len(sep)))
-    from attention import DenseAttention
-    from kvcache import KVCache
     a = model.args
     dense = Record(DenseAttention(KVCache(a.n_layers, 1, a.n_kv_heads, seq.shape[1], a.head_dim, torch.float32, DEVICE)))
     with torch.no_grad():
@@ -275,21 +245,6 @@ def test_one_bos_and_the_authors_framing():
     assert res.start_pos == 20
     compact_prompt(Spy(), prompt, 4, separator_ids=[1, 2], max_new_tokens=2)  # no BOS id: the copy is whole
     assert fed[1][0].tolist().count(bos) == 2
-
-
-@settings(max_examples=10)
-@given(M=st.integers(4, 30), t=st.integers(1, 10), seed=st.integers(0, 10**6))
-def test_boxed_nnls_stays_in_the_box_and_beats_the_clamped_exact_solution(M, t, seed):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.exp(2 * torch.randn(M, t, generator=g))
-    z = 3 * torch.randn(M, generator=g).abs()
-    lo, hi = AUTHORS_W_BOX
-    H, c = A.T @ A, A.T @ z
-    w = nnls_gram(H, c, box=(lo, hi))
-    assert (w >= lo * (1 - 1e-6)).all() and (w <= hi * (1 + 1e-6)).all()
-    objective = lambda x: float(((A.double() @ x.double() - z.double()) ** 2).sum())  # noqa: E731
-    clamped = nnls(A, z).clamp(lo, hi)  # a feasible point: the box optimum can only be better
-    assert objective(w) <= objective(clamped) * (1 + 1e-4) + 1e-6
 
 
 def test_authors_box_bounds_every_kept_keys_bias():

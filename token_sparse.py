@@ -67,15 +67,14 @@ COVERAGE_RULES = ("authors", "per_head")
 
 
 def coverage_budget(scores, coverage, min_tokens, rule="authors"):
-    """Dynamic Token Coverage: how many of the C candidate tokens each head keeps.
-    scores (B, Hq, C) >= 0 (pooled) -> list of B ints (the heads of a row keep equally many).
-    rule "authors" (default, their get_index): the heads' scores averaged, then normalized to a
-      distribution; sorted ascending, n = the number of tokens whose cumulative mass stays below
-      `coverage`; n = 0 keeps every token, else n + 1 are dropped (the prefix whose mass reaches it).
-    rule "per_head" (ours before, kept to compare): each head normalized first, then averaged, and
-      exactly n dropped; a head with little mass on the candidates then counts as much as any other.
-    At least min_tokens are kept. Normalizing divides by the plain sum (no epsilon: scaling every
-    score leaves the budget unchanged); an all-zero row says nothing and keeps every token."""
+    """Dynamic Token Coverage (the module docstring's mass, n and dropped): how many of the C candidate
+    tokens each head keeps. scores (B, Hq, C) >= 0 (pooled) -> list of B ints (the heads of a row keep
+    equally many). rule "authors" (default, their get_index) averages the heads, then normalizes, and
+    drops n + 1, the prefix whose mass reaches tau (none if n = 0); "per_head" (ours before, kept to
+    compare) normalizes each head first, then averages, and drops exactly n: a head with little mass on
+    the candidates then counts as much as any other. At least min_tokens are kept. Normalizing divides
+    by the plain sum (no epsilon: scaling every score leaves the budget unchanged); an all-zero row says
+    nothing and keeps every token."""
     if rule not in COVERAGE_RULES:
         raise ValueError(f"coverage rule must be one of {COVERAGE_RULES}, got {rule!r}")
     C = scores.shape[-1]
@@ -138,11 +137,8 @@ def sparse_attention_ref(q, k, v, idx, n_keep, scale=None, attend=attention_ref)
     return o
 
 
-def sparse_attention_torch(q, k, v, idx, n_keep, scale=None):
-    """sparse_attention_ref on the CPU run path: each head's subset through attention.attention
-    (F.scaled_dot_product_attention), without the lse the reference computes."""
-    fast = functools.partial(attention, need_lse=False)
-    return sparse_attention_ref(q, k, v, idx, n_keep, scale, attend=fast)
+# sparse_attention_ref on the CPU run path: each head's subset through attention.attention (sdpa), no lse
+sparse_attention_torch = functools.partial(sparse_attention_ref, attend=functools.partial(attention, need_lse=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,10 +321,9 @@ def token_sparse_attention(q, k, v, coverage=0.005, min_tokens=1024, window=128,
     """Causal prefill attention with per-head token selection. q (B, Hq, L, D); k, v (B, Hkv, L, D).
     Returns (o (B, Hq, L, D), n_keep (B, Hq) or None when the prompt was too short to sparsify)."""
     sel = select_tokens(q, k, coverage, min_tokens, window, keep, use_kernels, scale, coverage_rule)
-    if sel is None:
-        if use_kernels:
-            return kernels.flash_prefill(q, k, v, causal=True, scale=scale)[0], None
-        return attention(q, k, v, causal=True, scale=scale, need_lse=False)[0], None
+    if sel is None:  # too short to sparsify: dense
+        dense = kernels.flash_prefill if use_kernels else functools.partial(attention, need_lse=False)
+        return dense(q, k, v, causal=True, scale=scale)[0], None
     idx, n_keep = sel
     return attend_selected(use_kernels, attn_kernel)(q, k, v, idx, n_keep, scale), n_keep
 

@@ -1,0 +1,126 @@
+"""
+Non-negative least squares, batched: min_w ||A w - z||^2 subject to w >= 0 (or to a box lo <= w <= hi).
+
+Its own file because it is a solver, not part of the idea: compaction.py needs one to fit the weights
+w = exp(beta) of the kept keys (its step 3, and OMP's refits), torch has none, and a reader of the
+compaction can take it as given. It solves thousands of small problems (one per batch row and KV head,
+t ~ 400 unknowns) at once, on the normal equations H = A^T A, c = A^T z. The answer is a KKT point
+of 0.5 w^T H w - c^T w: the gradient g = H w - c is 0 where w > 0 and >= 0 where w = 0 (in a box:
+0 inside, >= 0 at lo, <= 0 at hi).
+  1. Accelerated projected gradient (FISTA) on the Jacobi-scaled problem, step 1/L with L the largest
+     eigenvalue; the momentum restarts when it points uphill (O'Donoghue & Candes' gradient test).
+     This finds (nearly) the support {w > 0}.
+  2. Active-set polish (Lawson-Hanson, w >= 0 only) in float64 from that support: solve H_PP w_P = c_P;
+     if some w_P <= 0, step towards the solution until the first weight hits 0 and drop it; otherwise
+     take it and add every weight whose gradient is negative. A round keeps w >= 0 and never raises the
+     objective; it stops when every problem is at a KKT point (at most polish_rounds).
+"""
+
+import torch
+
+
+def nnls(A, z, iters=300, polish_rounds=30):
+    """A (..., M, t), z (..., M) -> w (..., t) >= 0. Works on the normal equations (see nnls_gram)."""
+    A, z = A.float(), z.float()
+    return nnls_gram(A.transpose(-1, -2) @ A, (A.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1),
+                     iters=iters, polish_rounds=polish_rounds)
+
+
+def _matvec(H, x):
+    """H (..., t, t) @ x (..., t). Batched small matmuls are slow on CPU; the broadcast form is not."""
+    return (H @ x.unsqueeze(-1)).squeeze(-1) if H.is_cuda else (H * x.unsqueeze(-2)).sum(-1)
+
+
+def _objective(H, c, w):
+    """0.5 w^T H w - c^T w (= 0.5 ||A w - z||^2 up to a constant)."""
+    return 0.5 * (w * _matvec(H, w)).sum(-1) - (c * w).sum(-1)
+
+
+def nnls_gram(H, c, iters=300, polish_rounds=30, box=None):
+    """NNLS given H = A^T A (..., t, t) and c = A^T z (..., t); batched over the leading dims.
+    box (lo, hi), 0 <= lo < hi: every weight bounded to [lo, hi] instead of [0, inf) (the compaction
+    authors use [e^-3, e^3]); then step 1 alone, projected onto the box (step 2 knows only w >= 0)."""
+    H, c = H.float(), c.float()
+    # Jacobi scaling w = u / sqrt(H_jj): the columns of A (keys) differ in scale by orders of
+    # magnitude; with a unit diagonal one step size suits every coordinate, and u >= 0 iff w >= 0.
+    # A zero column (a padding slot) has no say in the fit: its weight stays 0.
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    d = torch.where(diag > 0, diag.clamp_min(1e-30).rsqrt(), 0.0)
+    # bounds on u = w / d, per coordinate; a zero column stays at 0 whatever the box
+    lo, hi = (0.0, float("inf")) if box is None else box
+    u_lo = torch.where(d > 0, lo / torch.where(d > 0, d, 1.0), 0.0)
+    u_hi = torch.where(d > 0, hi / torch.where(d > 0, d, 1.0), 0.0)
+    w = _projected_gradient(H * d.unsqueeze(-1) * d.unsqueeze(-2), c * d, iters, u_lo, u_hi) * d
+    return _active_set_polish(H, c, w, polish_rounds) if polish_rounds and box is None else w
+
+
+def _projected_gradient(H, c, iters, lo, hi):
+    """FISTA on 0.5 u^T H u - c^T u over lo <= u <= hi (elementwise bounds, (..., t))."""
+    t = H.shape[-1]
+    # start from the best uniform weight w = a * 1 (the right total mass), or 0 when 1^T H 1 ~ 0
+    ones_H_ones = H.sum((-1, -2))
+    usable = ones_H_ones > 1e-6 * H.diagonal(dim1=-2, dim2=-1).sum(-1)
+    a = torch.where(usable, c.sum(-1) / torch.where(usable, ones_H_ones, 1.0), 0.0).clamp_min(0)
+    w = torch.minimum(torch.maximum(a.unsqueeze(-1).expand_as(c), lo), hi)
+    # power iteration for the Lipschitz constant of the gradient (inflated by 10%: it approaches from
+    # below), from a fixed pseudo-random start (a constant start vector can lie in H's null space)
+    x = torch.randn(t, generator=torch.Generator().manual_seed(0)).to(c.device).expand_as(c)
+    for _ in range(30):
+        x = _matvec(H, x)
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    trace = H.diagonal(dim1=-2, dim2=-1).sum(-1)
+    L = torch.maximum((x * _matvec(H, x)).sum(-1) * 1.1, 1e-6 * trace).clamp_min(1e-30).unsqueeze(-1)
+    y, theta = w, torch.ones_like(L)
+    for _ in range(iters):
+        w_new = torch.minimum(torch.maximum(y - (_matvec(H, y) - c) / L, lo), hi)
+        theta_new = (1 + torch.sqrt(1 + 4 * theta * theta)) / 2
+        restart = ((y - w_new) * (w_new - w)).sum(-1, keepdim=True) > 0
+        y = torch.where(restart, w_new, w_new + (theta - 1) / theta_new * (w_new - w))
+        theta = torch.where(restart, torch.ones_like(theta), theta_new)
+        w = w_new
+    return w
+
+
+def spd_solve(A, b):
+    """A x = b for symmetric positive definite A (..., t, t), by Cholesky: batched LU of such blocks
+    (t ~ 400) fails inside MKL on 2 CPU threads ("Parameter 6 was incorrect on entry to DLASWP",
+    torch 2.13). A block that is not positive definite in floating point falls back to LU alone."""
+    chol, info = torch.linalg.cholesky_ex(A)
+    x = torch.cholesky_solve(b, chol)
+    for i in (info != 0).nonzero().tolist():
+        x[tuple(i)] = torch.linalg.solve(A[tuple(i)], b[tuple(i)])
+    return x
+
+
+def _active_set_polish(H, c, w, rounds):
+    t = H.shape[-1]
+    H64, c64, w64 = H.double(), c.double(), w.double()
+    eye = torch.eye(t, dtype=torch.float64, device=H.device)
+    jitter = 1e-12 * H64.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
+    tol = 1e-10 * (H64.abs().amax((-1, -2)) * w64.abs().amax(-1) + c64.abs().amax(-1)).unsqueeze(-1)
+    P = w64 > 0  # the support (Lawson-Hanson's passive set)
+    for _ in range(rounds):
+        # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
+        Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
+        # Cholesky (see spd_solve for why not LU); a support block singular even with the jitter keeps
+        # its w, the projected-gradient answer, instead of failing the batch
+        chol, info = torch.linalg.cholesky_ex(Hp)
+        chol = torch.where((info != 0)[..., None, None], eye, chol)
+        sol = torch.cholesky_solve(torch.where(P, c64, 0.0).unsqueeze(-1), chol)
+        solved = (info == 0).unsqueeze(-1)
+        sol = torch.where(P & solved, sol.squeeze(-1), 0.0)
+        feasible = (sol > 0).eq(P).all(-1, keepdim=True) & solved
+        # largest step in [0, 1] from w towards sol that keeps w >= 0 (1 when feasible)
+        shrink = torch.where(P & (sol <= 0), w64 / (w64 - sol).clamp_min(1e-300), torch.ones_like(w64))
+        alpha = shrink.amin(-1, keepdim=True).clamp(0, 1)
+        cand = (w64 + alpha * (sol - w64)).clamp_min(0)
+        cand = torch.where(cand <= 1e-12 * cand.amax(-1, keepdim=True), 0.0, cand)
+        ok = (_objective(H64, c64, cand) <= _objective(H64, c64, w64)).unsqueeze(-1) \
+            & torch.isfinite(cand).all(-1, keepdim=True) & solved
+        w64 = torch.where(ok, cand, w64)
+        g = _matvec(H64, w64) - c64
+        new_P = torch.where(ok & feasible, (w64 > 0) | (g < -tol), w64 > 0)
+        if torch.equal(new_P, P) and bool((ok & feasible).all()):
+            break  # every problem of the batch is at a KKT point (up to tol)
+        P = new_P
+    return w64.float()

@@ -1,0 +1,49 @@
+"""Non-negative least squares (nnls.py): w >= 0 at a KKT point, and the boxed variant stays in its box."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from compaction import AUTHORS_W_BOX
+from nnls import nnls, nnls_gram
+
+
+@settings(max_examples=25)
+@given(M=st.integers(1, 30), t=st.integers(1, 12), kind=st.sampled_from(["exp", "gauss", "exp_low_rank", "repeated"]),
+       positive_z=st.booleans(), seed=st.integers(0, 10**6))
+def test_nnls_nonnegative_and_kkt(M, t, kind, positive_z, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "exp":  # like ours: exponentiated scores, columns of very different scale
+        A = torch.exp(2 * torch.randn(M, t, generator=g))
+    elif kind == "gauss":
+        A = torch.randn(M, t, generator=g)
+    elif kind == "exp_low_rank":  # exp of a rank-2 score matrix: nearly collinear columns, badly conditioned
+        A = torch.exp(torch.randn(M, 2, generator=g) @ torch.randn(2, t, generator=g))
+    else:  # the same key twice, or a key no query sees (weights underflow to 0): H_PP exactly singular
+        A = torch.exp(2 * torch.randn(M, t, generator=g))
+        A[:, t // 2:] = A[:, :t - t // 2][:, :t // 2]
+        A[:, torch.rand(t, generator=g) < 0.2] = 0
+    z = torch.randn(M, generator=g)
+    z = 3 * z.abs() if positive_z else z
+    w = nnls(A, z)
+    assert (w >= 0).all()
+    # KKT of min ||A w - z||^2, w >= 0: gradient g = A^T (A w - z) is >= 0 where w = 0, 0 where w > 0
+    A64, z64, w64 = A.double(), z.double(), w.double()
+    grad = A64.T @ (A64 @ w64 - z64)
+    eps = 1e-5 * float((A64.abs().T @ (A64.abs() @ w64 + z64.abs())).max() + 1e-12)
+    assert (grad[w64 > 0].abs() <= eps).all(), grad
+    assert (grad[w64 == 0] >= -eps).all(), grad
+
+
+@settings(max_examples=10)
+@given(M=st.integers(4, 30), t=st.integers(1, 10), seed=st.integers(0, 10**6))
+def test_boxed_nnls_stays_in_the_box_and_beats_the_clamped_exact_solution(M, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.exp(2 * torch.randn(M, t, generator=g))
+    z = 3 * torch.randn(M, generator=g).abs()
+    lo, hi = AUTHORS_W_BOX
+    H, c = A.T @ A, A.T @ z
+    w = nnls_gram(H, c, box=(lo, hi))
+    assert (w >= lo * (1 - 1e-6)).all() and (w <= hi * (1 + 1e-6)).all()
+    objective = lambda x: float(((A.double() @ x.double() - z.double()) ** 2).sum())  # noqa: E731
+    clamped = nnls(A, z).clamp(lo, hi)  # a feasible point: the box optimum can only be better
+    assert objective(w) <= objective(clamped) * (1 + 1e-4) + 1e-6
