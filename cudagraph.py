@@ -1,6 +1,7 @@
 """
-Speed from outside the lesson files: model.py's small elementwise steps swapped for one-launch
-kernels, and a decode step captured once in a CUDA graph and replayed.
+Speed from outside the lesson files: model.py's small elementwise steps swapped for the one-launch
+Triton kernels written here, and a decode step captured once in a CUDA graph and replayed. The kernels
+live here, not in kernels.py: no idea shares them, and model.py holds their references.
 
 Why its own file: it is its own lesson (what bounds a batch-1 decode step once the attention reads
 only what it must), and every method gets it without knowing. Eagerly, Python launches ~60 kernels
@@ -15,17 +16,127 @@ modules from outside, as gpt-fast's quantize.py swaps linear layers.
 
 import torch
 import torch.nn as nn
+import triton
+import triton.language as tl
 
-import kernels
 from model import MLP, Attention, RMSNorm, RoPE
 
 
+# ----------------------------------------------------------------------------------------------
+# The model's small elementwise steps, one launch each (references: model.RMSNorm, model.apply_rope,
+# model.MLP). At batch 1 under a CUDA graph a decode step is a chain of ~30 kernels per layer, and
+# each costs microseconds whatever its size: these three replace ~22 of them. Then the batch-1
+# matrix-vector product (reference: F.linear; linear() below says why).
+
+@triton.jit
+def _rms_norm_kernel(X, WEIGHT, Y, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    ok = c < n_cols
+    x = tl.load(X + row * n_cols + c, mask=ok, other=0.0).to(tl.float32)
+    y = x * tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+    y = y.to(Y.dtype.element_ty).to(tl.float32)  # as the reference: normalize in fp32, round, then scale
+    w = tl.load(WEIGHT + c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Y + row * n_cols + c, (w * y).to(Y.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x, weight, eps):
+    """model.RMSNorm in one launch: x (..., dim), weight (dim,) -> same shape and dtype as x."""
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"rms_norm: weight {tuple(weight.shape)} must be (dim,) for x {tuple(x.shape)}")
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    _rms_norm_kernel[(x.numel() // n,)](x, weight.contiguous(), y, n, eps, BLOCK=triton.next_power_of_2(n),
+                                        num_warps=8)
+    return y
+
+
+@triton.jit
+def _rope_kernel(X, COS, SIN, Y, sxb, sxt, sxh, syb, syt, syh, T, H, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)  # one (batch, token, head) row of D = 2 * HALF values
+    b = (pid // (T * H)).to(tl.int64)
+    t = ((pid // H) % T).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    ok = i < HALF
+    X += b * sxb + t * sxt + h * sxh
+    x1 = tl.load(X + i, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(X + HALF + i, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(COS + t * 2 * HALF + i, mask=ok, other=0.0)
+    c2 = tl.load(COS + t * 2 * HALF + HALF + i, mask=ok, other=0.0)
+    s1 = tl.load(SIN + t * 2 * HALF + i, mask=ok, other=0.0)
+    s2 = tl.load(SIN + t * 2 * HALF + HALF + i, mask=ok, other=0.0)
+    Y += b * syb + t * syt + h * syh
+    tl.store(Y + i, (x1 * c1 - x2 * s1).to(Y.dtype.element_ty), mask=ok)  # dimension i pairs with i + D/2
+    tl.store(Y + HALF + i, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=ok)
+
+
+def rope(x, cos, sin):
+    """model.apply_rope in one launch: x (B, T, H, D) with unit stride along D; cos, sin (T, D) fp32."""
+    B, T, H, D = x.shape
+    if x.stride(-1) != 1 or D % 2 or cos.shape != (T, D) or sin.shape != (T, D):
+        raise ValueError(f"rope: x {tuple(x.shape)} needs an even head dim with unit stride and cos, sin (T, D), "
+                         f"got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    y = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
+    if y.numel():
+        _rope_kernel[(B * T * H,)](x, cos.float().contiguous(), sin.float().contiguous(), y,
+                                   x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                                   T, H, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), num_warps=1)
+    return y
+
+
+@triton.jit
+def _silu_mul_kernel(GATE, UP, Y, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    g = tl.load(GATE + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(UP + i, mask=ok, other=0.0).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)  # silu rounded, as F.silu
+    tl.store(Y + i, (a * u).to(Y.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate, up):
+    """F.silu(gate) * up (the SwiGLU of model.MLP) in one launch; tensors of one shape -> that shape, gate.dtype."""
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty_like(gate)
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, up, y, gate.numel(), BLOCK=1024, num_warps=4)
+    return y
+
+
+@triton.jit
+def _gemv_kernel(X, W, Y, N, K, swn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # per-lane partial sums, reduced once at the end
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(W + n[:, None].to(tl.int64) * swn + c[None, :], mask=(n[:, None] < N) & (c[None, :] < K), other=0.0)
+        acc += w.to(tl.float32) * tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n < N)
+
+
+def gemv(x, weight):
+    """F.linear(x, weight) for x (..., K) holding one row; weight (N, K) with unit stride along K.
+    Each program streams BLOCK_N whole rows of the weight, BLOCK_K columns at a time."""
+    N, K = weight.shape
+    if x.numel() != K or x.shape[-1] != K or weight.stride(1) != 1:
+        raise ValueError(f"gemv: x {tuple(x.shape)} must be one row of {K} values and weight {tuple(weight.shape)} "
+                         f"unit-stride along K")
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    block_k = 1024 if N <= 4096 else 512 if N <= 8192 else 256  # longer tiles when fewer programs (H200, 8B shapes)
+    _gemv_kernel[(triton.cdiv(N, 16),)](x.contiguous(), weight, y, N, K, weight.stride(0), BLOCK_N=16, BLOCK_K=block_k,
+                                        num_warps=8 if block_k > 256 else 4, num_stages=2)
+    return y
+
+
 def linear(x, weight):
-    """x @ weight.T. A single row (a batch-1 decode step) goes to kernels.gemv: at batch 1 a product
+    """x @ weight.T. A single row (a batch-1 decode step) goes to gemv: at batch 1 a product
     reads its whole weight for one row of output, and the GEMV streams it at 91-104% of copy
     bandwidth for the 8B shapes, where cuBLAS reaches 57% (4096 x 4096) to 88% (4096 x 14336)."""
     one_row = x.numel() == x.shape[-1] and weight.stride(1) == 1
-    return kernels.gemv(x, weight) if one_row else nn.functional.linear(x, weight)
+    return gemv(x, weight) if one_row else nn.functional.linear(x, weight)
 
 
 def concat_weights(*linears):
@@ -39,12 +150,12 @@ def concat_weights(*linears):
 
 class FusedRMSNorm(RMSNorm):
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class FusedRoPE(RoPE):
     def forward(self, x, cos, sin):
-        return kernels.rope(x, cos, sin)
+        return rope(x, cos, sin)
 
 
 class FastLinear(nn.Linear):
@@ -61,14 +172,14 @@ class FusedAttention(Attention):
 class FusedMLP(MLP):
     def forward(self, x):  # gate_up_weight: set by fuse_kernels
         gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return self.down_proj(kernels.silu_mul(gate, up))
+        return self.down_proj(silu_mul(gate, up))
 
 
 FUSED = {RMSNorm: FusedRMSNorm, RoPE: FusedRoPE, nn.Linear: FastLinear, Attention: FusedAttention, MLP: FusedMLP}
 
 
 def fuse_kernels(model):
-    """Run model.py's RMSNorm, RoPE and SiLU-times-up as one Triton kernel each (kernels.rms_norm,
+    """Run model.py's RMSNorm, RoPE and SiLU-times-up as one Triton kernel each (rms_norm,
     rope, silu_mul; results equal to rounding), q/k/v and gate/up as one product each, and a single
     row's products as a GEMV (linear). For inference: the fused weights are not trained. -> model"""
     for m in model.modules():
@@ -110,12 +221,13 @@ class GraphDecodeStep:
             self.graph.replay()
             return self.logits
         self.tokens, self.pos = tokens.clone(), pos.clone()
+        step = lambda: self.model(self.tokens, self.pos, self.attn, last_only=True, decode=True)[:, -1]  # noqa: E731
         side = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graphs asks
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            logits = self.model(self.tokens, self.pos, self.attn, last_only=True, decode=True)[:, -1]
+            logits = step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records, does not run
-            self.logits = self.model(self.tokens, self.pos, self.attn, last_only=True, decode=True)[:, -1]
+            self.logits = step()
         return logits

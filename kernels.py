@@ -1,6 +1,8 @@
 """
-Triton kernels shared by the ideas. Each has a reference with the same signature (attention.py,
-kvcache.page_scores_ref) that test_attention.py holds it to.
+The attention tile and the Triton kernels the ideas share: flash prefill, split-K and paged decode,
+Quest's page scores and top-k, the KV-cache append of a captured step. Each has a PyTorch reference
+(attention.py, kvcache.py) that test_attention.py and test_kvcache.py hold it to. The model's own
+one-launch kernels (RMSNorm, RoPE, SwiGLU, GEMV) are cudagraph.py's: no idea shares them.
 
 Online softmax (FlashAttention, arXiv 2205.14135). Keys are visited a tile at a time while each
 query row keeps the largest score m seen so far, l = sum_j exp(s_j - m) and acc = sum_j exp(s_j - m) v_j.
@@ -424,109 +426,6 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
     o, lse = _split_decode(q.unsqueeze(2), k_cache, v_cache, seq_len, len_t, G, scale, num_splits,
                            PAGED_TUNING, page_idx.to(torch.int32), page_size, bias)
     return o[:, :, 0], lse[:, :, 0]
-
-
-# ----------------------------------------------------------------------------------------------
-# The model's small elementwise steps, one launch each (references: model.RMSNorm, model.apply_rope,
-# model.MLP). At batch 1 under a CUDA graph a decode step is a chain of ~30 kernels per layer, and
-# each costs microseconds whatever its size: these three replace ~22 of them. Then the batch-1
-# matrix-vector product (reference: F.linear), which cuBLAS streams at 57-88% of copy bandwidth.
-
-@triton.jit
-def _rms_norm_kernel(X, WEIGHT, Y, n_cols, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BLOCK)
-    ok = c < n_cols
-    x = tl.load(X + row * n_cols + c, mask=ok, other=0.0).to(tl.float32)
-    y = x * tl.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
-    y = y.to(Y.dtype.element_ty).to(tl.float32)  # as the reference: normalize in fp32, round, then scale
-    w = tl.load(WEIGHT + c, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * n_cols + c, (w * y).to(Y.dtype.element_ty), mask=ok)
-
-
-def rms_norm(x, weight, eps):
-    """model.RMSNorm in one launch: x (..., dim) contiguous -> same shape and dtype."""
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    n = x.shape[-1]
-    _rms_norm_kernel[(x.numel() // n,)](x, weight, y, n, eps, BLOCK=triton.next_power_of_2(n), num_warps=8)
-    return y
-
-
-@triton.jit
-def _rope_kernel(X, COS, SIN, Y, sxb, sxt, sxh, syb, syt, syh, T, H, HALF: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)  # one (batch, token, head) row of D = 2 * HALF values
-    b = (pid // (T * H)).to(tl.int64)
-    t = ((pid // H) % T).to(tl.int64)
-    h = (pid % H).to(tl.int64)
-    i = tl.arange(0, BLOCK)
-    ok = i < HALF
-    X += b * sxb + t * sxt + h * sxh
-    x1 = tl.load(X + i, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(X + HALF + i, mask=ok, other=0.0).to(tl.float32)
-    c1 = tl.load(COS + t * 2 * HALF + i, mask=ok, other=0.0)
-    c2 = tl.load(COS + t * 2 * HALF + HALF + i, mask=ok, other=0.0)
-    s1 = tl.load(SIN + t * 2 * HALF + i, mask=ok, other=0.0)
-    s2 = tl.load(SIN + t * 2 * HALF + HALF + i, mask=ok, other=0.0)
-    Y += b * syb + t * syt + h * syh
-    tl.store(Y + i, (x1 * c1 - x2 * s1).to(Y.dtype.element_ty), mask=ok)  # dimension i pairs with i + D/2
-    tl.store(Y + HALF + i, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=ok)
-
-
-def rope(x, cos, sin):
-    """model.apply_rope in one launch: x (B, T, H, D) with unit stride along D; cos, sin (T, D) fp32."""
-    B, T, H, D = x.shape
-    if x.stride(-1) != 1 or D % 2:
-        raise ValueError(f"kernels.rope needs an even head dim with unit stride, got {tuple(x.shape)}")
-    y = torch.empty(B, T, H, D, dtype=x.dtype, device=x.device)
-    if y.numel():
-        _rope_kernel[(B * T * H,)](x, cos.float().contiguous(), sin.float().contiguous(), y,
-                                   x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-                                   T, H, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), num_warps=1)
-    return y
-
-
-@triton.jit
-def _silu_mul_kernel(GATE, UP, Y, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < n
-    g = tl.load(GATE + i, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(UP + i, mask=ok, other=0.0).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)  # silu rounded, as F.silu
-    tl.store(Y + i, (a * u).to(Y.dtype.element_ty), mask=ok)
-
-
-def silu_mul(gate, up):
-    """F.silu(gate) * up (the SwiGLU of model.MLP) in one launch; contiguous tensors of one shape."""
-    gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, up, y, gate.numel(), BLOCK=1024, num_warps=4)
-    return y
-
-
-@triton.jit
-def _gemv_kernel(X, W, Y, N, K, swn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # per-lane partial sums, reduced once at the end
-    for k0 in range(0, K, BLOCK_K):
-        c = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(W + n[:, None].to(tl.int64) * swn + c[None, :], mask=(n[:, None] < N) & (c[None, :] < K), other=0.0)
-        acc += w.to(tl.float32) * tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n < N)
-
-
-def gemv(x, weight):
-    """F.linear(x, weight) for x (..., K) holding one row; weight (N, K) with unit stride along K.
-    Each program streams BLOCK_N whole rows of the weight, BLOCK_K columns at a time."""
-    N, K = weight.shape
-    if x.numel() != K or x.shape[-1] != K or weight.stride(1) != 1:
-        raise ValueError(f"gemv: x {tuple(x.shape)} must be one row of {K} values and weight {tuple(weight.shape)} "
-                         f"unit-stride along K")
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    block_k = 1024 if N <= 4096 else 512 if N <= 8192 else 256  # longer tiles when fewer programs (H200, 8B shapes)
-    _gemv_kernel[(triton.cdiv(N, 16),)](x.contiguous(), weight, y, N, K, weight.stride(0), BLOCK_N=16, BLOCK_K=block_k,
-                                        num_warps=8 if block_k > 256 else 4, num_stages=2)
-    return y
 
 
 # ----------------------------------------------------------------------------------------------
