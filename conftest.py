@@ -92,6 +92,7 @@ def write_byte_tokenizer(path):
 def tiny_checkpoint(tmp_path_factory):
     """A random tiny Llama saved in HF layout with a byte tokenizer: what generate.py loads."""
     path = tmp_path_factory.mktemp("tiny_ckpt")
-    tiny_model(seed=1).cpu().save_pretrained(path)
+    from checkpoint import save_model
+    save_model(tiny_model(seed=1).cpu(), path)
     write_byte_tokenizer(path)
     return path

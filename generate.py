@@ -26,9 +26,9 @@ import cudagraph  # noqa: E402
 import kvcache  # noqa: E402
 import tp  # noqa: E402
 from attention import DenseAttention  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from compaction import AUTHORS_W_BOX, compact_prompt, repeat_separator  # noqa: E402
 from kvcache import KVCache, QuestAttention  # noqa: E402
-from model import Transformer  # noqa: E402
 from retro import RetroAttention  # noqa: E402
 from token_sparse import TokenSparseAttention  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -274,7 +274,7 @@ def main(argv=None):
     rank = tp.init(opts.device)[0] if world > 1 else 0
     try:
         model = (tp.from_pretrained(ckpt, rank, world, dtype=dtype, device=opts.device) if world > 1
-                 else Transformer.from_pretrained(ckpt, dtype=dtype, device=opts.device))
+                 else load_model(ckpt, dtype=dtype, device=opts.device))
         if opts.cuda_graph:  # one-launch norms, RoPE, SwiGLU: they pay off under a graph (eagerly Python costs more)
             cudagraph.fuse_kernels(model)
         tokenizer = Tokenizer(ckpt)

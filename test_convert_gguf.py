@@ -192,12 +192,12 @@ def tiny_llama_gguf(path, rng, arch="llama", tied=True, embd_type=8, drop=()):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_tiny_llama_converts_and_loads_in_model_py(tmp_path, tied):
-    from model import Transformer
+    from checkpoint import load_model
     from tokenizer import Tokenizer
     gguf_path = tiny_llama_gguf(tmp_path / "tiny.gguf", np.random.default_rng(1), tied=tied)
     convert(str(gguf_path), str(tmp_path / "ckpt"), sha256=convert_gguf.file_sha256(gguf_path))
     g = GGUFFile(gguf_path)
-    model = Transformer.from_pretrained(tmp_path / "ckpt")
+    model = load_model(tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is tied and cfg["num_key_value_heads"] == 2 and cfg["head_dim"] == 8
     sd = model.state_dict()

@@ -9,10 +9,10 @@ import torch
 
 import train
 from attention import DenseAttention
+from checkpoint import load_model
 from compaction import REPEAT_PROMPT, compact_prompt
 from generate import DEFAULT_CHECKPOINT, generate
 from kvcache import KVCache, QuestAttention
-from model import Transformer
 from tokenizer import Tokenizer
 from retro import RetroAttention
 from token_sparse import TokenSparseAttention
@@ -22,7 +22,7 @@ N_NEW = 16
 
 @pytest.fixture(scope="module")
 def model():
-    return Transformer.from_pretrained(DEFAULT_CHECKPOINT)
+    return load_model(DEFAULT_CHECKPOINT)
 
 
 @pytest.fixture(scope="module")

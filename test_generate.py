@@ -99,13 +99,13 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(method):
     """On the default model (fp32): the decode step replayed from a CUDA graph gives eager's greedy
     tokens and statistics, for every method (a budget covering the cache, a prompt shorter than the
     window, a token-sparse prefill, a compacted cache included)."""
+    from checkpoint import load_model
     from compaction import compact_prompt
     from generate import DEFAULT_CHECKPOINT
     from kvcache import QuestAttention
-    from model import Transformer
     from retro import RetroAttention
     from token_sparse import TokenSparseAttention
-    m = Transformer.from_pretrained(DEFAULT_CHECKPOINT, device="cuda")
+    m = load_model(DEFAULT_CHECKPOINT, device="cuda")
     a = m.args
     n_prompt = 2 if method == "retro_short_prompt" else 600
     prompt = torch.randint(0, a.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(3)).cuda()
@@ -202,8 +202,9 @@ def test_bad_checkpoint_files_get_one_line(tiny_checkpoint, tmp_path, capsys, ca
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tmp_path, capsys):
+    from checkpoint import save_model
     from conftest import tiny_model, write_byte_tokenizer
-    tiny_model(seed=1, vocab_size=256).cpu().save_pretrained(tmp_path)
+    save_model(tiny_model(seed=1, vocab_size=256).cpu(), tmp_path)
     write_byte_tokenizer(tmp_path)  # 256 bytes + 2 specials = ids up to 257
     line = cli_error(capsys, "--checkpoint", tmp_path, "--prompt", "hi")
     assert "the tokenizer has ids up to 257, but config.json's vocab_size is 256" in line

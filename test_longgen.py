@@ -110,8 +110,8 @@ def test_cuda_graph_teacher_forcing_and_recorder_give_the_eager_results(method, 
     """On the default model (fp32, Triton kernels): replayed steps give eager's logits, and the
     recorder, whose hook runs only while the step is captured, still sees every step's rows."""
     from generate import DEFAULT_CHECKPOINT
-    from model import Transformer
-    m = Transformer.from_pretrained(DEFAULT_CHECKPOINT, device="cuda")
+    from checkpoint import load_model
+    m = load_model(DEFAULT_CHECKPOINT, device="cuda")
     a = m.args
     seq = torch.randint(0, a.vocab_size, (1, 400), generator=torch.Generator().manual_seed(2)).cuda()
     out = []

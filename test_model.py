@@ -1,6 +1,4 @@
-"""The Llama model, its checkpoint format and tokenizer: parity with Hugging Face, round trips, errors."""
-
-import json
+"""The Llama model and tokenizer: parity with Hugging Face, incremental decoding, errors, the fused kernels."""
 
 import pytest
 import torch
@@ -8,13 +6,13 @@ import torch.nn.functional as F
 from hypothesis import example, given, strategies as st
 
 from attention import DenseAttention
-from conftest import DEVICE, ON_GPU, tiny_args, tiny_model, write_byte_tokenizer
+from checkpoint import load_model, save_model
+from conftest import DEVICE, ON_GPU, tiny_model, write_byte_tokenizer
 from cudagraph import (FastLinear, FusedAttention, FusedMLP, FusedRMSNorm, FusedRoPE, fuse_kernels, gemv, rms_norm,
                        rope, silu_mul)
 from generate import generate
 from kvcache import KVCache
-from model import (MLP, Attention, ModelArgs, RMSNorm, RoPE, Transformer, apply_rope, load_safetensors,
-                   save_safetensors)
+from model import MLP, Attention, RMSNorm, RoPE, apply_rope
 from tokenizer import LLAMA3_PATTERN, Tokenizer, write_rank_file
 
 
@@ -31,93 +29,6 @@ def test_incremental_decoding_equals_full_forward():
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-4
 
 
-def test_save_then_load_gives_same_logits(tmp_path):
-    m = tiny_model()
-    toks = torch.randint(0, m.args.vocab_size, (1, 16), device=DEVICE)
-    m.save_pretrained(tmp_path)
-    m2 = Transformer.from_pretrained(tmp_path, device=DEVICE)
-    assert torch.equal(m(toks), m2(toks))
-    # low-precision files load and are cast to the requested dtype
-    m.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
-    m3 = Transformer.from_pretrained(tmp_path / "bf16", dtype=torch.float32, device=DEVICE)
-    assert m3.lm_head.weight.dtype == torch.float32
-    assert (m(toks) - m3(toks)).abs().max() < 0.05
-
-
-def test_tied_embeddings_round_trip(tmp_path):
-    m = tiny_model(tie_embeddings=True)
-    assert m.lm_head.weight is m.model.embed_tokens.weight
-    m.save_pretrained(tmp_path)
-    assert "lm_head.weight" not in load_safetensors(tmp_path / "model.safetensors")
-    m2 = Transformer.from_pretrained(tmp_path, device=DEVICE)
-    assert m2.lm_head.weight is m2.model.embed_tokens.weight
-    toks = torch.arange(10, device=DEVICE)[None]
-    assert torch.equal(m(toks), m2(toks))
-
-
-def test_sharded_checkpoint_loads(tmp_path):
-    m = tiny_model()
-    state = {k: v.cpu() for k, v in m.state_dict().items()}
-    names = sorted(state)
-    half = len(names) // 2
-    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
-    for file, keys in shards.items():
-        save_safetensors({k: state[k] for k in keys}, tmp_path / file)
-    index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    (tmp_path / "config.json").write_text(json.dumps(m.args.to_hf_config()))
-    m2 = Transformer.from_pretrained(tmp_path, device=DEVICE)
-    toks = torch.arange(12, device=DEVICE)[None]
-    assert torch.equal(m(toks), m2(toks))
-
-
-def test_loader_errors_name_the_problem(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        Transformer.from_pretrained(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        Transformer.from_pretrained(tmp_path)
-    m = tiny_model()
-    m.save_pretrained(tmp_path)
-    state = {k: v.clone() for k, v in load_safetensors(tmp_path / "model.safetensors").items()}
-    # a missing tensor
-    save_safetensors({k: v for k, v in state.items() if k != "model.norm.weight"}, tmp_path / "model.safetensors")
-    with pytest.raises(KeyError, match="model.norm.weight"):
-        Transformer.from_pretrained(tmp_path)
-    # a shape that does not match the config
-    state["model.norm.weight"] = torch.ones(3)
-    save_safetensors(state, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match="model.norm.weight.*shape"):
-        Transformer.from_pretrained(tmp_path)
-    # not a safetensors file
-    (tmp_path / "model.safetensors").write_bytes(b"garbage!" * 4)
-    with pytest.raises(ValueError, match="not a safetensors file"):
-        Transformer.from_pretrained(tmp_path)
-    # unsupported architecture / rope scaling
-    cfg = m.args.to_hf_config()
-    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
-    with pytest.raises(ValueError, match="model_type 'gpt2'"):
-        Transformer.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, rope_scaling={"rope_type": "yarn", "factor": 4.0})))
-    with pytest.raises(ValueError, match="yarn"):
-        Transformer.from_pretrained(tmp_path)
-
-
-def test_config_reads_hub_and_transformers5_rope_spellings():
-    base = tiny_args().to_hf_config()
-    scaling = dict(base["rope_scaling"])
-    hub = dict(base, rope_theta=500000.0, rope_scaling=scaling)
-    v5 = {k: v for k, v in base.items() if k not in ("rope_theta", "rope_scaling")}
-    v5["rope_parameters"] = dict(scaling, rope_theta=500000.0)
-    a, b = ModelArgs.from_hf_config(hub), ModelArgs.from_hf_config(v5)
-    assert a == b and a.rope_theta == 500000.0 and a.rope_scaling["rope_type"] == "llama3"
-    plain = dict(v5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    assert ModelArgs.from_hf_config(plain).rope_scaling is None
-    # Llama 2 style: no head_dim, no num_key_value_heads
-    l2 = {k: v for k, v in base.items() if k not in ("head_dim", "num_key_value_heads", "rope_scaling")}
-    a2 = ModelArgs.from_hf_config(l2)
-    assert a2.n_kv_heads == a2.n_heads and a2.head_dim == a2.dim // a2.n_heads
-
-
 def test_position_beyond_context_is_an_error():
     m = tiny_model(max_seq_len=32)
     with pytest.raises(ValueError, match="beyond the model's context"):
@@ -130,9 +41,9 @@ def test_position_beyond_context_is_an_error():
 def test_logits_match_huggingface_llama(tmp_path, tie):
     transformers = pytest.importorskip("transformers", reason="transformers (test-only parity oracle) is not installed")
     m = tiny_model(seed=3, tie_embeddings=tie)
-    m.save_pretrained(tmp_path)
+    save_model(m, tmp_path)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).to(DEVICE).eval()
-    ours = Transformer.from_pretrained(tmp_path, device=DEVICE)
+    ours = load_model(tmp_path, device=DEVICE)
     # long enough that llama3 rope scaling (original context 128) matters
     toks = torch.randint(0, m.args.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():

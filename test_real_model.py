@@ -14,10 +14,10 @@ import torch
 
 import compaction
 from attention import DenseAttention
+from checkpoint import load_model
 from convert_gguf import DownloadError, fetch_smollm2
 from generate import generate
 from kvcache import KVCache, QuestAttention
-from model import Transformer
 from tokenizer import Tokenizer
 from retro import RetroAttention
 from token_sparse import TokenSparseAttention
@@ -63,7 +63,7 @@ def checkpoint():
 
 @pytest.fixture(scope="session")
 def model(checkpoint):
-    return Transformer.from_pretrained(checkpoint, dtype=torch.float32)
+    return load_model(checkpoint, dtype=torch.float32)
 
 
 @pytest.fixture(scope="session")

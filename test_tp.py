@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 import tp
+from checkpoint import load_model, load_safetensors, save_model, save_safetensors
 from model import ModelArgs, Transformer
 
 WORLD = 2
@@ -107,7 +108,7 @@ def _rank(rank, world, ckpt, out_dir):
         tp.init("cpu")
         model = tp.from_pretrained(ckpt, rank, world)
         os.environ["WORLD_SIZE"] = str(world)  # what torchrun sets: generate.py splits the heads (its group exists)
-        sharded = tp.shard(Transformer.from_pretrained(ckpt), rank, world)  # cut in memory, as bench.py does
+        sharded = tp.shard(load_model(ckpt), rank, world)  # cut in memory, as bench.py does
         torch.save({"decoded": decode_all(model), "sharded": decode_all(sharded, ["retro"]),
                     "rules": cross_head_rules(rank, world),
                     "heads": (model.args.n_heads, model.args.n_kv_heads), "cli": cli_text(ckpt)},
@@ -138,7 +139,7 @@ def run_ranks(ckpt, out_dir, timeout_s=120):
 def checkpoint(tmp_path_factory):
     from conftest import write_byte_tokenizer  # (here: the spawned ranks need not import pytest's helpers)
     path = tmp_path_factory.mktemp("tp_ckpt")
-    tiny_model().save_pretrained(path)
+    save_model(tiny_model(), path)
     write_byte_tokenizer(path)
     return path
 
@@ -149,7 +150,7 @@ def ranks(checkpoint, tmp_path_factory):
 
 
 def test_two_ranks_decode_every_method_like_one(checkpoint, ranks):
-    one = decode_all(Transformer.from_pretrained(checkpoint))
+    one = decode_all(load_model(checkpoint))
     assert len({tuple(one[m]) for m in RUNS}) > 1  # the methods read different keys: the comparison means something
     for r, got in enumerate(ranks):
         assert got["heads"] == (2, 1)
@@ -174,7 +175,7 @@ def test_cross_head_rules_see_every_rank(ranks):
 
 
 def test_loader_reads_each_rank_its_slice(checkpoint):
-    full = dict(Transformer.from_pretrained(checkpoint).named_parameters())
+    full = dict(load_model(checkpoint).named_parameters())
     for rank in range(WORLD):
         model = tp.from_pretrained(checkpoint, rank, WORLD)
         for name, p in model.named_parameters():
@@ -187,7 +188,7 @@ def test_loader_reads_each_rank_its_slice(checkpoint):
 
 
 def test_shard_in_memory_equals_loaded_slice(checkpoint):
-    model = tp.shard(Transformer.from_pretrained(checkpoint), 1, WORLD)
+    model = tp.shard(load_model(checkpoint), 1, WORLD)
     loaded = dict(tp.from_pretrained(checkpoint, 1, WORLD).named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p, loaded[name]), name
@@ -198,7 +199,22 @@ def test_shard_in_memory_equals_loaded_slice(checkpoint):
     (dict(n_heads=6, n_kv_heads=3), 2, "3 KV heads (num_key_value_heads in"),
     (dict(hidden_dim=95), 2, "95 MLP units (intermediate_size in")])
 def test_heads_that_do_not_divide_are_refused_in_one_line(tmp_path, shape, world, message):
-    Transformer(ModelArgs(**{**tiny_model().args.__dict__, **shape})).save_pretrained(tmp_path)
+    save_model(Transformer(ModelArgs(**{**tiny_model().args.__dict__, **shape})), tmp_path)
     with pytest.raises(ValueError) as e:
         tp.from_pretrained(tmp_path, 0, world)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("extra, message", [(1, "does not split into 2 ranks"),
+                                            (2, "(its part: (17, 32)), expected (16, 32)")])
+def test_tensor_of_the_wrong_size_is_refused_by_each_rank(checkpoint, tmp_path, extra, message):
+    save_model(load_model(checkpoint), tmp_path)
+    state = {k: v.clone() for k, v in load_safetensors(tmp_path / "model.safetensors").items()}
+    name = "model.layers.1.self_attn.q_proj.weight"
+    rows, cols = state[name].shape  # (32, 32): a row or two more than config.json gives
+    state[name] = torch.zeros(rows + extra, cols)
+    save_safetensors(state, tmp_path / "model.safetensors")
+    for rank in range(WORLD):
+        with pytest.raises(ValueError) as e:
+            tp.from_pretrained(tmp_path, rank, WORLD)
+        assert f"tensor {name!r} has shape ({rows + extra}, {cols})" in str(e.value) and message in str(e.value)

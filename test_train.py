@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import eval as evaluation
 import train
-from model import Transformer
+from checkpoint import load_model
 from tokenizer import Tokenizer
 
 STDLIB = Path(train.stdlib_dir())
@@ -190,7 +190,7 @@ def test_tiny_training_reduces_loss_and_saves_a_loadable_checkpoint(tiny_run):
     for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer_config_nanokv.json",
                  "README.md", "train_log.json"):
         assert (out / name).is_file(), name
-    model = Transformer.from_pretrained(out)
+    model = load_model(out)
     assert model.args.vocab_size == 320 and model.args.max_seq_len == 128
     assert next(model.parameters()).dtype == torch.float32
     header = json.loads((out / "model.safetensors").read_bytes()[8:][:2000].split(b"}}")[0] + b"}}")

@@ -26,7 +26,6 @@ mention it. Run: torchrun --nproc-per-node 2 generate.py --method retro (NCCL on
 """
 
 import atexit
-import json
 import os
 import sys
 from dataclasses import replace
@@ -36,9 +35,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import checkpoint
 import compaction
 import token_sparse
-from model import ModelArgs, Transformer, load_safetensors_dir
 
 # the dimension of W (HF layout: (out_features, in_features)) each kind of projection is split along
 SPLIT_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0,  # column parallel
@@ -63,12 +62,6 @@ def part(name, shape, rank, world):
     dim = SPLIT_DIM[kind]
     n = shape[dim] // world  # Hq * D / N rows of q_proj: whole heads, since N divides Hq
     return dim, rank * n, n
-
-
-def full_shape(name, shape, world):
-    """The full shape of tensor `name`, of which `shape` is one rank's part."""
-    dim = SPLIT_DIM.get(name.split(".")[-2])
-    return tuple(n * world if i == dim else n for i, n in enumerate(shape))
 
 
 def rank_args(args, world, source="config.json"):
@@ -106,43 +99,19 @@ def shard(model, rank, world):
 
 
 def from_pretrained(path, rank, world, dtype=torch.float32, device="cpu", max_seq_len=None):
-    """Transformer.from_pretrained for one rank: the model is built at the rank's shapes, and each
-    tensor, a view of the memory-mapped safetensors, is narrowed to the rank's slice before it is
-    copied to the device. The rank copies its slice only and reads only the file pages it lies on
+    """checkpoint.load_model for one rank: the model is built at the rank's shapes, and each tensor,
+    a view of the memory-mapped safetensors, is narrowed to the rank's slice before it is copied to
+    the device. The rank copies its slice only and reads only the file pages it lies on
     (q/k/v/gate/up: a block of rows; o_proj/down_proj: a stretch of every row)."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: a checkpoint directory needs a Hugging Face config.json")
-    try:
-        args = ModelArgs.from_hf_config(json.loads(cfg_file.read_text()), source=str(cfg_file))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
-    if max_seq_len is not None:
-        args.max_seq_len = max_seq_len
-    a = rank_args(args, world, source=str(cfg_file))
-    # a large model is built on the meta device (no memory, no init), a small one on the CPU (as model.py)
-    n_params = 2 * a.vocab_size * a.dim + a.n_layers * (2 * a.dim * a.head_dim * (a.n_heads + a.n_kv_heads)
-                                                        + 3 * a.dim * a.hidden_dim)
-    with torch.device("meta" if n_params > 50_000_000 else "cpu"):
-        model = Transformer(a)
-    state = load_safetensors_dir(path)  # views of the mapping: nothing read yet
-    params = {}
-    for name, p in model.state_dict().items():
-        if a.tie_embeddings and name == "lm_head.weight":
-            continue
-        if name not in state:
-            raise KeyError(f"{path}: tensor {name!r} is missing from the checkpoint")
-        t, want = state[name], full_shape(name, p.shape, world)
-        if tuple(t.shape) != want:
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {want} from config.json")
+    def rank_slice(name, t):
         s = part(name, t.shape, rank, world)
-        t = t if s is None else t.narrow(*s)
-        params[name] = nn.Parameter(t.to(device=device, dtype=dtype, copy=True), requires_grad=False)
-    model.load_state_dict(params, strict=False, assign=True)
-    if a.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return _add_all_reduces(model, rank, world).eval()
+        if s is not None and s[2] * world != t.shape[s[0]]:  # (a tensor a row too long would slice as well)
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}: "
+                             f"it does not split into {world} ranks")
+        return t if s is None else t.narrow(*s)
+    model = checkpoint.load_model(path, dtype, device, max_seq_len, part=rank_slice,
+                                  shapes=lambda args: rank_args(args, world, source=str(Path(path) / "config.json")))
+    return _add_all_reduces(model, rank, world)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import regex
 import torch
 import torch.nn.functional as F
 
+from checkpoint import load_model, save_model
 from model import ModelArgs, Transformer
 from tokenizer import Tokenizer, write_rank_file
 
@@ -618,7 +619,7 @@ def main(argv=None):
         return loss, acc
 
     def save():
-        model.save_pretrained(out, dtype=torch.bfloat16)
+        save_model(model, out, dtype=torch.bfloat16)
 
     best = {"loss": float("inf"), "step": 0, "state": None}  # the best weights by held-out loss (4 windows)
 
@@ -704,7 +705,7 @@ def main(argv=None):
     log(f"checkpoint step {best_step}: last train loss {final_train_loss:.4f} | held-out loss {hl:.4f} | recall "
         + " ".join(f"{d}:{a:.2f}" for d, a in acc.items()))
     # the saved checkpoint must load and agree with the model in memory
-    reloaded = Transformer.from_pretrained(out, dtype=torch.float32, device=device)
+    reloaded = load_model(out, dtype=torch.float32, device=device)
     tok = Tokenizer(out)
     probe = "def add(a, b):\n    return a + b\n"
     if tok.decode(tok.encode(probe)) != probe:
