@@ -134,13 +134,13 @@ def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), rati
 
                 def quest_step(i):
                     s = kernels.page_scores(qs[i], kmins[i], kmaxs[i], P)
-                    return kernels.paged_decode(qs[i], ks[i], vs[i], select_pages(s, P, K, P - 1), N, S)
+                    return kernels.paged_decode(qs[i], ks[i], vs[i], select_pages(s, P * S, S, K), N, S)
                 add("quest", budget, quest_step, sel_bytes + meta_bytes)
-                idx = [select_pages(kernels.page_scores(qs[i], kmins[i], kmaxs[i], P), P, K, P - 1) for i in range(copies)]
+                idx = [select_pages(kernels.page_scores(qs[i], kmins[i], kmaxs[i], P), P * S, S, K) for i in range(copies)]
                 add("quest: page_scores only", budget, lambda i: kernels.page_scores(qs[i], kmins[i], kmaxs[i], P),
                     meta_bytes)
                 scores = [kernels.page_scores(qs[i], kmins[i], kmaxs[i], P) for i in range(copies)]
-                add("quest: select_pages only", budget, lambda i: select_pages(scores[i], P, K, P - 1), B * HKV * P * 4)
+                add("quest: select_pages only", budget, lambda i: select_pages(scores[i], P * S, S, K), B * HKV * P * 4)
                 add("quest: paged_decode only", budget, lambda i: kernels.paged_decode(qs[i], ks[i], vs[i], idx[i], N, S),
                     sel_bytes)
                 for w in retro_windows:
@@ -153,7 +153,7 @@ def bench_decode(contexts, batches, budgets, copy_bw, retro_windows=(2, 8), rati
 
                     def retro_step(i):  # as RetroAttention.decode: + the output cache's merge and shift
                         s = kernels.page_scores(qw[i][:, :, -1], kmins[i], kmaxs[i], P)
-                        pages = select_pages(s, P, K, P - 1)  # A = t is set in the kernel, after A is read
+                        pages = select_pages(s, P * S, S, K)  # A = t is set in the kernel, after A is read
                         if w == 1:
                             return retro_decode(qw[i], ks[i], vs[i], pages, A[i], N, S, update_last_loaded=True)
                         parts = retro_decode(qw[i], ks[i], vs[i], pages, A[i], N, S, update_last_loaded=True,

@@ -536,12 +536,12 @@ def page_scores(q, kmin, kmax, num_pages):
 # T are kept, then pages equal to T, lowest first, until k are kept; one running sum counts both, and
 # gives each kept page its slot, so the output comes out in ascending page order without a sort.
 
-@triton.jit(do_not_specialize=["num_pages", "k", "newest"])
-def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, k, newest, page_size,
+@triton.jit(do_not_specialize=["num_pages", "k"])
+def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, k, page_size,
                          LEN_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr):
     if LEN_ON_DEVICE:  # the pages of a device length (see device_length)
         num_pages = tl.cdiv(tl.load(SEQ_LEN), page_size)
-        newest = num_pages - 1
+    newest = num_pages - 1  # the page of the token being decoded
     row = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK_P)
     ok = p < num_pages
@@ -577,38 +577,21 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
 SELECT_MAX_PAGES = 16384  # one program holds a whole score row in registers (the scan packs 16-bit counts)
 
 
-def select_pages(scores, num_pages, budget_pages, newest_page):
-    """Triton version of kvcache.select_pages (same arguments, same result, ties included), for up to
-    SELECT_MAX_PAGES pages (kvcache.quest_pages uses the reference beyond)."""
-    if budget_pages < 1 or num_pages < 1:
-        raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
-    if scores.shape[-1] < num_pages or not 0 <= newest_page < num_pages:
-        raise ValueError(f"scores {tuple(scores.shape)} must hold num_pages {num_pages} pages and newest_page "
-                         f"{newest_page} must be one of them")
-    return _select(scores, num_pages, min(budget_pages, num_pages), newest_page, None, 1)
-
-
-def select_pages_device(scores, seq_len, page_size, budget_pages):
-    """select_pages for the pages of a length seq_len (an int or a device length, see device_length):
-    num_pages = ceil(seq_len / page_size), the newest page is the last; with fewer pages than budget_pages
-    all are kept and the slots left hold -1 (reference: kvcache.select_pages_upto).
-    scores (B, Hkv, Pmax) -> (B, Hkv, budget_pages) int32."""
+def select_pages(scores, seq_len, page_size, budget_pages):
+    """Triton version of kvcache.select_pages (same arguments, same result, ties included; seq_len an int
+    or a device length, see device_length), for up to SELECT_MAX_PAGES pages (kvcache.quest_pages uses
+    the reference beyond). scores (B, Hkv, Pmax) -> (B, Hkv, min(budget_pages, Pmax)) int32, -1 = unused."""
     if budget_pages < 1:
-        raise ValueError(f"select_pages_device: need budget_pages >= 1, got {budget_pages}")
-    n, len_t = device_length(seq_len, scores.shape[-1] * page_size)
+        raise ValueError(f"kernels.select_pages: need budget_pages >= 1, got {budget_pages}")
+    *lead, P = scores.shape
+    n, len_t = device_length(seq_len, P * page_size)
     num_pages = triton.cdiv(n, page_size)  # (for a device length: all Pmax, the kernel counts its own)
-    return _select(scores, num_pages, budget_pages, num_pages - 1, len_t, page_size)
-
-
-def _select(scores, num_pages, K, newest_page, len_t, page_size):
     if num_pages > SELECT_MAX_PAGES:
         raise ValueError(f"kernels.select_pages handles up to {SELECT_MAX_PAGES} pages, got {num_pages}")
-    *lead, P = scores.shape
-    s = scores.reshape(-1, P)
+    s, K = scores.reshape(-1, P), min(budget_pages, P)
     out = torch.full((s.shape[0], K), -1, dtype=torch.int32, device=scores.device)  # -1: slots past the pages
-    BLOCK_P = tile_size(num_pages)
     _select_pages_kernel[(s.shape[0],)](s, out, len_t if len_t is not None else out, s.stride(0), s.stride(1),
-                                        out.stride(0), num_pages, K, newest_page, page_size,
-                                        LEN_ON_DEVICE=len_t is not None, BLOCK_P=BLOCK_P,
+                                        out.stride(0), num_pages, K, page_size, LEN_ON_DEVICE=len_t is not None,
+                                        BLOCK_P=tile_size(num_pages),
                                         num_warps=8)  # (H200: 8 warps best from 2K to 16K pages)
     return out.view(*lead, K)

@@ -127,32 +127,24 @@ def page_scores_ref(q, kmin, kmax, num_pages):
     return bound.sum(2)
 
 
-def select_pages(scores, num_pages, budget_pages, newest_page):
-    """Top budget_pages pages by score, always including newest_page (the page of the token being
-    decoded: the paper keeps the most recent tokens). scores (B, Hkv, >= num_pages) ->
-    page_idx (B, Hkv, K) int32 in ascending page order, K = min(budget_pages, num_pages)."""
-    if budget_pages < 1 or num_pages < 1:
-        raise ValueError(f"select_pages: need budget_pages >= 1 and num_pages >= 1, got {budget_pages} and {num_pages}")
+def select_pages(scores, seq_len, page_size, budget_pages):
+    """Top budget_pages pages by score among the pages of the keys [0, seq_len), always including the
+    newest (the page of the token being decoded: the paper keeps the most recent tokens). seq_len: an int
+    or a (1,) int32 device tensor, never read on the host (see kernels.device_length).
+    scores (B, Hkv, Pmax) -> page_idx (B, Hkv, K) int32, K = min(budget_pages, Pmax): the chosen pages
+    in ascending order, then -1 in the slots left when there are fewer pages than K."""
+    if budget_pages < 1:
+        raise ValueError(f"kvcache.select_pages: need budget_pages >= 1, got {budget_pages}")
+    P = scores.shape[-1]
+    kernels.device_length(seq_len, P * page_size)  # (checks seq_len only)
+    page = torch.arange(P, device=scores.device)
+    num_pages = (torch.as_tensor(seq_len, device=scores.device).long() + page_size - 1) // page_size
     # a NaN bound (from a non-finite key) counts as +inf, whatever its sign bit: the page is read, and
     # the order does not depend on how a sort ranks NaN (CPU and CUDA sorts differ). In float64 (exact for
     # fp32 scores) both rank at 1e300, below the newest page (+inf), which is always kept.
-    s = scores[..., :num_pages].double().nan_to_num(nan=1e300, posinf=1e300)
-    s[..., newest_page] = float("inf")
-    # a stable sort settles ties: the lower page wins (kernels.select_pages does the same)
-    order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, num_pages)]
-    return order.sort(dim=-1).values.to(torch.int32)
-
-
-def select_pages_upto(scores, seq_len, page_size, budget_pages):
-    """select_pages for a length on the device (reference of kernels.select_pages_device): the
-    pages of the keys [0, seq_len), the newest always kept, seq_len (1,) int32 never read on the host.
-    scores (B, Hkv, Pmax) -> page_idx (B, Hkv, K) int32, K = min(budget_pages, Pmax): the chosen
-    pages in ascending order, then -1 in the slots left when there are fewer pages than K."""
-    P = scores.shape[-1]
-    page = torch.arange(P, device=scores.device)
-    num_pages = (seq_len.long() + page_size - 1) // page_size
-    s = scores.double().nan_to_num(nan=1e300, posinf=1e300)  # NaN and +inf below the newest (select_pages)
+    s = scores.double().nan_to_num(nan=1e300, posinf=1e300)
     s = s.masked_fill(page == num_pages - 1, float("inf")).masked_fill(page >= num_pages, float("-inf"))
+    # a stable sort settles ties: the lower page wins (kernels.select_pages does the same)
     order = s.sort(dim=-1, descending=True, stable=True).indices[..., :min(budget_pages, P)]
     chosen = torch.where(order < num_pages, order, P).sort(dim=-1).values  # the unused slots (P) last
     return torch.where(chosen < P, chosen, -1).to(torch.int32)
@@ -167,10 +159,10 @@ def quest_pages(q, cache, layer_idx, budget, seq_len, use_kernels, bounds=None):
     if use_kernels:
         scores = kernels.page_scores(q, kmin, kmax, P)
         if P <= kernels.SELECT_MAX_PAGES:
-            return kernels.select_pages_device(scores, seq_len, S, budget // S)
+            return kernels.select_pages(scores, seq_len, S, budget // S)
     else:
         scores = page_scores_ref(q, kmin, kmax, P)
-    return select_pages_upto(scores, seq_len, S, budget // S)
+    return select_pages(scores, seq_len, S, budget // S)
 
 
 def group_view(x, G):

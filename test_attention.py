@@ -15,6 +15,7 @@ import attention
 from attention import attention_ref, decode_ref, merge_attention, paged_decode_ref
 from conftest import ATOL, DEVICE, dtypes, gqa_heads, head_dims, rand, seq_lens
 import kernels
+from kvcache import page_scores_ref, select_pages
 
 seeds = st.integers(0, 2**16)
 
@@ -184,7 +185,6 @@ def test_flash_decode_equals_prefill_of_last_query():
 @given(num_pages=st.integers(0, 150), spare=st.integers(0, 3), heads=gqa_heads(), D=head_dims(),
        dtype=dtypes(), batch=st.integers(1, 2), seed=seeds)
 def test_page_scores_match_reference(num_pages, spare, heads, D, dtype, batch, seed):
-    from kvcache import page_scores_ref
     Hq, Hkv = heads
     q = rand(batch, Hq, D, dtype=dtype, seed=seed)
     a = rand(batch, Hkv, num_pages + spare, D, dtype=dtype, seed=seed + 1)
@@ -204,7 +204,7 @@ def test_page_score_bounds_every_key_score(heads, S, P, seed):
     q, k = rand(1, Hq, D, seed=seed).double(), rand(1, Hkv, P * S, D, seed=seed + 1).double()
     pages = k.view(1, Hkv, P, S, D)
     for scores in (kernels.page_scores(q.float(), pages.amin(3).float(), pages.amax(3).float(), P).double(),
-                   __import__("kvcache").page_scores_ref(q, pages.amin(3), pages.amax(3), P).double()):
+                   page_scores_ref(q, pages.amin(3), pages.amax(3), P).double()):
         key_scores = torch.einsum("bhgd,bhpsd->bhps", q.view(1, Hkv, Hq // Hkv, D), pages)  # (1, Hkv, P, S)
         assert (key_scores <= scores[..., None] + 1e-4).all()
         if S == 1:
@@ -212,12 +212,14 @@ def test_page_score_bounds_every_key_score(heads, S, P, seed):
 
 
 @given(num_pages=st.integers(1, 300), spare=st.integers(0, 3), budget_pages=st.integers(1, 320),
-       newest_back=st.integers(0, 3), kind=st.sampled_from(["normal", "ties", "signed zeros", "-inf", "nan"]),
-       batch=st.integers(1, 2), seed=seeds)
-def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, newest_back, kind, batch, seed):
-    """The bisection top-k picks exactly the reference's pages, ties (lower page first) included."""
-    from kvcache import select_pages
-    newest = max(0, num_pages - 1 - newest_back)
+       S=st.sampled_from([1, 4, 16]), last_page_keys=st.integers(1, 16), on_device=st.booleans(),
+       kind=st.sampled_from(["normal", "ties", "signed zeros", "-inf", "nan"]), batch=st.integers(1, 2), seed=seeds)
+def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, S, last_page_keys, on_device, kind,
+                                               batch, seed):
+    """The bisection top-k picks exactly the reference's pages, ties (lower page first) included, for the
+    pages of a length (int or on the device) shorter than the score rows."""
+    n = (num_pages - 1) * S + min(last_page_keys, S)
+    seq_len = torch.tensor([n], dtype=torch.int32, device=DEVICE) if on_device else n
     scores = rand(batch, 3, num_pages + spare, seed=seed)
     if kind == "ties":
         scores = scores.mul(2).round()
@@ -230,26 +232,27 @@ def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, n
         scores[..., ::3] = float("nan")
         scores[..., 1::6] = -float("nan")
         scores[..., 2::5] = float("inf")
-    got = kernels.select_pages(scores, num_pages, budget_pages, newest)
-    assert got.dtype == torch.int32 and got.shape == (batch, 3, min(budget_pages, num_pages))
-    assert torch.equal(got, select_pages(scores, num_pages, budget_pages, newest))
+    got = kernels.select_pages(scores, seq_len, S, budget_pages)
+    assert got.dtype == torch.int32 and got.shape == (batch, 3, min(budget_pages, num_pages + spare))
+    assert torch.equal(got, select_pages(scores, seq_len, S, budget_pages))
 
 
 def test_select_pages_kernel_on_a_128k_context():  # 8192 pages of 16 tokens: one program per row, 8 warps
-    from kvcache import select_pages
     scores = rand(2, 8, 8192, seed=3)
-    assert torch.equal(kernels.select_pages(scores, 8192, 256, 8191), select_pages(scores, 8192, 256, 8191))
+    n, want = 8192 * 16, select_pages(scores, 8192 * 16, 16, 256)
+    for seq_len in (n, torch.tensor([n], dtype=torch.int32, device=DEVICE)):
+        assert torch.equal(kernels.select_pages(scores, seq_len, 16, 256), want)
 
 
-def test_select_pages_device_equals_select_pages():
-    """The length read on the device picks the same pages as the host-side call."""
-    from kvcache import select_pages
+def test_select_pages_reads_a_device_length():
+    """The length read on the device picks the same pages as the same length given as an int."""
     S, budget_pages = 4, 5
     scores = rand(2, 3, 40, seed=9)
     for n in [20, 21, 37, 160]:
-        P = -(-n // S)
-        got = kernels.select_pages_device(scores, torch.tensor([n], dtype=torch.int32, device=DEVICE), S, budget_pages)
-        assert torch.equal(got, select_pages(scores, P, budget_pages, P - 1))
+        want = select_pages(scores, n, S, budget_pages)
+        assert torch.equal(kernels.select_pages(scores, n, S, budget_pages), want)
+        assert torch.equal(kernels.select_pages(scores, torch.tensor([n], dtype=torch.int32, device=DEVICE), S,
+                                                budget_pages), want)
 
 
 @pytest.mark.parametrize("seq_len", [1, 17, 64, 100])

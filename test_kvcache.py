@@ -4,13 +4,16 @@ Quest's defining property is checked end to end: with a budget that covers the w
 dense attention, bit for bit, and decodes the same greedy tokens on a tiny model.
 """
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from attention import DenseAttention, attention_ref
+import kernels
+from attention import DenseAttention, attention_ref, decode_ref, paged_decode_ref
 from conftest import DEVICE, gqa_heads, rand, tiny_model
-from kvcache import KVCache, QuestAttention, check_budget, page_scores_ref, select_pages
+from kvcache import KVCache, QuestAttention, check_budget, page_scores_ref, quest_pages, select_pages
 
 seeds = st.integers(0, 2**16)
 
@@ -106,15 +109,33 @@ def test_page_bound_holds_for_every_key(n, page_size, heads, seed):
     assert (key_scores <= bound[:, :, page_of_key] + 1e-5).all()
 
 
-@given(num_pages=st.integers(1, 30), budget_pages=st.integers(1, 12), newest_back=st.integers(0, 2), seed=seeds)
-def test_select_pages_includes_newest_and_has_budget_count(num_pages, budget_pages, newest_back, seed):
-    newest = max(0, num_pages - 1 - newest_back)
-    scores = rand(2, 3, num_pages + 2, seed=seed)  # columns past num_pages must be ignored
+def top_pages(scores, seq_len, page_size, budget_pages):
+    """The selection written out, independent of kvcache: per row, the newest page of the length, then
+    the others by score (NaN as +inf) through Python's stable sort (ties: the lower page), in ascending
+    order, then -1 up to min(budget_pages, Pmax) slots."""
+    num_pages, K = -(-seq_len // page_size), min(budget_pages, scores.shape[-1])
+    rows = []
+    for row in scores.double().reshape(-1, scores.shape[-1]).tolist():
+        s = [math.inf if math.isnan(x) else x for x in row]
+        others = sorted(range(num_pages - 1), key=lambda p: -s[p])[:budget_pages - 1]
+        rows.append(sorted(others + [num_pages - 1]) + [-1] * (K - min(budget_pages, num_pages)))
+    return torch.tensor(rows, dtype=torch.int32, device=scores.device).view(*scores.shape[:-1], K)
+
+
+@given(num_pages=st.integers(1, 30), budget_pages=st.integers(1, 12), page_size=st.integers(1, 4),
+       last_page_keys=st.integers(1, 4), seed=seeds)
+def test_select_pages_includes_newest_and_has_budget_count(num_pages, budget_pages, page_size, last_page_keys, seed):
+    seq_len = (num_pages - 1) * page_size + min(last_page_keys, page_size)
+    newest = num_pages - 1
+    scores = rand(2, 3, num_pages + 2, seed=seed)  # columns past the length's pages must be ignored
     scores[..., num_pages:] = 1e9
     scores[..., newest] = -1e9  # the newest page is kept even when it scores worst
-    page_idx = select_pages(scores, num_pages, budget_pages, newest)
+    page_idx = select_pages(scores, seq_len, page_size, budget_pages)
+    assert torch.equal(page_idx, top_pages(scores, seq_len, page_size, budget_pages))
     K = min(budget_pages, num_pages)
-    assert page_idx.shape == (2, 3, K) and page_idx.dtype == torch.int32
+    assert page_idx.shape == (2, 3, min(budget_pages, num_pages + 2)) and page_idx.dtype == torch.int32
+    assert (page_idx[..., K:] == -1).all()
+    page_idx = page_idx[..., :K]
     assert (page_idx == newest).any(-1).all()
     assert ((page_idx >= 0) & (page_idx < num_pages)).all()
     assert (page_idx.diff(dim=-1) > 0).all()  # distinct, ascending
@@ -130,19 +151,16 @@ def test_select_pages_includes_newest_and_has_budget_count(num_pages, budget_pag
 
 
 def test_select_pages_with_a_budget_of_zero_pages_raises():
-    import kernels
     scores = rand(1, 2, 5, seed=0)
     for fn in (select_pages, kernels.select_pages):
-        with pytest.raises(ValueError, match="budget_pages >= 1"):
-            fn(scores, 5, 0, 4)
+        with pytest.raises(ValueError, match="select_pages: need budget_pages >= 1, got 0"):
+            fn(scores, 20, 4, 0)
 
 
 def test_non_finite_keys_are_selected_and_propagate_like_dense():
     """Defined behaviour (ours): a page holding a NaN key gets a NaN bound, which both selections
     count as +inf (above every finite score; ties: lower page first), so a sparse step reads it and its
     output is NaN for that KV head's query heads, as dense attention's is. Nothing is silently dropped."""
-    import kernels
-    from attention import decode_ref, paged_decode_ref
     S, n = 4, 40
     cache = make_cache(Hkv=2, N=48, D=8, page_size=S)
     k, v = kv(1, n, 2, 8, seed=3)
@@ -153,7 +171,7 @@ def test_non_finite_keys_are_selected_and_propagate_like_dense():
     scores = page_scores_ref(q, cache.kmin[0], cache.kmax[0], P)
     assert torch.isnan(scores[0, 1, 3]) and torch.isfinite(scores[0, 0]).all()
     for fn in (select_pages, kernels.select_pages):
-        page_idx = fn(scores, P, 2, P - 1)
+        page_idx = fn(scores, n, S, 2)
         assert 3 in page_idx[0, 1].tolist()
         for decode in (paged_decode_ref, kernels.paged_decode):
             o, _ = decode(q, cache.k[0], cache.v[0], page_idx, n, S)
@@ -210,7 +228,7 @@ def test_small_budget_attends_to_exactly_the_selected_pages():
     N = n_prompt + 1
     q = rand(2, N, 4, 16, seed=0)[:, -1]  # (B, Hq, D) of the decode step
     P = -(-N // S)
-    page_idx = select_pages(page_scores_ref(q, cache.kmin[0], cache.kmax[0], P), P, budget // S, (N - 1) // S)
+    page_idx = select_pages(page_scores_ref(q, cache.kmin[0], cache.kmax[0], P), N, S, budget // S)
     for b in range(2):
         for hk in range(2):
             keys = torch.cat([torch.arange(p * S, min((p + 1) * S, N)) for p in page_idx[b, hk].tolist()])
@@ -333,35 +351,54 @@ def test_append_equals_write(use_kernels):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
-@pytest.mark.parametrize("num_pages, budget_pages", [(3, 5), (6, 2), (6, 6), (9, 4)])
-def test_select_pages_upto_equals_select_pages(num_pages, budget_pages):
-    """The device-length selection is select_pages over the pages of the length; with fewer pages
-    than the budget it keeps them all and leaves -1 in the other slots, as the kernel does."""
-    import kernels
-    from kvcache import select_pages_upto
+@pytest.mark.parametrize("num_pages, budget_pages", [(3, 5), (6, 2), (6, 6), (9, 4), (10, 12)])
+def test_select_pages_keeps_the_pages_of_the_length_and_pads_with_minus_one(num_pages, budget_pages):
+    """Only the pages of the keys [0, seq_len) are chosen; with fewer pages than the budget all are kept
+    and the other slots hold -1; an int and a device length agree, and so does the kernel."""
     S, P = 4, 10
     scores = rand(2, 3, P, seed=num_pages)
     scores[0, 0, :4] = 1.0  # ties: the lower page wins
-    seq_len = torch.tensor([(num_pages - 1) * S + 2], dtype=torch.int32, device=DEVICE)
-    got = select_pages_upto(scores, seq_len, S, budget_pages)
-    K = min(budget_pages, num_pages)
-    want = select_pages(scores, num_pages, budget_pages, num_pages - 1)
-    assert torch.equal(got[..., :K], want) and (got[..., K:] == -1).all()
-    assert torch.equal(kernels.select_pages_device(scores, seq_len, S, budget_pages), got)
+    scores[1, 2, num_pages:] = 1e9  # past the length: never chosen
+    n = (num_pages - 1) * S + 2
+    want = top_pages(scores, n, S, budget_pages)
+    assert (want[..., min(budget_pages, num_pages):] == -1).all() and want.shape[-1] == min(budget_pages, P)
+    for seq_len in (n, torch.tensor([n], dtype=torch.int32, device=DEVICE)):
+        assert torch.equal(select_pages(scores, seq_len, S, budget_pages), want)
+        assert torch.equal(kernels.select_pages(scores, seq_len, S, budget_pages), want)
 
 
 def test_newest_page_is_kept_above_infinite_and_nan_bounds():
-    """The newest page outranks every score, +inf and NaN (of either sign) included, in the host and
-    device-length selections and their kernels: here 3 pages of 5 are kept, 3 others have such bounds."""
-    import kernels
-    from kvcache import select_pages_upto
+    """The newest page outranks every score, +inf and NaN (of either sign) included, for an int and a
+    device length, reference and kernel: here 3 pages of 5 are kept, 3 others have such bounds."""
     scores = torch.tensor([[[float("inf"), float("nan"), -float("nan"), 1.0, 2.0]]], device=DEVICE)
     want = torch.tensor([[[0, 1, 4]]], dtype=torch.int32)
     seq_len = torch.tensor([5 * 4 - 1], dtype=torch.int32, device=DEVICE)  # page_size 4: 5 pages, the last newest
-    for got in (select_pages(scores, 5, 3, 4), kernels.select_pages(scores, 5, 3, 4),
-                select_pages_upto(scores, seq_len, 4, 3), kernels.select_pages_device(scores, seq_len, 4, 3),
-                kernels.select_pages_device(scores, 19, 4, 3)):
-        assert torch.equal(got.cpu(), want)
+    for n in (19, seq_len):
+        for got in (select_pages(scores, n, 4, 3), kernels.select_pages(scores, n, 4, 3)):
+            assert torch.equal(got.cpu(), want)
+    assert torch.equal(top_pages(scores, 19, 4, 3).cpu(), want)
+
+
+def test_select_pages_rejects_a_length_past_the_scores():
+    scores = rand(1, 2, 5, seed=0)
+    for fn in (select_pages, kernels.select_pages):
+        with pytest.raises(ValueError, match="seq_len 21 must lie in"):
+            fn(scores, 21, 4, 2)
+
+
+def test_quest_pages_beyond_the_kernel_limit_falls_back_to_the_reference(monkeypatch):
+    """Past SELECT_MAX_PAGES pages the kernel refuses, and quest_pages (kernels on) selects with the
+    reference instead: the same pages."""
+    S, n = 4, 37
+    cache = make_cache(Hkv=2, N=48, D=8, page_size=S)
+    cache.write(0, *kv(1, n, 2, 8, seed=5), torch.arange(n))
+    q, seq_len = rand(1, 4, 8, seed=6), torch.tensor([n], dtype=torch.int32, device=DEVICE)
+    want = quest_pages(q, cache, 0, 3 * S, seq_len, use_kernels=False)
+    assert torch.equal(quest_pages(q, cache, 0, 3 * S, seq_len, use_kernels=True), want)
+    monkeypatch.setattr(kernels, "SELECT_MAX_PAGES", cache.num_pages_max - 1)
+    with pytest.raises(ValueError, match=f"kernels.select_pages handles up to {cache.num_pages_max - 1} pages"):
+        kernels.select_pages(torch.zeros(1, 2, cache.num_pages_max, device=DEVICE), seq_len, S, 3)
+    assert torch.equal(quest_pages(q, cache, 0, 3 * S, seq_len, use_kernels=True), want)
 
 
 @pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("quest_covering", 1), ("quest_query_head", 1), ("retro", 1), ("retro", 3),

@@ -298,7 +298,7 @@ def test_revised_output_equals_attention_over_pages_seen(w):
         c = make_cache(N=N)
         c.write(0, k[:, :step + 1], v[:, :step + 1], torch.arange(step + 1))
         P = -(-(step + 1) // 4)
-        return select_pages(page_scores_ref(q[:, step], c.kmin[0], c.kmax[0], P), P, 2, step // 4)[0]
+        return select_pages(page_scores_ref(q[:, step], c.kmin[0], c.kmax[0], P), step + 1, 4, 2)[0]
 
     recorded = {step: pages_at(step) for step in range(n_prompt, last + 1)}
     revised = 0
