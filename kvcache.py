@@ -157,7 +157,7 @@ def quest_pages(q, cache, layer_idx, budget, seq_len, use_kernels, bounds=None):
     S, P = cache.page_size, cache.num_pages_max
     kmin, kmax = bounds if bounds is not None else (cache.kmin[layer_idx], cache.kmax[layer_idx])
     if use_kernels:
-        scores = kernels.page_scores(q, kmin, kmax, P)
+        scores = kernels.page_scores(q, kmin, kmax, P, seq_len, S)  # (only the pages in use are read)
         if P <= kernels.SELECT_MAX_PAGES:
             return kernels.select_pages(scores, seq_len, S, budget // S)
     else:

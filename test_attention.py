@@ -192,7 +192,15 @@ def test_page_scores_match_reference(num_pages, spare, heads, D, dtype, batch, s
     kmin, kmax = torch.minimum(a, b), torch.maximum(a, b)
     scores = kernels.page_scores(q, kmin, kmax, num_pages)
     assert scores.shape == (batch, Hkv, num_pages) and scores.dtype == torch.float32
-    torch.testing.assert_close(scores, page_scores_ref(q, kmin, kmax, num_pages).float(), atol=1e-3, rtol=1e-5)
+    want = page_scores_ref(q, kmin, kmax, num_pages).float()
+    torch.testing.assert_close(scores, want, atol=1e-3, rtol=1e-5)
+    # with a length (int or on the device) the pages past its keys score -inf, the others as before
+    S, n = 4, max(0, 4 * num_pages - 4 * spare - 1)
+    in_use = -(-n // S)
+    for seq_len in (n, torch.tensor([n], dtype=torch.int32, device=DEVICE)):
+        got = kernels.page_scores(q, kmin, kmax, num_pages, seq_len, S)
+        torch.testing.assert_close(got[..., :in_use], want[..., :in_use], atol=1e-3, rtol=1e-5)
+        assert (got[..., in_use:] == float("-inf")).all()
 
 
 @given(heads=gqa_heads(), S=st.sampled_from([1, 2, 5, 16]), P=st.integers(1, 6), seed=seeds)
