@@ -19,15 +19,14 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from kernels import dot_precision
 from model import MLP, Attention, RMSNorm, RoPE
 
 
 # ----------------------------------------------------------------------------------------------
 # The model's small elementwise steps, one launch each (references: model.RMSNorm, model.apply_rope,
 # model.MLP). At batch 1 under a CUDA graph a decode step is a chain of ~30 kernels per layer, and
-# each costs microseconds whatever its size: these three replace ~22 of them. Then the product of a
-# decode step's few rows with a weight (reference: F.linear; linear() below says why).
+# each costs microseconds whatever its size: these three replace ~22 of them. Then the batch-1
+# matrix-vector product (reference: F.linear; linear() below says why).
 
 @triton.jit
 def _rms_norm_kernel(X, WEIGHT, Y, n_cols, eps, BLOCK: tl.constexpr):
@@ -108,64 +107,36 @@ def silu_mul(gate, up):
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, M, N, K, swn, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, Y, N, K, swn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
-    # one row: per-lane partial sums, reduced once at the end; more rows: y.T tiles of tl.dot
-    acc = tl.zeros([BLOCK_N, BLOCK_K if BLOCK_M == 1 else BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # per-lane partial sums, reduced once at the end
     for k0 in range(0, K, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(W + n[:, None].to(tl.int64) * swn + c[None, :], mask=(n[:, None] < N) & (c[None, :] < K), other=0.0)
-        if BLOCK_M == 1:
-            acc += w.to(tl.float32) * tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)[None, :]
-        else:  # x.T (BLOCK_K, BLOCK_M): the rows past M are zeros (tl.dot wants at least 16)
-            xt = tl.load(X + m[None, :] * K + c[:, None], mask=(m[None, :] < M) & (c[:, None] < K), other=0.0)
-            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-    y = tl.sum(acc, 1)[:, None] if BLOCK_M == 1 else acc  # (BLOCK_N, BLOCK_M) = y.T
-    tl.store(Y + m[None, :] * N + n[:, None], y.to(Y.dtype.element_ty), mask=(n[:, None] < N) & (m[None, :] < M))
+        acc += w.to(tl.float32) * tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n < N)
 
 
-MAX_GEMV_ROWS = 16  # tl.dot's smallest tile: 2 to 16 rows are one tile of rows
-
-# gemv's launch config: (most rows, most N) -> (BLOCK_N, BLOCK_K, num_warps, num_stages); the first entry that
-# fits the product is used (None: any N). One row: longer tiles when fewer programs (H200, the 8B shapes).
-GEMV_CONFIGS = {
-    (1, 4096): (16, 1024, 8, 2), (1, 8192): (16, 512, 8, 2), (1, None): (16, 256, 4, 2),
-    (MAX_GEMV_ROWS, 4096): (16, 512, 4, 3), (MAX_GEMV_ROWS, None): (32, 256, 4, 3),
-}
-
-
-def gemv_config(rows, N):
-    return next(cfg for (most_rows, most_n), cfg in GEMV_CONFIGS.items()
-                if rows <= most_rows and (most_n is None or N <= most_n))
-
-
-def gemv(x, weight, config=None):
-    """F.linear(x, weight) for x (..., K) holding 1 to 16 rows; weight (N, K) with unit stride along K.
-    Each program streams BLOCK_N whole rows of the weight once, BLOCK_K columns at a time, and multiplies
-    them with every row of x. config: (BLOCK_N, BLOCK_K, num_warps, num_stages) instead of GEMV_CONFIGS'
-    (for tuning)."""
+def gemv(x, weight):
+    """F.linear(x, weight) for x (..., K) holding one row; weight (N, K) with unit stride along K.
+    Each program streams BLOCK_N whole rows of the weight, BLOCK_K columns at a time."""
     N, K = weight.shape
-    rows = x.numel() // max(K, 1)
-    if x.shape[-1] != K or not 1 <= rows <= MAX_GEMV_ROWS or weight.stride(1) != 1 or x.dtype != weight.dtype:
-        raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} must be 1 to {MAX_GEMV_ROWS} rows of {K} values and "
-                         f"weight {tuple(weight.shape)} {weight.dtype} of its dtype, unit-stride along K")
+    if x.numel() != K or x.shape[-1] != K or weight.stride(1) != 1:
+        raise ValueError(f"gemv: x {tuple(x.shape)} must be one row of {K} values and weight {tuple(weight.shape)} "
+                         f"unit-stride along K")
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = config or gemv_config(rows, N)
-    _gemv_kernel[(triton.cdiv(N, block_n),)](
-        x.contiguous(), weight, y, rows, N, K, weight.stride(0), PRECISION=dot_precision(x.dtype),
-        BLOCK_M=1 if rows == 1 else MAX_GEMV_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    block_k = 1024 if N <= 4096 else 512 if N <= 8192 else 256  # longer tiles when fewer programs (H200, 8B shapes)
+    _gemv_kernel[(triton.cdiv(N, 16),)](x.contiguous(), weight, y, N, K, weight.stride(0), BLOCK_N=16, BLOCK_K=block_k,
+                                        num_warps=8 if block_k > 256 else 4, num_stages=2)
     return y
 
 
 def linear(x, weight):
-    """x @ weight.T. A decode step's few rows (one at batch 1; RetroAttention's window, 2 to 8) go to gemv:
-    a product of a few rows is bound by reading its weight, and gemv reads it once for all of them. For one
-    row it streams at 91-104% of copy bandwidth for the 8B shapes, where cuBLAS reaches 57% (4096 x 4096) to
-    88% (4096 x 14336); for 2 to 8 rows cuBLAS reads it slower still. More rows stay with cuBLAS."""
-    few_rows = 1 <= x.numel() // max(x.shape[-1], 1) <= MAX_GEMV_ROWS and weight.stride(1) == 1
-    return gemv(x, weight) if few_rows else nn.functional.linear(x, weight)
+    """x @ weight.T. A single row (a batch-1 decode step) goes to gemv: at batch 1 a product
+    reads its whole weight for one row of output, and the GEMV streams it at 91-104% of copy
+    bandwidth for the 8B shapes, where cuBLAS reaches 57% (4096 x 4096) to 88% (4096 x 14336)."""
+    one_row = x.numel() == x.shape[-1] and weight.stride(1) == 1
+    return gemv(x, weight) if one_row else nn.functional.linear(x, weight)
 
 
 def concat_weights(*linears):
@@ -209,9 +180,8 @@ FUSED = {RMSNorm: FusedRMSNorm, RoPE: FusedRoPE, nn.Linear: FastLinear, Attentio
 
 def fuse_kernels(model):
     """Run model.py's RMSNorm, RoPE and SiLU-times-up as one Triton kernel each (rms_norm,
-    rope, silu_mul; results equal to rounding), q/k/v and gate/up as one product each, and the products
-    of up to 16 rows (a decode step's) as a GEMV (linear). For inference: the fused weights are not trained.
-    -> model"""
+    rope, silu_mul; results equal to rounding), q/k/v and gate/up as one product each, and a single
+    row's products as a GEMV (linear). For inference: the fused weights are not trained. -> model"""
     for m in model.modules():
         # the same module, weights and state_dict names: only forward changes (model.py's layers have no bias)
         if type(m) in FUSED and getattr(m, "bias", None) is None:

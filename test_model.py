@@ -7,9 +7,9 @@ from hypothesis import example, given, strategies as st
 
 from attention import DenseAttention
 from checkpoint import load_model, save_model
-from conftest import DEVICE, DTYPES, ON_GPU, tiny_model, write_byte_tokenizer
-from cudagraph import (FastLinear, FusedAttention, FusedMLP, FusedRMSNorm, FusedRoPE, fuse_kernels, gemv, linear,
-                       rms_norm, rope, silu_mul)
+from conftest import DEVICE, ON_GPU, tiny_model, write_byte_tokenizer
+from cudagraph import (FastLinear, FusedAttention, FusedMLP, FusedRMSNorm, FusedRoPE, fuse_kernels, gemv, rms_norm,
+                       rope, silu_mul)
 from generate import generate
 from kvcache import KVCache
 from model import MLP, Attention, RMSNorm, RoPE, apply_rope
@@ -181,33 +181,6 @@ def test_gemv_kernel_matches_linear(N, K, dtype, seed):
     torch.testing.assert_close(got.float(), (x.double() @ w.double().T).float(), **tol)
 
 
-# fp32: ieee tl.dot / FMAs; fp16 and bf16: fp32 sums, one rounding of the output
-GEMV_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=2e-3),
-            torch.bfloat16: dict(atol=5e-2, rtol=2e-2)}
-
-
-@given(rows=st.one_of(st.sampled_from([1, 2, 3, 7, 8, 16]), st.integers(1, 16)), N=st.integers(1, 70),
-       K=st.integers(1, 600), dtype=st.sampled_from(DTYPES), config=st.sampled_from([None, (16, 32, 4, 1), (32, 64, 4, 2)]),
-       seed=st.integers(0, 2**16))
-@example(rows=16, N=33, K=513, dtype=torch.float32, config=None, seed=0)  # more than one block of N and of K
-def test_gemv_of_a_few_rows_matches_float64(rows, N, K, dtype, config, seed):
-    """1 to 16 rows in any leading shape times a weight with row stride 2 K; the small configs cross several K blocks."""
-    g = torch.Generator().manual_seed(seed)
-    lead = (1, rows) if rows % 2 else (2, rows // 2)
-    x = torch.randn(*lead, K, generator=g).to(DEVICE, dtype)
-    w = torch.randn(2 * N, K, generator=g).to(DEVICE, dtype)[::2]
-    got = gemv(x, w, config)
-    assert got.shape == (*lead, N) and got.dtype == dtype
-    torch.testing.assert_close(got.float(), (x.double() @ w.double().T).float(), **GEMV_TOL[dtype])
-    if config is None:  # linear() sends these rows to gemv
-        assert torch.equal(linear(x, w), got)
-
-
-def test_linear_sends_more_than_16_rows_to_cublas():
-    x, w = torch.randn(17, 24, device=DEVICE), torch.randn(5, 24, device=DEVICE)
-    assert torch.equal(linear(x, w), F.linear(x, w))
-
-
 def test_model_kernels_reject_shapes_they_would_read_past():
     x = torch.randn(1, 2, 3, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"rms_norm: weight \(4,\)"):
@@ -216,12 +189,8 @@ def test_model_kernels_reject_shapes_they_would_read_past():
         rope(x, torch.ones(1, 8, device=DEVICE), torch.ones(1, 8, device=DEVICE))
     with pytest.raises(ValueError, match=r"silu_mul: gate \(1, 2, 3, 8\) and up \(1, 2, 3, 4\)"):
         silu_mul(x, x[..., :4])
-    with pytest.raises(ValueError, match=r"gemv: x \(1, 2, 3, 8\) torch.float32 must be 1 to 16 rows of 4 values"):
-        gemv(x, torch.ones(5, 4, device=DEVICE))
-    with pytest.raises(ValueError, match=r"gemv: x \(17, 8\) .* 1 to 16 rows"):
-        gemv(torch.ones(17, 8, device=DEVICE), torch.ones(5, 8, device=DEVICE))
-    with pytest.raises(ValueError, match=r"gemv: .* weight \(5, 8\) torch.float16 of its dtype"):
-        gemv(x, torch.ones(5, 8, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"gemv: x \(1, 2, 3, 8\)"):
+        gemv(x, torch.ones(5, 8, device=DEVICE))
 
 
 def test_model_kernels_give_the_same_greedy_tokens():
