@@ -163,6 +163,7 @@ class Options:
     ruler_style: str = None
     methods: tuple = ruler.METHODS
     n_samples: int = None
+    batch: int = 16             # samples (--ruler) or prompts (--longgen) fed through the model together
 
     @property
     def torch_dtype(self):
@@ -1086,6 +1087,8 @@ def build_parser():
     u.add_argument("--methods", nargs="+", choices=ruler.METHODS, metavar="METHOD",
                    help="--ruler and --longgen: the methods beside dense (default all: %(default)s)")
     u.add_argument("--n-samples", type=int, help="samples per cell (default " + sizes_help("n_samples") + ")")
+    u.add_argument("--batch", type=int, help="--ruler and --longgen: samples or prompts decoded together, one batch "
+                                             "(default %(default)s; lower it if the GPU runs out of memory)")
     g = p.add_argument_group("--longgen: long greedy generation vs dense (longgen.py), every method at budgets P/8 "
                              "and P/4 (--gen-prompt, --gen-new, --n-prompts, --windows)")
     g.add_argument("--longgen", action="store_true", help="this mode")
@@ -1119,6 +1122,8 @@ def main(argv=None):
             parser.error(str(e))
     if o.n_samples is not None and o.n_samples < 1:
         parser.error(f"--n-samples {o.n_samples}: need at least 1")
+    if o.batch < 1:
+        parser.error(f"--batch {o.batch}: need at least 1")
     if o.method != "sdpa" and o.method not in gen.METHODS:
         parser.error(f"--method {o.method!r}: choose sdpa or one of generate.py's methods: {', '.join(gen.METHODS)}")
     # the method's options are generate.py's: checked by its parser (so both tools agree) before the model loads
