@@ -923,13 +923,13 @@ def run_ruler(o, model, tokenizer):
          f"cell; {len(plan)} cells; {o.device} {o.torch_dtype}{', CUDA graph' if o.cuda_graph else ''}")
     result = {"model": str(o.model), "style": style, "device": o.device, "dtype": str(o.torch_dtype),
               "date": time.strftime("%Y-%m-%d"), "contexts": list(o.contexts), "tasks": list(o.tasks),
-              "samples_per_cell": o.n_samples, "windows": list(o.windows), "seed": o.seed,
+              "samples_per_cell": o.n_samples, "batch": o.batch, "windows": list(o.windows), "seed": o.seed,
               "score": "exact match: every expected answer occurs in the greedy answer as a whole word "
                        "(string_match_all, all-or-nothing); interval: 95% Wilson",
               "cells": [], "complete": False}
     for c, run, task in plan:
         t = time.time()
-        scored = ruler.answer(model, tokenizer, samples[task, c], start_for(run[2], run[3]), o.cuda_graph)
+        scored = ruler.answer(model, tokenizer, samples[task, c], start_for(run[2], run[3]), o.cuda_graph, o.batch)
         cell = ruler.cell(task, c, run, samples[task, c], scored)
         result["cells"].append(dict(cell, seconds=time.time() - t))
         save(o.out, result, ruler.table(result["cells"], o.contexts, o.tasks))

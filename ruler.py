@@ -198,7 +198,7 @@ def number(rng):
 # ----------------------------------------------------------------------------------------------
 # The generators: one function per family, -> Sample of exactly `context` tokens with its answer
 
-def niah(tokenizer, task, style, context, depth, rng, stream=None, n_keys=4, n_values=4, n_queries=4):
+def niah(tokenizer, task, style, context, depth, rng, stream=None, n_new=None, n_keys=4, n_values=4, n_queries=4):
     """A needle-in-a-haystack prompt. The first needle (the one asked about) sits at `depth`; the
     others (distractors, further values, further queried keys) at random depths."""
     t = PROSE if style == "prose" else CODE
@@ -229,10 +229,10 @@ def niah(tokenizer, task, style, context, depth, rng, stream=None, n_keys=4, n_v
     # the asked needle first in the prompt's order only if its depth is the smallest: keep track
     order = np.argsort(depths, kind="stable")
     return _assemble(tokenizer, task, style, context, rng, stream, intro, [needles[i] for i in order],
-                     [depths[i] for i in order], question, answers, depth, first=int(np.flatnonzero(order == 0)[0]))
+                     [depths[i] for i in order], question, answers, depth, n_new, first=int(np.flatnonzero(order == 0)[0]))
 
 
-def variable_tracking(tokenizer, style, context, depth, rng, stream=None, n_hops=4):
+def variable_tracking(tokenizer, style, context, depth, rng, stream=None, n_new=None, n_hops=4):
     """RULER's vt with one chain: VAR X1 = VALUE, then X2 = X1, ..., n_hops hops, the first at
     `depth` and the rest after it; the answer is all n_hops + 1 names."""
     t = PROSE if style == "prose" else CODE
@@ -247,12 +247,12 @@ def variable_tracking(tokenizer, style, context, depth, rng, stream=None, n_hops
     depths = [depth] + sorted(float(d) for d in rng.uniform(depth, 1, n_hops))
     question = t["vt_q"].format(value=value, n=n_hops + 1)
     return _assemble(tokenizer, "vt", style, context, rng, stream, t["vt_intro"], needles, depths, question,
-                     names, depth)
+                     names, depth, n_new)
 
 
 def _assemble(tokenizer, task, style, context, rng, stream, intro, needles, depths, question, answers, depth,
-              first=0):
-    n_new = answer_tokens(tokenizer, answers)
+              n_new=None, first=0):
+    n_new = max(n_new or 0, answer_tokens(tokenizer, answers))
     intro, question = tokenizer.encode(intro) if intro else [], tokenizer.encode(question)
     filler = haystack_for(tokenizer, style, stream, rng, context)
     ids, pos = place_needles(intro, filler, boundary_mask(tokenizer, filler, style), needles, depths, question,
@@ -268,13 +268,13 @@ def answer_tokens(tokenizer, answers):
     return sum(len(tokenizer.encode(f' {a}", ')) for a in answers) + 4
 
 
-def common_words(tokenizer, style, context, rng, n_common=10, freq_uncommon=3):
+def common_words(tokenizer, style, context, rng, n_new=None, n_common=10, freq_uncommon=3):
     """RULER's cwe: a numbered list of words, each of n_common words appearing freq_common times
     and other words freq_uncommon times, as many as fit; freq_common grows with the context
     (at least 2 * freq_uncommon) so that the common words stay the most common at every length."""
     t = PROSE if style == "prose" else CODE
     common = distinct_words(rng, n_common)
-    n_new = answer_tokens(tokenizer, common)
+    n_new = max(n_new or 0, answer_tokens(tokenizer, common))
     intro = tokenizer.encode(t["cwe_intro"])
     question = tokenizer.encode(t["cwe_q"].format(n=n_common))
     room = context - n_new - len(intro) - len(question)
@@ -297,7 +297,7 @@ def common_words(tokenizer, style, context, rng, n_common=10, freq_uncommon=3):
     return Sample("cwe", ids, common, n_new, len(question))
 
 
-def frequent_words(tokenizer, style, context, rng, alpha=2.0, n_top=3, vocab=200):
+def frequent_words(tokenizer, style, context, rng, n_new=None, alpha=2.0, n_top=3, vocab=200):
     """RULER's fwe: coded words (random 4-letter strings) drawn from a Zipf distribution over a
     vocabulary (p(rank r) ~ 1 / r^alpha); the answer is the n_top most frequent, which must be
     strictly more frequent than every other word (else the draw is repeated)."""
@@ -309,7 +309,7 @@ def frequent_words(tokenizer, style, context, rng, alpha=2.0, n_top=3, vocab=200
     p /= p.sum()
     intro = tokenizer.encode(t["fwe_intro"])
     question = tokenizer.encode(t["fwe_q"])
-    n_new = answer_tokens(tokenizer, coded[:n_top])
+    n_new = max(n_new or 0, answer_tokens(tokenizer, coded[:n_top]))
     room = context - n_new - len(intro) - len(question)
     enc = {w: tokenizer.encode(t["fwe_entry"].format(word=w)) for w in coded}
     for _ in range(100):
@@ -332,29 +332,37 @@ def frequent_words(tokenizer, style, context, rng, alpha=2.0, n_top=3, vocab=200
     return Sample("fwe", ids, ranked[:n_top], n_new, len(question))
 
 
-def make_sample(tokenizer, task, style, context, depth, seed, stream=None):
-    """One sample of a task, deterministic given (task, style, context, depth, seed)."""
+def make_sample(tokenizer, task, style, context, depth, seed, stream=None, n_new=None):
+    """One sample of a task, deterministic given (task, style, context, depth, seed). n_new: decode
+    at least this many tokens (the prompt is then context - n_new tokens long: NIAH and vt exactly)."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}: choose from {', '.join(TASKS)}")
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}: choose prose or code")
     rng = np.random.default_rng([seed, TASKS.index(task), context, round(1000 * depth)])
     if task.startswith("niah"):
-        return niah(tokenizer, task, style, context, depth, rng, stream)
+        return niah(tokenizer, task, style, context, depth, rng, stream, n_new)
     if task == "vt":
-        return variable_tracking(tokenizer, style, context, depth, rng, stream)
+        return variable_tracking(tokenizer, style, context, depth, rng, stream, n_new)
     if task == "cwe":
-        return common_words(tokenizer, style, context, rng)
-    return frequent_words(tokenizer, style, context, rng)
+        return common_words(tokenizer, style, context, rng, n_new)
+    return frequent_words(tokenizer, style, context, rng, n_new)
 
 
 def suite(tokenizer, tasks, style, contexts, n_samples, stream=None, seed=1234):
-    """n_samples per (task, context), depths spread evenly over 0..1: -> {(task, context): [Sample]}."""
+    """n_samples per (task, context), depths spread evenly over 0..1: -> {(task, context): [Sample]}.
+    The samples of a cell all decode the same number of tokens (the most any of them needs), so that
+    their prompts have one length (NIAH, vt; cwe and fwe as far as their lists allow) and answer()
+    can run them as one batch: the samples are drawn once to find that number, then again with it."""
     out = {}
     for task in tasks:
         for c in contexts:
             depths = [i / max(1, n_samples - 1) for i in range(n_samples)]
-            out[task, c] = [make_sample(tokenizer, task, style, c, d, seed + i, stream) for i, d in enumerate(depths)]
+            draw = lambda n_new=None: [make_sample(tokenizer, task, style, c, d, seed + i, stream, n_new)
+                                       for i, d in enumerate(depths)]
+            first = draw()
+            n_new = max(s.n_new for s in first)
+            out[task, c] = first if all(s.n_new == n_new for s in first) else draw(n_new)
     return out
 
 
@@ -396,23 +404,33 @@ def budget_runs(context, windows, methods=METHODS):
 
 
 @torch.no_grad()
-def answer(model, tokenizer, samples, start, cuda_graph=False):
-    """Greedy-decode each sample's answer through a fresh method state from start(prompt, n_new,
-    keep_last) -> (attn, start_pos, window): -> [(score 0/1, decoded text)]; a sample the method
-    refuses (compaction's repeat-prefill beyond the model's context) -> (None, reason)."""
+def answer(model, tokenizer, samples, start, cuda_graph=False, batch=1):
+    """Greedy-decode each sample's answer through a fresh method state from start(prompts, n_new,
+    keep_last) -> (attn, start_pos, window): -> [(score 0/1, decoded text)] in the samples' order;
+    a sample the method refuses (compaction's repeat-prefill beyond the model's context) -> (None,
+    reason). Samples of one prompt length and one question length (compaction keeps the question
+    whole) run together, up to `batch` rows at a time: each row attends only to its own cache, so it
+    decodes what it would alone; its answer is cut at its own n_new."""
     device = next(model.parameters()).device
-    out = []
-    for s in samples:
-        x = torch.from_numpy(s.ids).to(device)[None]
-        try:
-            attn, s0, win = start(x, s.n_new, s.question_len)
-        except ValueError as e:
-            out.append((None, str(e)))
-            continue
-        new, _ = generate(model, attn, x[:, s0:], s.n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words,
-                          cuda_graph=cuda_graph)
-        text = tokenizer.decode([int(t) for t in new[0]])
-        out.append((score(text, s.answers), text))
+    out = [None] * len(samples)
+    groups = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((len(s.ids), s.question_len), []).append(i)
+    for (_, question_len), idx in groups.items():
+        for part in (idx[lo:lo + batch] for lo in range(0, len(idx), batch)):
+            x = torch.from_numpy(np.stack([samples[i].ids for i in part])).to(device)
+            n_new = max(samples[i].n_new for i in part)
+            try:
+                attn, s0, win = start(x, n_new, question_len)
+            except ValueError as e:
+                for i in part:
+                    out[i] = (None, str(e))
+                continue
+            new, _ = generate(model, attn, x[:, s0:], n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words,
+                              cuda_graph=cuda_graph)
+            for row, i in zip(new.tolist(), part):
+                text = tokenizer.decode(row[:samples[i].n_new])
+                out[i] = (score(text, samples[i].answers), text)
     return out
 
 

@@ -325,3 +325,20 @@ def test_ruler_answer_at_full_budget_decodes_what_dense_decodes(tiny_checkpoint)
                           ("retro", ["--budget", "512", "--window", "2"])]:
         texts[method, tuple(flags)] = [t for _, t in ruler.answer(model, tok, samples, start(model, method, flags, 64))]
     assert len(set(map(tuple, texts.values()))) == 1
+
+
+def test_ruler_answer_in_batches_decodes_what_one_at_a_time_decodes(tiny_checkpoint):
+    """Rows of a batch do not see each other: every method answers each sample as it does alone,
+    also where prompt or question lengths differ (then they fall in separate batches)."""
+    model = tiny_model(seed=1).cpu()
+    tok = Tokenizer(tiny_checkpoint)
+    samples = ruler.suite(tok, ["niah_single"], "prose", [480], 5)["niah_single", 480]
+    samples.append(ruler.make_sample(tok, "niah_single", "prose", 450, 0.5, 3))  # another length
+    assert len({(len(s.ids), s.question_len) for s in samples}) >= 2
+    for method, flags in [("dense", []), ("retro", ["--budget", "64", "--window", "1"]),
+                          ("retro", ["--budget", "64", "--window", "4"]),
+                          ("token_sparse", ["--keep", "0.25", "--min-tokens", "16", "--ts-window", "16"]),
+                          ("compact", ["--ratio", "4"])]:
+        go = start(model, method, flags, 64)
+        alone = [ruler.answer(model, tok, [s], go)[0] for s in samples]
+        assert ruler.answer(model, tok, samples, go, batch=4) == alone, method

@@ -201,3 +201,16 @@ def test_paired_difference_removes_shared_variation():
     assert ub - ua > 0.3
     with pytest.raises(ValueError, match="same prompts"):
         ruler.paired_difference([1, 2], [1, 2, 3])
+
+
+def test_a_cell_shares_one_prompt_length_and_answer_length(code_tok, code_stream):
+    """suite() draws a cell's samples so that they can run as one batch: NIAH and vt prompts of one
+    length, each of exactly context - n_new tokens, and the answer still in each."""
+    cells = ruler.suite(code_tok, ["niah_single", "niah_multikey", "vt"], "code", [600], 5, code_stream)
+    for (task, c), samples in cells.items():
+        assert len({len(s.ids) for s in samples}) == 1 and len({s.n_new for s in samples}) == 1, task
+        for s in samples:
+            assert len(s.ids) + s.n_new == c
+            assert s.n_new >= ruler.answer_tokens(code_tok, s.answers)
+            for at, needle in zip(s.needle_pos, s.needles):
+                assert list(s.ids[at:at + len(needle)]) == needle
