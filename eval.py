@@ -163,7 +163,7 @@ class Options:
     ruler_style: str = None
     methods: tuple = ruler.METHODS
     n_samples: int = None
-    batch: int = 16             # samples (--ruler) or prompts (--longgen) fed through the model together
+    batch: int = 16             # --ruler: samples of a cell fed through the model together
 
     @property
     def torch_dtype(self):
@@ -1087,8 +1087,8 @@ def build_parser():
     u.add_argument("--methods", nargs="+", choices=ruler.METHODS, metavar="METHOD",
                    help="--ruler and --longgen: the methods beside dense (default all: %(default)s)")
     u.add_argument("--n-samples", type=int, help="samples per cell (default " + sizes_help("n_samples") + ")")
-    u.add_argument("--batch", type=int, help="--ruler and --longgen: samples or prompts decoded together, one batch "
-                                             "(default %(default)s; lower it if the GPU runs out of memory)")
+    u.add_argument("--batch", type=int, help="samples of a cell decoded together, one batch (default %(default)s; "
+                                             "lower it if the GPU runs out of memory)")
     g = p.add_argument_group("--longgen: long greedy generation vs dense (longgen.py), every method at budgets P/8 "
                              "and P/4 (--gen-prompt, --gen-new, --n-prompts, --windows)")
     g.add_argument("--longgen", action="store_true", help="this mode")

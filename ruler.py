@@ -252,7 +252,7 @@ def variable_tracking(tokenizer, style, context, depth, rng, stream=None, n_new=
 
 def _assemble(tokenizer, task, style, context, rng, stream, intro, needles, depths, question, answers, depth,
               n_new=None, first=0):
-    n_new = max(n_new or 0, answer_tokens(tokenizer, answers))
+    n_new = answer_tokens(tokenizer, answers, n_new)
     intro, question = tokenizer.encode(intro) if intro else [], tokenizer.encode(question)
     filler = haystack_for(tokenizer, style, stream, rng, context)
     ids, pos = place_needles(intro, filler, boundary_mask(tokenizer, filler, style), needles, depths, question,
@@ -263,9 +263,10 @@ def _assemble(tokenizer, task, style, context, rng, stream, intro, needles, dept
     return Sample(task, ids, list(answers), n_new, len(question), depth, pos, [list(n) for n in needles])
 
 
-def answer_tokens(tokenizer, answers):
-    """Tokens to decode: the answers' tokens with a separator each (', "') plus 4 of slack."""
-    return sum(len(tokenizer.encode(f' {a}", ')) for a in answers) + 4
+def answer_tokens(tokenizer, answers, at_least=None):
+    """Tokens to decode: the answers' tokens with a separator each (', "') plus 4 of slack, or
+    at_least if that is more (suite(): one answer length per cell)."""
+    return max(at_least or 0, sum(len(tokenizer.encode(f' {a}", ')) for a in answers) + 4)
 
 
 def common_words(tokenizer, style, context, rng, n_new=None, n_common=10, freq_uncommon=3):
@@ -274,7 +275,7 @@ def common_words(tokenizer, style, context, rng, n_new=None, n_common=10, freq_u
     (at least 2 * freq_uncommon) so that the common words stay the most common at every length."""
     t = PROSE if style == "prose" else CODE
     common = distinct_words(rng, n_common)
-    n_new = max(n_new or 0, answer_tokens(tokenizer, common))
+    n_new = answer_tokens(tokenizer, common, n_new)
     intro = tokenizer.encode(t["cwe_intro"])
     question = tokenizer.encode(t["cwe_q"].format(n=n_common))
     room = context - n_new - len(intro) - len(question)
@@ -309,7 +310,7 @@ def frequent_words(tokenizer, style, context, rng, n_new=None, alpha=2.0, n_top=
     p /= p.sum()
     intro = tokenizer.encode(t["fwe_intro"])
     question = tokenizer.encode(t["fwe_q"])
-    n_new = max(n_new or 0, answer_tokens(tokenizer, coded[:n_top]))
+    n_new = answer_tokens(tokenizer, coded[:n_top], n_new)
     room = context - n_new - len(intro) - len(question)
     enc = {w: tokenizer.encode(t["fwe_entry"].format(word=w)) for w in coded}
     for _ in range(100):
