@@ -1,9 +1,11 @@
 """Non-negative least squares (nnls.py): w >= 0 at a KKT point, and the boxed variant stays in its box."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from compaction import AUTHORS_W_BOX
+import nnls as solver
 from nnls import nnls, nnls_gram
 
 
@@ -47,3 +49,23 @@ def test_boxed_nnls_stays_in_the_box_and_beats_the_clamped_exact_solution(M, t, 
     objective = lambda x: float(((A.double() @ x.double() - z.double()) ** 2).sum())  # noqa: E731
     clamped = nnls(A, z).clamp(lo, hi)  # a feasible point: the box optimum can only be better
     assert objective(w) <= objective(clamped) * (1 + 1e-4) + 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("iters", [60, 75])
+@pytest.mark.parametrize("box", [None, AUTHORS_W_BOX])
+def test_fista_graph_replay_takes_the_eager_steps(iters, box, monkeypatch):
+    """On a GPU the FISTA steps replay a CUDA graph of FISTA_GRAPH_STEPS steps (2 replays + 10 eager steps,
+    or 3 replays): the same number of the same steps as eagerly, so the same weights. Few steps on an
+    ill-conditioned problem, far from converged: a step more or less shows."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.exp(2 * torch.randn(2, 3, 40, 16, generator=g)).cuda()
+    z = 3 * torch.randn(2, 3, 40, generator=g).abs().cuda()
+    H, c = A.transpose(-1, -2) @ A, (A.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1)
+    monkeypatch.setattr(solver, "FISTA_GRAPH_STEPS", 25)
+    graphed = nnls_gram(H, c, iters=iters, polish_rounds=0, box=box)
+    fewer = nnls_gram(H, c, iters=iters - 1, polish_rounds=0, box=box)
+    monkeypatch.setattr(solver, "FISTA_GRAPH_STEPS", 10**9)  # no replay: every step launched eagerly
+    eager = nnls_gram(H, c, iters=iters, polish_rounds=0, box=box)
+    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-9)
+    assert not torch.allclose(fewer, eager, rtol=1e-6, atol=1e-9)  # the comparison can tell one step
