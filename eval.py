@@ -53,6 +53,8 @@ Two modes measure every method at KV budgets of 1/8 and 1/4 of the context, dens
 7. --longgen: the RetroAttention regime (longgen.py): dense's greedy continuation of each prompt,
    then per method teacher-forced top-1 agreement, KL and first divergence with bootstrap
    intervals, Retro minus Quest paired by prompt, and each layer's attention output error by steps back.
+Both modes, and --real's passkey prompts, feed --batch samples or prompts of one length through the
+model together; a row sees only its own cache, so it scores what it scores alone.
 
     python eval.py --ruler --checkpoint models/smollm2-135m-instruct --full --out results/ruler_smollm2.json
     python eval.py --longgen --full --out results/longgen.json
@@ -163,7 +165,7 @@ class Options:
     ruler_style: str = None
     methods: tuple = ruler.METHODS
     n_samples: int = None
-    batch: int = 16             # --ruler: samples of a cell fed through the model together
+    batch: int = 16             # samples of a cell (--ruler), prompts (--longgen, --real's passkey) fed together
 
     @property
     def torch_dtype(self):
@@ -523,7 +525,7 @@ def sweep(o, model, tokenizer, stream, runs, suite, on_row=None):
                 except ValueError as e:  # compaction's repeat-prefill of half the window beyond the context
                     row.setdefault("skipped", {})[f"loss@{c}"] = str(e)
                     break
-                logits = teacher_forced_logits(model, attn, w[:, s0:half], w[:, half:c], s0, win, graph)
+                logits = teacher_forced_logits(model, attn, w[:, s0:half], w[:, half:c], s0, win, graph)[0]
                 total += F.cross_entropy(logits, w[0, half:c], reduction="sum").item()
                 count += c - half
             row[f"loss@{c}"] = total / count if count else None
@@ -750,31 +752,36 @@ def passkey_suite(tokenizer, stream, contexts, depths, n_keys, n_new=8, chat=Fal
 
 
 @torch.no_grad()
-
-
-@torch.no_grad()
-def passkey_accuracy(model, tokenizer, suite, start, n_new=8, cuda_graph=False):
+def passkey_accuracy(model, tokenizer, suite, start, n_new=8, cuda_graph=False, batch=1):
     """Greedy-decode n_new tokens after each prompt through a fresh method state from
-    start(prompt, n_new, keep_last) -> (attn, start_pos, window): -> {context: {depth: result}}.
+    start(prompts, n_new, keep_last) -> (attn, start_pos, window): -> {context: {depth: result}}.
     A prompt the method refuses (compaction's repeat-prefill longer than the model's context) is
-    skipped, counted in "skipped" with the reason."""
-    out = {}
+    skipped, counted in "skipped" with the reason. The prompts of one context have one length
+    (passkey_prompt fills it), so they run together, up to `batch` rows at a time, as in
+    ruler.answer: each row attends only to its own cache."""
+    device = next(model.parameters()).device
+    out, groups = {}, {}
     for c, pk in suite:
-        r = out.setdefault(c, {}).setdefault(pk.depth, {"correct": 0, "n": 0, "skipped": 0, "examples": []})
-        x = torch.from_numpy(pk.ids).to(next(model.parameters()).device)[None]
-        try:
-            attn, s0, win = start(x, n_new, pk.question_len)
-        except ValueError as e:
-            r["skipped"] += 1
-            r["skipped_reason"] = str(e)
-            continue
-        new, _ = generate(model, attn, x[:, s0:], n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words,
-                          cuda_graph=cuda_graph)
-        text = tokenizer.decode([int(t) for t in new[0]])
-        r["correct"] += passkey_found(text, pk.key)
-        r["n"] += 1
-        if len(r["examples"]) < 2:
-            r["examples"].append({"key": pk.key, "decoded": text})
+        out.setdefault(c, {}).setdefault(pk.depth, {"correct": 0, "n": 0, "skipped": 0, "examples": []})
+        groups.setdefault((len(pk.ids), pk.question_len), []).append((c, pk))
+    for (_, question_len), items in groups.items():
+        for part in (items[lo:lo + batch] for lo in range(0, len(items), batch)):
+            x = torch.from_numpy(np.stack([pk.ids for _, pk in part])).to(device)
+            try:
+                attn, s0, win = start(x, n_new, question_len)
+            except ValueError as e:
+                for c, pk in part:
+                    out[c][pk.depth]["skipped"] += 1
+                    out[c][pk.depth]["skipped_reason"] = str(e)
+                continue
+            new, _ = generate(model, attn, x[:, s0:], n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words,
+                              cuda_graph=cuda_graph)
+            for row, (c, pk) in zip(new.tolist(), part):
+                r, text = out[c][pk.depth], tokenizer.decode(row)
+                r["correct"] += passkey_found(text, pk.key)
+                r["n"] += 1
+                if len(r["examples"]) < 2:
+                    r["examples"].append({"key": pk.key, "decoded": text})
     return out
 
 
@@ -819,7 +826,7 @@ def real_runs(o, model, tokenizer, runs, data, on_row=None):
         t = time.time()
         start = start_for(method, flags)
         row = {"run": label, "method": method, "flags": flags}
-        row["passkey"] = passkey_accuracy(model, tokenizer, suite, start, o.passkey_new, o.cuda_graph)
+        row["passkey"] = passkey_accuracy(model, tokenizer, suite, start, o.passkey_new, o.cuda_graph, o.batch)
         steps = []
         for i, seq in enumerate(prompts):
             seq = seq.to(o.device)
@@ -829,7 +836,7 @@ def real_runs(o, model, tokenizer, runs, data, on_row=None):
             except ValueError as e:
                 row["agreement_skipped"] = str(e)
                 break
-            logits = teacher_forced_logits(model, attn, prompt[:, s0:], forced, s0, win, o.cuda_graph)
+            logits = teacher_forced_logits(model, attn, prompt[:, s0:], forced, s0, win, o.cuda_graph)[0]
             if method == "dense":
                 dense_logits.append(logits)
             steps.append((dense_logits[i], logits, forced[0]))
@@ -892,7 +899,8 @@ def run_real(o, model, tokenizer):
                 "date": time.strftime("%Y-%m-%d"), "text": source,
                 "text_tokens": len(stream), "windows_per_context": o.n_windows,
                 "passkey": {"contexts": list(o.passkey_contexts), "depths": list(o.depths), "keys": o.n_keys,
-                            "format": o.passkey_format, "haystack": o.haystack, "new_tokens": o.passkey_new},
+                            "format": o.passkey_format, "haystack": o.haystack, "new_tokens": o.passkey_new,
+                            "batch": o.batch},
                 "agreement": {"prompt": o.agree_prompt, "new": o.agree_new, "prompts": o.n_prompts}}
 
     def save_partial(partial, complete=False):
@@ -950,7 +958,8 @@ def run_ruler(o, model, tokenizer):
 
 def run_longgen(o, model, tokenizer):
     """n prompts of held-out text (code for a train.py tokenizer, else the essays), dense's greedy
-    continuation of each, then every run measured against it; JSON and markdown after each run.
+    continuation of each, then every run measured against it, --batch prompts at a time (they share
+    the length P); JSON and markdown after each run.
     The budget is a fraction of the prompt: the cache grows by the generated tokens, and the budget
     is what each decode step may read of it."""
     t0 = time.time()
@@ -963,13 +972,15 @@ def run_longgen(o, model, tokenizer):
     prompts = [p[:, :P].to(o.device) for p in text_prompts(stream, P, N, o.n_prompts)]
     start_for = starter(o, model, tokenizer)
     runs = ruler.budget_runs(P, o.windows, o.methods)
-    note(f"longgen: {source}; {o.n_prompts} prompts x ({P} + {N}) tokens; {len(runs)} runs; {o.device} "
-         f"{o.torch_dtype}{', CUDA graph' if o.cuda_graph else ''}")
-    reference = longgen.dense_reference(model, prompts, N, start_for("dense", []), tokenizer.n_words, o.cuda_graph)
+    note(f"longgen: {source}; {o.n_prompts} prompts x ({P} + {N}) tokens, {o.batch} at a time; {len(runs)} runs; "
+         f"{o.device} {o.torch_dtype}{', CUDA graph' if o.cuda_graph else ''}")
+    reference = longgen.dense_reference(model, prompts, N, start_for("dense", []), tokenizer.n_words, o.cuda_graph,
+                                        o.batch)
     note(f"  dense reference: {time.time() - t0:.0f} s")
     t_runs = time.time()
     result = {"model": str(o.model), "device": o.device, "dtype": str(o.torch_dtype), "date": time.strftime("%Y-%m-%d"),
               "text": source, "prompts": o.n_prompts, "prompt_tokens": P, "new_tokens": N, "windows": list(o.windows),
+              "batch": o.batch,
               "definitions": "top-1 agreement: share of dense's continuation where the run's teacher-forced greedy "
                              "token is dense's; KL(dense || run) in nats, mean over the steps; first divergence: "
                              "first step where the run's own greedy generation differs from dense's (N if never); "
@@ -983,7 +994,8 @@ def run_longgen(o, model, tokenizer):
         t = time.time()
         row = {"run": run, "budget": budget, "method": method, "flags": flags}
         try:
-            m = longgen.measure(model, prompts, reference, start_for(method, flags), tokenizer.n_words, o.cuda_graph)
+            m = longgen.measure(model, prompts, reference, start_for(method, flags), tokenizer.n_words, o.cuda_graph,
+                                o.batch)
         except ValueError as e:  # compaction's repeat-prefill beyond the model's context
             row["skipped"] = str(e)
         else:
@@ -1061,7 +1073,7 @@ def build_parser():
     s.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                    help="combine the --out files of --shard processes: one table, one JSON (--out), the plot")
     r = p.add_argument_group("--real: a pretrained model on prose (perplexity, passkey, agreement with dense); "
-                             "runs the --budgets/--windows/--coverages/--ratios settings")
+                             "runs the --budgets/--windows/--coverages/--ratios settings (passkey: --batch)")
     r.add_argument("--real", action="store_true",
                    help="this mode; the default for a checkpoint whose tokenizer train.py did not make")
     r.add_argument("--passkey-contexts", type=int, nargs="+",
@@ -1087,10 +1099,11 @@ def build_parser():
     u.add_argument("--methods", nargs="+", choices=ruler.METHODS, metavar="METHOD",
                    help="--ruler and --longgen: the methods beside dense (default all: %(default)s)")
     u.add_argument("--n-samples", type=int, help="samples per cell (default " + sizes_help("n_samples") + ")")
-    u.add_argument("--batch", type=int, help="samples of a cell decoded together, one batch (default %(default)s; "
-                                             "lower it if the GPU runs out of memory)")
+    u.add_argument("--batch", type=int, help="--ruler: samples of a cell, --longgen: prompts, --real: passkey prompts "
+                                             "of a context, decoded together as one batch (default %(default)s; lower "
+                                             "it if the GPU runs out of memory)")
     g = p.add_argument_group("--longgen: long greedy generation vs dense (longgen.py), every method at budgets P/8 "
-                             "and P/4 (--gen-prompt, --gen-new, --n-prompts, --windows)")
+                             "and P/4 (--gen-prompt, --gen-new, --n-prompts, --windows, --batch)")
     g.add_argument("--longgen", action="store_true", help="this mode")
     p.set_defaults(**{f.name: f.default for f in fields(Options)})  # the defaults are Options'
     p.epilog = ("Any other flag is a method option of generate.py (--budget, --page-size, --window, --coverage, ...), "

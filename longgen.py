@@ -17,10 +17,14 @@ like with like):
     first divergence the first t where the method's own greedy generation leaves y (N if never)
 and the attention output error of layer l at position i, computed s steps after i was new:
     e_l(i, s) = ||o_l(i, s) - o_dense_l(i)|| / ||o_dense_l(i)||
+(for the positions i a decode step computed: the prompt's rows, prefilled, are not scored).
 RetroAttention feeds w rows per step, the new token (s = 0) and the w - 1 before it, revised with
 the pages the new query chose (retro.py): if revision helps, e(s) falls with s. Intervals are
 95% percentile bootstrap over prompts; Retro minus Quest is paired by prompt (ruler.py).
 
+Prompts of one length run together, up to `batch` rows at a time (as ruler.answer): each row
+attends only to its own cache, so it measures what it would alone. Each step's rows are scored as
+the step is taken (sums of e by layer, row and s), so the memory does not grow with the steps.
 On a GPU the decode steps replay a CUDA graph (cudagraph.py): the recorder copies each layer's
 output into one buffer, a copy the graph records and replays, since a replay runs no Python hook.
 """
@@ -38,7 +42,7 @@ from generate import generate
 # Teacher forcing through a method's decode loop
 
 def decode_step(model, attn, window, device, cuda_graph=False):
-    """-> step(tokens (1, m), pos (m,)) -> the last row's next-token logits (1, V) fp32, a tensor of
+    """-> step(tokens (B, m), pos (m,)) -> the last row's next-token logits (B, V) fp32, a tensor of
     its own. cuda_graph: a step of `window` rows replays one captured graph (a shorter one, at the
     start of a prompt shorter than the window, runs eagerly, as in generate.generate)."""
     graph = cudagraph.GraphDecodeStep(model, attn, device) if cuda_graph else None
@@ -52,30 +56,29 @@ def decode_step(model, attn, window, device, cuda_graph=False):
 
 @torch.no_grad()
 def teacher_forced_logits(model, attn, prompt, forced, start_pos=0, window=1, cuda_graph=False, on_step=None):
-    """Prefill `prompt` (1, T) at positions start_pos.. through the method, then feed `forced` (1, N)
-    one decode step at a time (the last `window` rows per step, as generate does): -> (N, V) fp32,
-    row i the logits that predict forced[0, i] from everything before it. on_step(): called after
-    the prefill and after each step (AttentionOutputs.take)."""
-    logits = [model(prompt, torch.arange(start_pos, start_pos + prompt.shape[1]), attn, last_only=True)[0, -1]]
-    if on_step:
-        on_step()
+    """Prefill `prompt` (B, T) at positions start_pos.. through the method, then feed `forced` (B, N)
+    one decode step at a time (the last `window` rows per step, as generate does): -> (B, N, V) fp32,
+    [b, i] the logits that predict forced[b, i] from everything before it in row b. on_step(pos):
+    called after each decode step with the positions (m,) of the rows it fed (AttentionErrors.take)."""
+    logits = [model(prompt, torch.arange(start_pos, start_pos + prompt.shape[1]), attn, last_only=True)[:, -1]]
     step = decode_step(model, attn, window, prompt.device, cuda_graph)
     tokens = prompt
     for i in range(forced.shape[1] - 1):
         tokens = torch.cat([tokens, forced[:, i:i + 1]], dim=1)
         n = start_pos + tokens.shape[1]
         w = min(window, tokens.shape[1])
-        logits.append(step(tokens[:, -w:], torch.arange(n - w, n, device=prompt.device))[0])
+        pos = torch.arange(n - w, n, device=prompt.device)
+        logits.append(step(tokens[:, -w:], pos))
         if on_step:
-            on_step()
-    return torch.stack(logits).float()
+            on_step(pos)
+    return torch.stack(logits, dim=1).float()
 
 
 def teacher_forced_agreement(model, attn, prompt, forced, start_pos=0, window=1, cuda_graph=False):
-    """Feed `forced` (the dense model's greedy continuation) through the method's decode loop and
-    count where the method's own greedy choice agrees: -> top-1 match rate over the steps."""
+    """Feed `forced` (B, N) (the dense model's greedy continuation) through the method's decode loop
+    and count where the method's own greedy choice agrees: -> top-1 match rate over rows and steps."""
     logits = teacher_forced_logits(model, attn, prompt, forced, start_pos, window, cuda_graph)
-    return (logits.argmax(-1) == forced[0]).float().mean().item()
+    return (logits.argmax(-1) == forced).float().mean().item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,28 +86,25 @@ def teacher_forced_agreement(model, attn, prompt, forced, start_pos=0, window=1,
 
 class AttentionOutputs:
     """Records what every layer's attention hands to its output projection, through a forward
-    pre-hook on o_proj (model.py is not changed): `with AttentionOutputs(model) as rec:`, then
-    rec.take() after each model call; rec.steps[i] is call i's (layers, m, Hq * D) fp32 (batch 1).
-    The hook copies into one buffer instead of keeping the tensor: a replayed CUDA graph runs no
-    Python, but it replays the copy it recorded."""
+    pre-hook on o_proj (model.py is not changed): `with AttentionOutputs(model) as rec:`; after
+    each model call rec.buffer holds its rows, (layers, B, m, Hq * D) in the model's dtype, until
+    the next call overwrites them. The hook copies into one buffer instead of keeping the tensor:
+    a replayed CUDA graph runs no Python, but it replays the copy it recorded."""
 
     def __init__(self, model):
-        self.model, self.steps, self.buffer = model, [], None
+        self.model, self.buffer = model, None
 
     def __enter__(self):
         def hook(i):
             def copy(module, args):
-                x = args[0].detach()[0]  # (m, Hq * D)
+                x = args[0].detach()  # (B, m, Hq * D)
                 if i == 0 and (self.buffer is None or self.buffer.shape[1:] != x.shape):
-                    self.buffer = x.new_empty((len(self.model.layers), *x.shape))  # a call of another length
+                    self.buffer = x.new_empty((len(self.model.layers), *x.shape))  # a call of another shape
                 self.buffer[i].copy_(x)
             return copy
         self.handles = [layer.self_attn.o_proj.register_forward_pre_hook(hook(i))
                         for i, layer in enumerate(self.model.layers)]
         return self
-
-    def take(self):
-        self.steps.append(self.buffer.to(torch.float32, copy=True))
 
     def __exit__(self, *exc):
         for h in self.handles:
@@ -113,81 +113,108 @@ class AttentionOutputs:
 
 @torch.no_grad()
 def dense_attention_outputs(model, seq):
-    """Each layer's attention output rows of one plain causal forward of seq (1, T): (layers, T, Hq * D)."""
+    """Each layer's attention output rows of one plain causal forward of seq (B, T): (layers, B, T,
+    Hq * D) in the model's dtype (the scoring widens them to fp32)."""
     with AttentionOutputs(model) as rec:
-        model(seq)
-        rec.take()
-    return rec.steps[0]
+        model(seq, last_only=True)  # (the logits of every position would be (B, T, V) fp32, unused)
+    return rec.buffer
 
 
-def attention_errors(steps, reference, prompt_len, window):
+class AttentionErrors:
     """Relative L2 error of each layer's attention output against dense's at the same position,
-    ||o - o_dense|| / ||o_dense||, by steps back. steps: AttentionOutputs.steps of a teacher-forced
-    decode; steps[0] is the prefill (not scored), step i >= 1 fed the m rows ending at position
-    prompt_len + i - 1: the new token, s = 0, and the m - 1 before it, revised s = 1 .. m - 1 steps
-    after their first computation. reference: (layers, P + N, Hq * D) dense's outputs.
-    -> (layers, window) mean errors (NaN where no row was that many steps back)."""
-    L = reference.shape[0]
-    err, cnt = torch.zeros(L, window, dtype=torch.float64), torch.zeros(window, dtype=torch.float64)
-    decode = steps[1:]
-    for m in sorted({s.shape[1] for s in decode}):  # one batch per row count (all = window but the first few)
-        idx = [i for i, s in enumerate(decode) if s.shape[1] == m]
-        rows = torch.stack([decode[i] for i in idx], dim=1)                        # (L, S, m, Hq * D)
-        pos = prompt_len + torch.tensor(idx)[:, None] - torch.arange(m - 1, -1, -1)  # (S, m); row j: s = m-1-j
-        ref = reference[:, pos.to(reference.device)]
-        e = (rows - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)        # (L, S, m)
-        err[:, :m] += e.sum(1).flip(-1).double().cpu()                             # column s: s steps back
-        cnt[:m] += len(idx)
-    with np.errstate(invalid="ignore"):
-        return (err / cnt).numpy()
+    ||o - o_dense|| / ||o_dense||, by steps back, summed as a teacher-forced decode takes its steps
+    (on_step=errors.take): only the sums are kept. A step fed the m rows ending at the new token's
+    position: the new token, s = 0, and the m - 1 before it, revised s = 1 .. m - 1 steps after their
+    first computation. The prefill's rows are not scored (take is not called for them).
+    rec: the AttentionOutputs recording the decode; reference: (layers, B, T, Hq * D) dense's
+    outputs of each row's prompt + continuation."""
+
+    def __init__(self, rec, reference, window):
+        L, B = reference.shape[:2]
+        self.rec, self.reference = rec, reference
+        self.sums = torch.zeros(L, B, window, dtype=torch.float64, device=reference.device)
+        self.counts = torch.zeros(window, dtype=torch.float64)  # the same for every row: rows step together
+
+    def take(self, pos):
+        """Score the step just taken, whose rows sit at positions pos (m,)."""
+        rows = self.rec.buffer.float()                                        # (L, B, m, Hq * D)
+        ref = self.reference[:, :, pos].float()
+        e = (rows - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)   # (L, B, m); row j: s = m-1-j
+        m = e.shape[-1]
+        self.sums[..., :m] += e.flip(-1).double()                             # column s: s steps back
+        self.counts[:m] += 1
+
+    def means(self):
+        """-> per row, (layers, window) mean errors (NaN where no row was that many steps back)."""
+        with np.errstate(invalid="ignore"):
+            return list((self.sums.cpu() / self.counts).transpose(0, 1).numpy())
 
 
 # ----------------------------------------------------------------------------------------------
-# One run over the prompts
+# One run over the prompts, up to `batch` rows at a time
+
+def groups(prompts, batch):
+    """Consecutive prompts of one length, up to `batch` at a time: -> lists of indices, in order.
+    The rows of one batch share their positions, so they must have one length."""
+    out = []
+    for i, p in enumerate(prompts):
+        if out and len(out[-1]) < batch and prompts[out[-1][0]].shape[1] == p.shape[1]:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
 
 @torch.no_grad()
-def dense_reference(model, prompts, n_new, start, n_vocab, cuda_graph=False):
+def dense_reference(model, prompts, n_new, start, n_vocab, cuda_graph=False, batch=1):
     """Dense's greedy continuation of each prompt (1, P), its teacher-forced logits along it, and its
-    attention outputs (one plain forward of prompt + continuation): -> (tokens, logits, outputs)."""
+    attention outputs (one plain forward of prompt + continuation), `batch` prompts at a time:
+    -> (tokens [(1, N)], logits [(N, V)], outputs [(layers, P + N, Hq * D)]), one entry per prompt."""
     tokens, logits, outputs = [], [], []
-    for p in prompts:
-        attn, s0, win = start(p, n_new)
-        toks, _ = generate(model, attn, p[:, s0:], n_new, window=win, start_pos=s0, n_vocab=n_vocab,
+    for idx in groups(prompts, batch):
+        x = torch.cat([prompts[i] for i in idx])
+        attn, s0, win = start(x, n_new)
+        toks, _ = generate(model, attn, x[:, s0:], n_new, window=win, start_pos=s0, n_vocab=n_vocab,
                            cuda_graph=cuda_graph)
-        attn, s0, win = start(p, n_new)
-        logits.append(teacher_forced_logits(model, attn, p[:, s0:], toks, s0, win, cuda_graph)[:, :n_vocab])
-        tokens.append(toks)
-        outputs.append(dense_attention_outputs(model, torch.cat([p, toks], dim=1)))
+        attn, s0, win = start(x, n_new)
+        logits += teacher_forced_logits(model, attn, x[:, s0:], toks, s0, win, cuda_graph)[..., :n_vocab].unbind()
+        tokens += toks.split(1)
+        outputs += dense_attention_outputs(model, torch.cat([x, toks], dim=1)).unbind(1)
     return tokens, logits, outputs
 
 
 @torch.no_grad()
-def measure(model, prompts, reference, start, n_vocab, cuda_graph=False):
-    """One run over every prompt against reference = dense_reference(...): -> per prompt, the
-    teacher-forced top-1 agreement and mean KL(dense || method) along dense's continuation (each
-    step's match / KL kept for the position curve), the first step where the run's own greedy
-    generation leaves dense's, and each layer's attention output error by steps back."""
+def measure(model, prompts, reference, start, n_vocab, cuda_graph=False, batch=1):
+    """One run over every prompt against reference = dense_reference(...), `batch` prompts at a
+    time: -> per prompt, the teacher-forced top-1 agreement and mean KL(dense || method) along
+    dense's continuation (each step's match / KL kept for the position curve), the first step where
+    the run's own greedy generation leaves dense's, and each layer's attention output error by
+    steps back."""
     out = {"top1": [], "kl": [], "first_divergence": [], "match_steps": [], "kl_steps": [], "attn_error": []}
-    for prompt, toks, dl, ref in zip(prompts, *reference):
+    ref_tokens, ref_logits, ref_outputs = reference
+    for idx in groups(prompts, batch):
+        x, toks = torch.cat([prompts[i] for i in idx]), torch.cat([ref_tokens[i] for i in idx])
         n = toks.shape[1]
-        attn, s0, win = start(prompt, n)
+        attn, s0, win = start(x, n)
         with AttentionOutputs(model) as rec:
-            logits = teacher_forced_logits(model, attn, prompt[:, s0:], toks, s0, win, cuda_graph,
-                                           on_step=rec.take)[:, :n_vocab]
-        out["attn_error"].append(attention_errors(rec.steps, ref, prompt.shape[1], win))
-        del rec
-        log_p, log_q = F.log_softmax(dl.double(), -1), F.log_softmax(logits.double(), -1)
-        match = (logits.argmax(-1) == dl.argmax(-1)).double()
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        attn, s0, win = start(prompt, n)
-        new, _ = generate(model, attn, prompt[:, s0:], n, window=win, start_pos=s0, n_vocab=n_vocab,
-                          cuda_graph=cuda_graph)
-        diff = (new[0] != toks[0]).nonzero()
-        out["top1"].append(match.mean().item())
-        out["kl"].append(kl.mean().item())
-        out["first_divergence"].append(int(diff[0]) if len(diff) else n)
-        out["match_steps"].append(match.tolist())
-        out["kl_steps"].append(kl.tolist())
+            errors = AttentionErrors(rec, torch.stack([ref_outputs[i] for i in idx], dim=1), win)
+            logits = teacher_forced_logits(model, attn, x[:, s0:], toks, s0, win, cuda_graph,
+                                           on_step=errors.take)[..., :n_vocab]
+        out["attn_error"] += errors.means()
+        del rec, errors
+        attn, s0, win = start(x, n)
+        new, _ = generate(model, attn, x[:, s0:], n, window=win, start_pos=s0, n_vocab=n_vocab, cuda_graph=cuda_graph)
+        for row, i in enumerate(idx):  # one row at a time: its (N, V) in float64 is the big piece
+            dl = ref_logits[i]
+            log_p, log_q = F.log_softmax(dl.double(), -1), F.log_softmax(logits[row].double(), -1)
+            match = (logits[row].argmax(-1) == dl.argmax(-1)).double()
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+            diff = (new[row] != toks[row]).nonzero()
+            out["top1"].append(match.mean().item())
+            out["kl"].append(kl.mean().item())
+            out["first_divergence"].append(int(diff[0]) if len(diff) else n)
+            out["match_steps"].append(match.tolist())
+            out["kl_steps"].append(kl.tolist())
     return out
 
 

