@@ -127,34 +127,40 @@ def spd_solve(A, b):
 
 
 def _active_set_polish(H, c, w, rounds):
-    t = H.shape[-1]
-    H64, c64, w64 = H.double(), c.double(), w.double()
+    shape, t = w.shape, w.shape[-1]
+    H64, c64, w64 = H.reshape(-1, t, t).double(), c.reshape(-1, t).double(), w.reshape(-1, t).double()
     eye = torch.eye(t, dtype=torch.float64, device=H.device)
     jitter = 1e-12 * H64.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
     tol = 1e-10 * (H64.abs().amax((-1, -2)) * w64.abs().amax(-1) + c64.abs().amax(-1)).unsqueeze(-1)
     P = w64 > 0  # the support (Lawson-Hanson's passive set)
+    # the problems not yet at a KKT point: most get there in a few rounds, a few take many, and a
+    # round costs a Cholesky per problem, so each round works on the rest alone (a problem at its
+    # KKT point would only solve the same support again and keep its w)
+    todo = torch.arange(w64.shape[0], device=H.device)
     for _ in range(rounds):
+        Hs, cs, ws, Ps, jit = H64[todo], c64[todo], w64[todo], P[todo], jitter[todo]
         # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
-        Hp = torch.where(P.unsqueeze(-1) & P.unsqueeze(-2), H64, eye) + jitter * eye
+        Hp = torch.where(Ps.unsqueeze(-1) & Ps.unsqueeze(-2), Hs, eye) + jit * eye
         # Cholesky (see spd_solve for why not LU); a support block singular even with the jitter keeps
         # its w, the projected-gradient answer, instead of failing the batch
         chol, info = torch.linalg.cholesky_ex(Hp)
         chol = torch.where((info != 0)[..., None, None], eye, chol)
-        sol = torch.cholesky_solve(torch.where(P, c64, 0.0).unsqueeze(-1), chol)
+        sol = torch.cholesky_solve(torch.where(Ps, cs, 0.0).unsqueeze(-1), chol)
         solved = (info == 0).unsqueeze(-1)
-        sol = torch.where(P & solved, sol.squeeze(-1), 0.0)
-        feasible = (sol > 0).eq(P).all(-1, keepdim=True) & solved
+        sol = torch.where(Ps & solved, sol.squeeze(-1), 0.0)
+        feasible = (sol > 0).eq(Ps).all(-1, keepdim=True) & solved
         # largest step in [0, 1] from w towards sol that keeps w >= 0 (1 when feasible)
-        shrink = torch.where(P & (sol <= 0), w64 / (w64 - sol).clamp_min(1e-300), torch.ones_like(w64))
+        shrink = torch.where(Ps & (sol <= 0), ws / (ws - sol).clamp_min(1e-300), torch.ones_like(ws))
         alpha = shrink.amin(-1, keepdim=True).clamp(0, 1)
-        cand = (w64 + alpha * (sol - w64)).clamp_min(0)
+        cand = (ws + alpha * (sol - ws)).clamp_min(0)
         cand = torch.where(cand <= 1e-12 * cand.amax(-1, keepdim=True), 0.0, cand)
-        ok = (_objective(H64, c64, cand) <= _objective(H64, c64, w64)).unsqueeze(-1) \
+        ok = (_objective(Hs, cs, cand) <= _objective(Hs, cs, ws)).unsqueeze(-1) \
             & torch.isfinite(cand).all(-1, keepdim=True) & solved
-        w64 = torch.where(ok, cand, w64)
-        g = _matvec(H64, w64) - c64
-        new_P = torch.where(ok & feasible, (w64 > 0) | (g < -tol), w64 > 0)
-        if torch.equal(new_P, P) and bool((ok & feasible).all()):
-            break  # every problem of the batch is at a KKT point (up to tol)
-        P = new_P
-    return w64.float()
+        ws = torch.where(ok, cand, ws)
+        g = _matvec(Hs, ws) - cs
+        new_P = torch.where(ok & feasible, (ws > 0) | (g < -tol[todo]), ws > 0)
+        w64[todo], P[todo] = ws, new_P
+        todo = todo[~((new_P == Ps).all(-1) & (ok & feasible).squeeze(-1))]  # those at a KKT point (up to tol) leave
+        if todo.numel() == 0:
+            break
+    return w64.float().view(shape)

@@ -37,6 +37,25 @@ def test_nnls_nonnegative_and_kkt(M, t, kind, positive_z, seed):
 
 
 @settings(max_examples=10)
+@given(n=st.integers(2, 6), t=st.integers(1, 12), extra=st.integers(2, 20), seed=st.integers(0, 10**6))
+def test_a_batch_of_problems_solves_each_as_alone(n, t, extra, seed):
+    """The polish rounds go on for the problems not yet at a KKT point only: every problem of a batch
+    (each needing its own number of rounds) still ends at its KKT point, the one it reaches alone.
+    More queries than keys (full column rank: one solution), and only a few gradient steps, so that
+    the polish rounds do the work."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.exp(2 * torch.randn(n, t + extra, t, generator=g))
+    z = torch.randn(n, t + extra, generator=g).abs() * 3
+    together = nnls(A, z, iters=3)
+    for i in range(n):
+        torch.testing.assert_close(together[i], nnls(A[i], z[i], iters=3), rtol=1e-4, atol=1e-6)
+        A64, z64, w = A[i].double(), z[i].double(), together[i].double()
+        grad = A64.T @ (A64 @ w - z64)
+        eps = 1e-5 * float((A64.abs().T @ (A64.abs() @ w + z64.abs())).max())
+        assert (grad[w > 0].abs() <= eps).all() and (grad[w == 0] >= -eps).all(), grad
+
+
+@settings(max_examples=10)
 @given(M=st.integers(4, 30), t=st.integers(1, 10), seed=st.integers(0, 10**6))
 def test_boxed_nnls_stays_in_the_box_and_beats_the_clamped_exact_solution(M, t, seed):
     g = torch.Generator().manual_seed(seed)
