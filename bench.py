@@ -15,7 +15,9 @@ Sections:
               one pass), and a compacted cache (ratio 10 / 50: biased paged decode over N / ratio keys).
               Three copies of every input are used in turn, so no call reads the last one's bytes from L2.
   prefill     Token Sparse prefill vs SDPA causal and our flash prefill at 32K/128K
-  compaction  compacting a 32K context of a Llama-3-8B-shaped layer stack, ratios 10 and 50
+  compaction  compacting a 32K context of a Llama-3-8B-shaped layer stack, ratios 10 and 50, and the
+              NNLS solve's share (--compaction-shape smollm2-135m --compaction-contexts 4096
+              --compaction-batch 16 --compaction-ratios 8 4: a RULER cell's batch on SmolLM2)
   e2e         a decode loop on a Llama-3.1-8B-shaped model with random weights (bf16; --e2e-contexts prompt
               lengths): tok/s eager and from a CUDA graph, and where a graph step's time goes (matrix
               products / attention / page selection / other) against its bytes-per-token bound
@@ -44,11 +46,13 @@ import kernels  # noqa: E402
 import tp  # noqa: E402
 import token_sparse as ts  # noqa: E402
 from attention import DenseAttention  # noqa: E402
+import compaction  # noqa: E402
 from compaction import compact_cache  # noqa: E402
 from generate import generate  # noqa: E402
 from kernels import select_pages  # noqa: E402
 from kvcache import KVCache, QuestAttention, quest_pages  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from nnls import nnls_gram  # noqa: E402
 from retro import RetroAttention, retro_decode, window_merge  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128  # Llama-3-8B attention
@@ -217,6 +221,12 @@ def _layer_tensors(B, Hq, Hkv, T, M, D, dtype, device, seed):
     return k.to(dtype) * 0.5, v.to(dtype), q.to(dtype) * 0.5
 
 
+COMPACTION_SHAPES = {  # layers, query heads, KV heads, head dim of the compacted layer stack
+    "llama3-8b": dict(n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128),
+    "smollm2-135m": dict(n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64),
+}
+
+
 def bench_compaction(ctx_len=32768, ref_queries=4096, ratios=(10, 50), n_layers=32, n_heads=32, n_kv_heads=8,
                      head_dim=128, dtype=torch.bfloat16, device="cuda", batch=1, seed=0, **compact_kwargs):
     """Compaction of every layer's cache (key selection, NNLS biases, value fit) from K, V and
@@ -238,6 +248,16 @@ def bench_compaction(ctx_len=32768, ref_queries=4096, ratios=(10, 50), n_layers=
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         seconds, out_err, mass_err = 0.0, 0.0, 0.0
+        nnls_seconds = [0.0]
+
+        def timed_nnls(*args, **kw):  # the NNLS solve's share (compaction.compact_cache calls it once)
+            sync()
+            t = time.perf_counter()
+            out = nnls_gram(*args, **kw)
+            sync()
+            nnls_seconds[0] += time.perf_counter() - t
+            return out
+        compaction.nnls_gram = timed_nnls
         for layer in range(n_layers):
             k, v, q = _layer_tensors(batch, n_heads, n_kv_heads, ctx_len, ref_queries, head_dim, dtype, dev,
                                      seed + layer)
@@ -249,10 +269,12 @@ def bench_compaction(ctx_len=32768, ref_queries=4096, ratios=(10, 50), n_layers=
             out_err += float(c.out_err.mean()) / n_layers
             mass_err += float(c.mass_err.mean()) / n_layers
             del k, v, q, c
+        compaction.nnls_gram = nnls_gram
         elem = torch.empty((), dtype=dtype).element_size()
         kv_before = 2 * n_layers * batch * n_kv_heads * ctx_len * head_dim * elem
         kv_after = n_layers * batch * n_kv_heads * budget * (2 * head_dim * elem + 4)  # + fp32 bias
-        rows.append({"ratio": ratio, "keys_per_head": budget, "seconds": seconds, "s_per_layer": seconds / n_layers,
+        rows.append({"ctx_len": ctx_len, "batch": batch, "ratio": ratio, "keys_per_head": budget, "seconds": seconds,
+                     "s_per_layer": seconds / n_layers, "nnls_s_per_layer": nnls_seconds[0] / n_layers,
                      "peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20 if dev.type == "cuda" else None,
                      "kv_mib_before": kv_before / 2**20, "kv_mib_after": kv_after / 2**20,
                      "out_err": out_err, "mass_err": mass_err})
@@ -378,10 +400,18 @@ def main():
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--e2e-contexts", type=int, nargs="+", default=[32768], help="prompt lengths of the e2e section")
     p.add_argument("--e2e-new-tokens", type=int, default=256, help="tokens decoded per e2e run")
+    p.add_argument("--compaction-shape", choices=sorted(COMPACTION_SHAPES), default="llama3-8b",
+                   help="the layer stack of the compaction section (default llama3-8b)")
+    p.add_argument("--compaction-contexts", type=int, nargs="+", default=[32768],
+                   help="context lengths of the compaction section (keys per KV head before compaction)")
+    p.add_argument("--compaction-batch", type=int, default=1, help="sequences compacted together")
+    p.add_argument("--compaction-ratios", type=float, nargs="+", default=[10, 50])
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     a = p.parse_args()
     if a.e2e_new_tokens < 1 or min(a.e2e_contexts) < 1:
         raise SystemExit("bench.py: --e2e-contexts and --e2e-new-tokens must be >= 1")
+    if min(a.compaction_contexts) < 1 or a.compaction_batch < 1 or min(a.compaction_ratios) < 1:
+        raise SystemExit("bench.py: --compaction-contexts and --compaction-batch must be >= 1, --compaction-ratios >= 1")
     if not torch.cuda.is_available():
         raise SystemExit("bench.py measures GPU kernels: no CUDA GPU is available")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: e2e with the heads split (tp.py)
@@ -405,10 +435,13 @@ def main():
                     lambda: bench_prefill(a.prefill_lengths),
                     ["L", "mode", "kept", "sdpa_ms", "flash_prefill_ms", "select_ms", "attend_ms", "total_ms",
                      "speedup_vs_sdpa"]),
-        "compaction": ("KV compaction time (32 layers x (Hq 32, Hkv 8, D 128), 32K context, 4K reference queries, bf16)",
-                       bench_compaction,
-                       ["ratio", "keys_per_head", "seconds", "s_per_layer", "peak_extra_mib", "kv_mib_before",
-                        "kv_mib_after", "out_err", "mass_err"]),
+        "compaction": (f"KV compaction time ({a.compaction_shape}: {COMPACTION_SHAPES[a.compaction_shape]}; reference "
+                       f"queries = min(context, 4096) per query head, bf16; random K, V, Q)",
+                       lambda: [r for n in a.compaction_contexts for r in bench_compaction(
+                           n, min(n, 4096), a.compaction_ratios, batch=a.compaction_batch,
+                           **COMPACTION_SHAPES[a.compaction_shape])],
+                       ["ctx_len", "batch", "ratio", "keys_per_head", "seconds", "s_per_layer", "nnls_s_per_layer",
+                        "peak_extra_mib", "kv_mib_before", "kv_mib_after", "out_err", "mass_err"]),
         "e2e": (f"End-to-end decode, Llama-3.1-8B-shaped random model (bf16, {a.e2e_new_tokens} new tokens, batch 1)",
                 lambda: [dict(prompt_len=n, new_tokens=a.e2e_new_tokens, **r) for n in a.e2e_contexts
                          for r in bench_e2e(prompt_len=n, new_tokens=a.e2e_new_tokens, copy_bw=bw)],
