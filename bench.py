@@ -258,18 +258,20 @@ def bench_compaction(ctx_len=32768, ref_queries=4096, ratios=(10, 50), n_layers=
             nnls_seconds[0] += time.perf_counter() - t
             return out
         compaction.nnls_gram = timed_nnls
-        for layer in range(n_layers):
-            k, v, q = _layer_tensors(batch, n_heads, n_kv_heads, ctx_len, ref_queries, head_dim, dtype, dev,
-                                     seed + layer)
-            sync()
-            t0 = time.perf_counter()
-            c = compact_cache(k, v, q, budget, **compact_kwargs)
-            sync()
-            seconds += time.perf_counter() - t0
-            out_err += float(c.out_err.mean()) / n_layers
-            mass_err += float(c.mass_err.mean()) / n_layers
-            del k, v, q, c
-        compaction.nnls_gram = nnls_gram
+        try:
+            for layer in range(n_layers):
+                k, v, q = _layer_tensors(batch, n_heads, n_kv_heads, ctx_len, ref_queries, head_dim, dtype, dev,
+                                         seed + layer)
+                sync()
+                t0 = time.perf_counter()
+                c = compact_cache(k, v, q, budget, **compact_kwargs)
+                sync()
+                seconds += time.perf_counter() - t0
+                out_err += float(c.out_err.mean()) / n_layers
+                mass_err += float(c.mass_err.mean()) / n_layers
+                del k, v, q, c
+        finally:
+            compaction.nnls_gram = nnls_gram
         elem = torch.empty((), dtype=dtype).element_size()
         kv_before = 2 * n_layers * batch * n_kv_heads * ctx_len * head_dim * elem
         kv_after = n_layers * batch * n_kv_heads * budget * (2 * head_dim * elem + 4)  # + fp32 bias
