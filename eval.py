@@ -761,28 +761,28 @@ def passkey_accuracy(model, tokenizer, suite, start, n_new=8, cuda_graph=False, 
     (passkey_prompt fills it), so they run together, up to `batch` rows at a time, as in
     ruler.answer: each row attends only to its own cache."""
     device = next(model.parameters()).device
-    out, groups = {}, {}
+    suite = list(suite)
+    out = {}
     for c, pk in suite:
         out.setdefault(c, {}).setdefault(pk.depth, {"correct": 0, "n": 0, "skipped": 0, "examples": []})
-        groups.setdefault((len(pk.ids), pk.question_len), []).append((c, pk))
-    for (_, question_len), items in groups.items():
-        for part in (items[lo:lo + batch] for lo in range(0, len(items), batch)):
-            x = torch.from_numpy(np.stack([pk.ids for _, pk in part])).to(device)
-            try:
-                attn, s0, win = start(x, n_new, question_len)
-            except ValueError as e:
-                for c, pk in part:
-                    out[c][pk.depth]["skipped"] += 1
-                    out[c][pk.depth]["skipped_reason"] = str(e)
-                continue
-            new, _ = generate(model, attn, x[:, s0:], n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words,
-                              cuda_graph=cuda_graph)
-            for row, (c, pk) in zip(new.tolist(), part):
-                r, text = out[c][pk.depth], tokenizer.decode(row)
-                r["correct"] += passkey_found(text, pk.key)
-                r["n"] += 1
-                if len(r["examples"]) < 2:
-                    r["examples"].append({"key": pk.key, "decoded": text})
+    for idx in ruler.batches([(len(pk.ids), pk.question_len) for _, pk in suite], batch):
+        part = [suite[i] for i in idx]
+        x = torch.from_numpy(np.stack([pk.ids for _, pk in part])).to(device)
+        try:
+            attn, s0, win = start(x, n_new, part[0][1].question_len)
+        except ValueError as e:
+            for c, pk in part:
+                out[c][pk.depth]["skipped"] += 1
+                out[c][pk.depth]["skipped_reason"] = str(e)
+            continue
+        new, _ = generate(model, attn, x[:, s0:], n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words,
+                          cuda_graph=cuda_graph)
+        for row, (c, pk) in zip(new.tolist(), part):
+            r, text = out[c][pk.depth], tokenizer.decode(row)
+            r["correct"] += passkey_found(text, pk.key)
+            r["n"] += 1
+            if len(r["examples"]) < 2:
+                r["examples"].append({"key": pk.key, "decoded": text})
     return out
 
 

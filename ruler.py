@@ -414,25 +414,30 @@ def answer(model, tokenizer, samples, start, cuda_graph=False, batch=1):
     decodes what it would alone; its answer is cut at its own n_new."""
     device = next(model.parameters()).device
     out = [None] * len(samples)
-    groups = {}
-    for i, s in enumerate(samples):
-        groups.setdefault((len(s.ids), s.question_len), []).append(i)
-    for (_, question_len), idx in groups.items():
-        for part in (idx[lo:lo + batch] for lo in range(0, len(idx), batch)):
-            x = torch.from_numpy(np.stack([samples[i].ids for i in part])).to(device)
-            n_new = max(samples[i].n_new for i in part)
-            try:
-                attn, s0, win = start(x, n_new, question_len)
-            except ValueError as e:
-                for i in part:
-                    out[i] = (None, str(e))
-                continue
-            new, _ = generate(model, attn, x[:, s0:], n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words,
-                              cuda_graph=cuda_graph)
-            for row, i in zip(new.tolist(), part):
-                text = tokenizer.decode(row[:samples[i].n_new])
-                out[i] = (score(text, samples[i].answers), text)
+    for part in batches([(len(s.ids), s.question_len) for s in samples], batch):
+        x = torch.from_numpy(np.stack([samples[i].ids for i in part])).to(device)
+        n_new = max(samples[i].n_new for i in part)
+        try:
+            attn, s0, win = start(x, n_new, samples[part[0]].question_len)
+        except ValueError as e:
+            for i in part:
+                out[i] = (None, str(e))
+            continue
+        new, _ = generate(model, attn, x[:, s0:], n_new, window=win, start_pos=s0, n_vocab=tokenizer.n_words,
+                          cuda_graph=cuda_graph)
+        for row, i in zip(new.tolist(), part):
+            text = tokenizer.decode(row[:samples[i].n_new])
+            out[i] = (score(text, samples[i].answers), text)
     return out
+
+
+def batches(keys, batch):
+    """Indices of items that may run as one batch: those of one key (prompt length, question length)
+    together, `batch` at a time -> lists of indices, the keys in order of first appearance."""
+    groups = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return [idx[lo:lo + batch] for idx in groups.values() for lo in range(0, len(idx), batch)]
 
 
 def cell(task, context, run, samples, scored):
