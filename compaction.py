@@ -30,6 +30,7 @@ in one pass (the paged decode kernel's per-key bias). The compact keys keep thei
 a context of L tokens get positions L, L+1, ... as if the context were still there.
 """
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 import kernels
 from attention import attention, masked_attention, merge_attention, paged_decode
 from kvcache import KVCache
-from nnls import nnls, nnls_gram, spd_solve
+from nnls import gram, nnls, nnls_gram, spd_solve, tf32_matmuls
 from tokenizer import CHAT_TEMPLATES
 
 REPEAT_INSTRUCTION = "Repeat the previous context verbatim."  # the authors' request (github adamzweiger/compaction)
@@ -84,6 +85,29 @@ class CompactKV:
     mass_err: torch.Tensor  # (B, Hkv) mean_m |mass_compact / mass - 1| on the reference queries
 
 
+def _scores(q, kT, scale, exact_tf32, add=None):
+    """add + scale * (q @ kT) in fp32 for q (B, Hkv, c, D), kT (B, Hkv, D, n); add broadcasts to
+    (B, Hkv, c, n) (default 0). One matrix product, the scale and the sum in its epilogue: no extra pass
+    over the (c, n) result. exact_tf32 (q and k were bf16 or fp16: at most 10 mantissa bits, which
+    TF32 keeps): on a GPU the product runs on the tensor cores, with the same inputs."""
+    B, Hkv, c, D = q.shape
+    n = kT.shape[-1]
+    add = q.new_zeros((), dtype=torch.float32) if add is None else add.expand(B, Hkv, *add.shape[2:]).flatten(0, 1)
+    with tf32_matmuls() if exact_tf32 else contextlib.nullcontext():
+        out = torch.baddbmm(add, q.float().flatten(0, 1), kT.flatten(0, 1), beta=1.0 if add.dim() else 0.0,
+                            alpha=scale)
+    return out.view(B, Hkv, c, n)
+
+
+def _softmax_lse(s):
+    """softmax, logsumexp and max of s over its last dim -> (p, lse, max), in three passes over s (torch's
+    logsumexp alone takes ~4: these passes over the scores are most of a compaction's memory traffic).
+    softmax's largest weight is exp(max - lse), so lse = max - log(largest weight)."""
+    p = torch.softmax(s, -1)
+    mx = s.amax(-1)
+    return p, mx - torch.log(p.amax(-1)), mx
+
+
 def _reference_pass(k, v, qr, scale, key_score, chunk):
     """Full attention of the reference queries, streamed over query chunks.
     k, v (B, Hkv, T, D); qr (B, Hkv, M, D) -> row max and lse of the scores (B, Hkv, M), target
@@ -91,24 +115,21 @@ def _reference_pass(k, v, qr, scale, key_score, chunk):
     B, Hkv, T, D = k.shape
     M = qr.shape[2]
     kf, vf = k.float(), v.float()
+    exact_tf32 = {k.dtype, qr.dtype} <= {torch.bfloat16, torch.float16}
     row_max = torch.empty(B, Hkv, M, device=k.device)
     lse = torch.empty_like(row_max)
     y = torch.empty(B, Hkv, M, D, device=k.device)
     importance = torch.zeros(B, Hkv, T, device=k.device)
     for s in range(0, M, chunk):
-        scores = qr[:, :, s:s + chunk].float() @ kf.transpose(-1, -2) * scale
-        mx = scores.amax(-1)
-        e = torch.exp(scores - mx.unsqueeze(-1))
-        den = e.sum(-1)
-        p = e / den.unsqueeze(-1)  # softmax weights (B, Hkv, c, T)
+        scores = _scores(qr[:, :, s:s + chunk], kf.transpose(-1, -2), scale, exact_tf32)
+        p, lse[:, :, s:s + chunk], row_max[:, :, s:s + chunk] = _softmax_lse(scores)  # p: (B, Hkv, c, T)
         y[:, :, s:s + chunk] = p @ vf
-        row_max[:, :, s:s + chunk], lse[:, :, s:s + chunk] = mx, mx + torch.log(den)
         if key_score == "max":
             importance = torch.maximum(importance, p.amax(2))
         elif key_score == "mean":
             importance += p.sum(2)
         else:  # rms (the root is monotone: the sum of squares ranks the same)
-            importance += (p * p).sum(2)
+            importance += torch.linalg.vector_norm(p, dim=2).square()
     return row_max, lse, y, importance
 
 
@@ -188,6 +209,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
 
     # 1. full attention of the reference queries: the targets, and each key's importance
     row_max, lse, y, importance = _reference_pass(k, v, qr, scale, key_score, chunk)
+    chunk = max(1, chunk_elems // (B * Hkv * t))  # the fits' products have t columns, not T
     # the NNLS residual of query m in units of exp(shift_m): lse (ours) counts every query's relative
     # mass error the same (z_m = 1); "max" (the row max) weights queries by their mass
     shift = lse if mass_shift == "lse" else row_max
@@ -203,6 +225,7 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
     ck = k.gather(2, gidx) * valid.unsqueeze(-1)
     v_sel = v.gather(2, gidx).float() * valid.unsqueeze(-1)
     ckf = ck.float().transpose(-1, -2)
+    exact_tf32 = {k.dtype, qr.dtype} <= {torch.bfloat16, torch.float16}
     pad = torch.zeros(B, Hkv, 1, t, device=k.device).masked_fill(~valid.unsqueeze(2), float("-inf"))
 
     # 3. biases: NNLS on the mass, w = exp(beta)
@@ -211,8 +234,8 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
         H = torch.zeros(B, Hkv, t, t, device=k.device)
         c = torch.zeros(B, Hkv, t, device=k.device)
         for s in range(0, M, chunk):
-            A = torch.exp(qr[:, :, s:s + chunk].float() @ ckf * scale - shift[:, :, s:s + chunk, None] + pad)
-            H += A.transpose(-1, -2) @ A
+            A = torch.exp(_scores(qr[:, :, s:s + chunk], ckf, scale, exact_tf32, -shift[:, :, s:s + chunk, None]) + pad)
+            gram(A, out=H)  # H += A^T A
             c += (A.transpose(-1, -2) @ z[:, :, s:s + chunk, None]).squeeze(-1)
         w = nnls_gram(H, c, iters=nnls_iters, box=w_box)
         beta = torch.log(w.clamp_min(w_floor))  # (a box keeps w >= its lower end > w_floor)
@@ -224,8 +247,8 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
         PtP = torch.zeros(B, Hkv, t, t, device=k.device)
         PtY = torch.zeros(B, Hkv, t, D, device=k.device)
         for s in range(0, M, chunk):
-            P = torch.softmax(qr[:, :, s:s + chunk].float() @ ckf * scale + beta.unsqueeze(2), dim=-1)
-            PtP += P.transpose(-1, -2) @ P
+            P = torch.softmax(_scores(qr[:, :, s:s + chunk], ckf, scale, exact_tf32, beta.unsqueeze(2)), dim=-1)
+            gram(P, out=PtP)  # PtP += P^T P
             PtY += P.transpose(-1, -2) @ y[:, :, s:s + chunk]
         lam = ridge * PtP.diagonal(dim1=-2, dim2=-1).sum(-1) / budget + 1e-12
         delta = spd_solve(PtP + lam[..., None, None] * torch.eye(t, device=k.device), PtY - PtP @ v_sel)
@@ -237,9 +260,9 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
     out_se = torch.zeros(B, Hkv, device=k.device)
     mass_err = torch.zeros(B, Hkv, device=k.device)
     for s in range(0, M, chunk):
-        logits = qr[:, :, s:s + chunk].float() @ ckf * scale + beta.unsqueeze(2)
-        lse_c = torch.logsumexp(logits, dim=-1)
-        out_se += ((torch.softmax(logits, dim=-1) @ cvf - y[:, :, s:s + chunk]) ** 2).sum((-1, -2))
+        logits = _scores(qr[:, :, s:s + chunk], ckf, scale, exact_tf32, beta.unsqueeze(2))
+        p, lse_c, _ = _softmax_lse(logits)
+        out_se += ((p @ cvf - y[:, :, s:s + chunk]) ** 2).sum((-1, -2))
         mass_err += (torch.exp(lse_c - lse[:, :, s:s + chunk]) - 1).abs().sum(-1)
     out_err = (out_se / (y * y).sum((-1, -2)).clamp_min(1e-30)).sqrt()
     return CompactKV(ck=ck, cv=cv, beta=beta, idx=idx, budget=budget, out_err=out_err, mass_err=mass_err / M)

@@ -116,10 +116,14 @@ def generate(model, attn, prompt, max_new_tokens, temperature=0.0, top_k=None, w
             logits = model(tokens[:, -w:], pos, attn, last_only=True, decode=True)[:, -1]
         nxt = sample(logits, temperature, top_k, generator, n_vocab)
         out.append(nxt)
+        if len(out) == 2:  # the first step alone (with cuda_graph: its eager run and the capture)
+            sync()
+            t_first = time.perf_counter() - t0
     sync()
     t_decode = time.perf_counter() - t0
     torch.set_num_threads(threads)
-    return torch.stack(out, dim=1), {"prefill_s": t_prefill, "decode_s": t_decode, "decode_steps": len(out) - 1}
+    return torch.stack(out, dim=1), {"prefill_s": t_prefill, "decode_s": t_decode, "decode_steps": len(out) - 1,
+                                     "first_step_s": t_first if len(out) > 1 else 0.0}
 
 
 # ----------------------------------------------------------------------------------------------

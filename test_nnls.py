@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from compaction import AUTHORS_W_BOX
 import nnls as solver
-from nnls import nnls, nnls_gram
+from nnls import gram, nnls, nnls_gram, tf32_matmuls
 
 
 @settings(max_examples=25)
@@ -71,14 +71,14 @@ def test_boxed_nnls_stays_in_the_box_and_beats_the_clamped_exact_solution(M, t, 
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("iters", [60, 75])
+@pytest.mark.parametrize("iters", [35, 50])
 @pytest.mark.parametrize("box", [None, AUTHORS_W_BOX])
 def test_fista_graph_replay_takes_the_eager_steps(iters, box, monkeypatch):
-    """On a GPU the FISTA steps replay a CUDA graph of FISTA_GRAPH_STEPS steps (2 replays + 10 eager steps,
-    or 3 replays): the same number of the same steps as eagerly, so the same weights. Few steps on an
+    """On a GPU the FISTA steps replay a CUDA graph of FISTA_GRAPH_STEPS steps (1 replay + 10 eager steps,
+    or 2 replays): the same number of the same steps as eagerly, so the same weights. Few steps on an
     ill-conditioned problem, far from converged: a step more or less shows."""
     g = torch.Generator().manual_seed(0)
-    A = torch.exp(2 * torch.randn(2, 3, 40, 16, generator=g)).cuda()
+    A = torch.exp(torch.randn(2, 3, 40, 16, generator=g)).cuda()  # (e^(2 x): the boxed fit converged)
     z = 3 * torch.randn(2, 3, 40, generator=g).abs().cuda()
     H, c = A.transpose(-1, -2) @ A, (A.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1)
     monkeypatch.setattr(solver, "FISTA_GRAPH_STEPS", 25)
@@ -88,3 +88,35 @@ def test_fista_graph_replay_takes_the_eager_steps(iters, box, monkeypatch):
     eager = nnls_gram(H, c, iters=iters, polish_rounds=0, box=box)
     torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-9)
     assert not torch.allclose(fewer, eager, rtol=1e-6, atol=1e-9)  # the comparison can tell one step
+
+
+@settings(max_examples=15, deadline=None)
+@given(M=st.integers(1, 300), t=st.integers(1, 40), spread=st.sampled_from([0.0, 1.0, 3.0]), seed=st.integers(0, 10**6))
+def test_gram_split_keeps_fp32_accuracy(M, t, spread, seed):
+    """gram's split A = hi + lo (hi exact in TF32) gives A^T A to fp32 accuracy against float64, where hi
+    alone (what TF32 products of A would see) is ~1e-3 off; on a CPU the split runs as fp32 products."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.exp(spread * torch.randn(2, M, t, generator=g, dtype=torch.float64))
+    exact = A.transpose(-1, -2) @ A
+    err = lambda G: float((G.double() - exact).norm() / exact.norm())  # noqa: E731
+    assert err(gram(A.float(), split=True)) <= 4 * err(gram(A.float(), split=False)) + 1e-6
+    assert err(gram(A.float(), split=True)) <= 2e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 products need a CUDA GPU")
+def test_gram_and_exact_tf32_on_a_gpu():
+    """On a GPU gram runs TF32 products and still matches float64 to fp32 accuracy; a TF32 product of
+    bf16 inputs (compaction's scores) equals the fp32 one up to the order of the sums."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.exp(2 * torch.randn(4, 700, 300, generator=g, dtype=torch.float64))
+    exact = A.transpose(-1, -2) @ A
+    err = lambda G: float((G.double().cpu() - exact).norm() / exact.norm())  # noqa: E731
+    A32 = A.float().cuda()
+    assert err(gram(A32)) <= 4 * err(A32.transpose(-1, -2) @ A32) + 1e-6  # (fp32 products, TF32 off by default)
+    with tf32_matmuls():  # a plain TF32 product is far worse: the test can tell
+        assert err(A32.transpose(-1, -2) @ A32) > 1e-5
+    q, k = (torch.randn(4, 512, 64, generator=g).bfloat16().cuda() for _ in range(2))
+    ieee = q.float() @ k.float().transpose(-1, -2)
+    with tf32_matmuls():
+        tf32 = q.float() @ k.float().transpose(-1, -2)
+    torch.testing.assert_close(tf32, ieee, rtol=1e-5, atol=1e-5)
