@@ -556,17 +556,13 @@ def page_scores(q, kmin, kmax, num_pages, seq_len=None, page_size=1):
 # positive scores of one magnitude; fewer when a T with exactly k keys >= T turns up first). Pages above
 # T are kept, then pages equal to T, lowest first, until k are kept; one running sum counts both, and
 # gives each kept page its slot, so the output comes out in ascending page order without a sort. The
-# slots past the kept pages get -1 from the same program. (Measured on an H200 at 8K pages: 23.5 us; cutting
-# the range at 3-15 keys per pass, counts packed in one reduction, took 27-45 us; tl.histogram, 65-150 us.)
+# slots past the kept pages get -1 from the same program. (Measured on an H200, 8 rows of 8K Quest scores: 12.4 us,
+# ~11 halvings; cutting the range at 3-15 keys per pass, counts packed in one reduction, took 27-45 us;
+# tl.histogram, 65-150 us; interpolating the count instead of halving, 14-16 us: as many passes, dearer ones.)
 
-@triton.jit(do_not_specialize=["num_pages", "k"])
-def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, k, n_slots, page_size,
-                         LEN_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    if LEN_ON_DEVICE:  # the pages of a device length (see device_length)
-        num_pages = tl.cdiv(tl.load(SEQ_LEN), page_size)
-    newest = num_pages - 1  # the page of the token being decoded
-    row = tl.program_id(0).to(tl.int64)
-    p = tl.arange(0, BLOCK_P)
+@triton.jit
+def _select_keys(SCORES, row, ss_row, ss_p, p, num_pages):
+    """The int32 keys of the scores of pages p: the newest page above all, padding below all."""
     ok = p < num_pages
     s = tl.load(SCORES + row * ss_row + p * ss_p, mask=ok, other=0.0)
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 and +0.0 are one score (their bits differ)
@@ -574,27 +570,63 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # int32 order == float order
     # NaN (exponent all ones, mantissa not 0; either sign) counts as +inf, as in kvcache.select_pages
     key = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7F800000, key)
-    key = tl.where(p == newest, 0x7FFFFFFF, key)  # the newest page ranks above every score
-    key = tl.where(ok, key, -2147483648)  # padding ranks last (and is never kept: see `ok` below)
+    key = tl.where(p == num_pages - 1, 0x7FFFFFFF, key)  # the newest page ranks above every score
+    return tl.where(ok, key, -2147483648)  # padding ranks last (and is never kept: see `ok` below)
+
+
+@triton.jit
+def _keep_pages(OUT, row, so_row, p, key, ok, lo, ties_kept, before):
+    """Store the pages of one segment kept for threshold lo at their slots; before: the packed counts
+    (above | ties << 16) of the segments before it. -> the packed counts with this segment."""
+    above = ok & (key > lo)
+    tie = ok & (key == lo)
+    c = before + tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), 0)  # above and ties so far, one scan
+    keep = above | (tie & ((c >> 16) <= ties_kept))  # the lowest pages among the ties
+    slot = (c & 0xFFFF) + tl.minimum(c >> 16, ties_kept) - 1
+    tl.store(OUT + row * so_row + slot, p, mask=keep)
+    return tl.max(c, 0)
+
+
+@triton.jit(do_not_specialize=["num_pages", "k"])
+def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, k, n_slots, page_size,
+                         LEN_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    if LEN_ON_DEVICE:  # the pages of a device length (see device_length)
+        num_pages = tl.cdiv(tl.load(SEQ_LEN), page_size)
+    newest = num_pages - 1  # the page of the token being decoded
+    row = tl.program_id(0).to(tl.int64)
+    # the row in two segments, [0, BLOCK_P) and a tail of BLOCK_T (0: none) after it, both powers of
+    # two: a row of 8K + 20 pages (a 128K cache with room for the new tokens) costs 8K + 32 lanes, not 16K
+    p = tl.arange(0, BLOCK_P)
+    key = _select_keys(SCORES, row, ss_row, ss_p, p, num_pages)
     k = tl.minimum(k, num_pages)
     # T lies in [lo, hi): count(key >= lo) >= k > count(key >= hi); k == 1 is the newest page alone
-    lo = tl.where(k == 1, 2147483647, tl.min(tl.where(ok, key, 2147483647), 0))
-    hi = tl.maximum(tl.max(tl.where(p == newest, -2147483648, key), 0) + 1, lo + 1)
+    lo = tl.min(tl.where(p < num_pages, key, 2147483647), 0)
+    hi = tl.max(tl.where(p == newest, -2147483648, key), 0)
+    if BLOCK_T > 0:
+        pt = BLOCK_P + tl.arange(0, BLOCK_T)
+        key_t = _select_keys(SCORES, row, ss_row, ss_p, pt, num_pages)
+        lo = tl.minimum(lo, tl.min(tl.where(pt < num_pages, key_t, 2147483647), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(pt == newest, -2147483648, key_t), 0))
+    lo = tl.where(k == 1, 2147483647, lo)
+    hi = tl.maximum(hi + 1, lo + 1)
     count_lo = tl.where(k == 1, 1, num_pages)
     while (count_lo != k) & (lo + 1 < hi):  # stop early once exactly k keys are >= lo: they are the top k
         mid = (lo & hi) + ((lo ^ hi) >> 1)  # (lo + hi) // 2 without int32 overflow
         count = tl.sum((key >= mid).to(tl.int32), 0)
+        if BLOCK_T > 0:
+            count += tl.sum((key_t >= mid).to(tl.int32), 0)
         enough = count >= k
         lo = tl.where(enough, mid, lo)
         count_lo = tl.where(enough, count, count_lo)
         hi = tl.where(enough, hi, mid)
-    above = ok & (key > lo)
-    tie = ok & (key == lo)
-    ties_kept = k - tl.sum(above.to(tl.int32), 0)  # the lowest pages among the ties
-    c = tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), 0)  # pages above and ties so far, in one scan
-    keep = above | (tie & ((c >> 16) <= ties_kept))
-    slot = (c & 0xFFFF) + tl.minimum(c >> 16, ties_kept) - 1
-    tl.store(OUT + row * so_row + slot, p, mask=keep)
+    above = tl.sum(((p < num_pages) & (key > lo)).to(tl.int32), 0)
+    if BLOCK_T > 0:
+        above += tl.sum(((pt < num_pages) & (key_t > lo)).to(tl.int32), 0)
+    ties_kept = k - above  # the lowest pages among the ties
+    before = _keep_pages(OUT, row, so_row, p, key, p < num_pages, lo, ties_kept, 0)
+    if BLOCK_T > 0:
+        _keep_pages(OUT, row, so_row, pt, key_t, pt < num_pages, lo, ties_kept, before)
     unused = k + tl.arange(0, BLOCK_K)  # the slots past the pages of the length
     tl.store(OUT + row * so_row + unused, tl.full([BLOCK_K], -1, tl.int32), mask=unused < n_slots)
 
@@ -615,9 +647,10 @@ def select_pages(scores, seq_len, page_size, budget_pages):
     if num_pages > SELECT_MAX_PAGES:
         raise ValueError(f"kernels.select_pages handles up to {SELECT_MAX_PAGES} pages, got {num_pages}")
     s, K = scores.reshape(-1, P), min(budget_pages, P)
+    block = max(16, 1 << max(num_pages.bit_length() - 1, 0))  # the largest power of two <= num_pages, then a tail
     out = torch.empty((s.shape[0], K), dtype=torch.int32, device=scores.device)  # every slot is written
     _select_pages_kernel[(s.shape[0],)](s, out, len_t if len_t is not None else out, s.stride(0), s.stride(1),
                                         out.stride(0), num_pages, K, K, page_size, LEN_ON_DEVICE=len_t is not None,
-                                        BLOCK_P=tile_size(num_pages),
+                                        BLOCK_P=block, BLOCK_T=0 if block >= num_pages else tile_size(num_pages - block),
                                         BLOCK_K=tile_size(K), num_warps=SELECT_TUNING["num_warps"])
     return out.view(*lead, K)

@@ -245,9 +245,12 @@ def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, S
     assert torch.equal(got, select_pages(scores, seq_len, S, budget_pages))
 
 
-def test_select_pages_kernel_on_a_128k_context():  # 8192 pages of 16 tokens: one program per row, 8 warps
-    scores = rand(2, 8, 8192, seed=3)
-    n, want = 8192 * 16, select_pages(scores, 8192 * 16, 16, 256)
+@pytest.mark.parametrize("P, n", [(8192, 8192 * 16), (8212, 8192 * 16 + 1), (8212, 8212 * 16)])
+def test_select_pages_kernel_on_a_128k_context(P, n):
+    """8192 pages of 16 tokens: one program per row, 8 warps; a cache of 8212 pages (128K and room for new
+    tokens) splits its rows into 8192 pages and a tail of 32 lanes, and ties span both parts."""
+    scores = rand(2, 8, P, seed=3).mul(8).round()
+    want = select_pages(scores, n, 16, 256)
     for seq_len in (n, torch.tensor([n], dtype=torch.int32, device=DEVICE)):
         assert torch.equal(kernels.select_pages(scores, seq_len, 16, 256), want)
 
