@@ -177,6 +177,14 @@ def check_options(opts, parser):
         if not ok:
             parser.error(f"{flag} {value}: expected {expected}")
     check_budget(opts, parser)
+    if opts.page_meta != "auto" and not keeps_page_bounds(opts):
+        parser.error(f"--page-meta {opts.page_meta}: only quest, retro and token_sparse with --decode quest|retro "
+                     f"keep page bounds (got --method {opts.method})")
+
+
+def keeps_page_bounds(opts):
+    """Whether the method decodes page-sparsely, reading the cache's page bounds."""
+    return opts.method in ("quest", "retro") or (opts.method == "token_sparse" and opts.decode != "dense")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +240,11 @@ def build_parser():
                         "is read once per group), or one per query head (Quest's own GQA code: up to G x the reads)")
     q.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     q.add_argument("--dense-layers", type=int, default=2, help="first layers kept dense (Quest's default: 2)")
+    q.add_argument("--page-meta", choices=list(kvcache.PAGE_META_DTYPES), default="auto",
+                   help="how the per-page key min/max that Quest scores pages by are stored: auto = in the cache's "
+                        "dtype; int8 = as int8 with one fp32 scale per page and KV head, rounded outward so the "
+                        "score stays an upper bound (at head dim 128 in bf16: 260 bytes per page and KV head "
+                        "instead of 512, the bytes every decode step's scoring reads)")
     r = p.add_argument_group("RetroAttention (retro)")
     r.add_argument("--window", type=int, default=2,
                    help="w: rows per decode step, the new token and the w-1 past tokens whose outputs it revises "
@@ -288,7 +301,7 @@ def main(argv=None):
     if tokenizer.n_words > args.vocab_size:
         raise SystemExit(f"error: {ckpt}: the tokenizer has ids up to {tokenizer.n_words - 1}, but config.json's "
                          f"vocab_size is {args.vocab_size} (expected a tokenizer of at most {args.vocab_size} ids)")
-    paged = opts.method in ("quest", "retro") or (opts.method == "token_sparse" and opts.decode != "dense")
+    paged = keeps_page_bounds(opts)
     if paged and opts.dense_layers >= args.n_layers:
         parser.error(f"--dense-layers {opts.dense_layers}: the model has {args.n_layers} layers, so every layer "
                      f"would be dense (expected < {args.n_layers}; or use --method dense)")
@@ -350,7 +363,7 @@ def main(argv=None):
               file=sys.stderr)
     else:
         cache = KVCache(args.n_layers, 1, args.n_kv_heads, max_seq_len, args.head_dim, dtype, opts.device,
-                        page_size=opts.page_size, page_meta=paged)
+                        page_size=opts.page_size, page_meta=paged, page_meta_dtype=opts.page_meta)
         try:
             attn = make_attention(opts.method, cache, opts, use_kernels)
         except ValueError as e:

@@ -431,12 +431,33 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
 # ----------------------------------------------------------------------------------------------
 # Appending to the KV cache at device positions (the CUDA-graph decode step), page bounds included
 
+# int8 page bounds: the constants and steps of kvcache.quantize_bounds (where the exactness argument is)
+SCALE_PER_LEVEL_C = tl.constexpr(float.fromhex("0x1.020418p-7"))
+FP32_MIN_NORMAL_C = tl.constexpr(2.0 ** -126)
+
+
 @triton.jit
-def _append_kv_kernel(KN, VN, POS, KC, VC, KMIN, KMAX,
+def quantize_bounds(kmin, kmax, finite, d_ok):
+    """kvcache.quantize_bounds of one page: fp32 kmin, kmax (BLOCK_D,), finite: no key of the page is
+    inf or NaN -> int8 lo, hi (BLOCK_D,) and the fp32 scale, bit for bit the reference's."""
+    amax = tl.max(tl.where(d_ok, tl.maximum(tl.abs(kmin), tl.abs(kmax)), 0.0), 0)
+    s = tl.maximum(amax * SCALE_PER_LEVEL_C, FP32_MIN_NORMAL_C)
+    s64, lo64, hi64 = s.to(tl.float64), kmin.to(tl.float64), kmax.to(tl.float64)
+    lo = tl.floor(lo64 / s64)  # then one exact correction step: the tightest integer whatever the division's rounding
+    lo += tl.where((lo + 1) * s64 <= lo64, 1.0, 0.0) - tl.where(lo * s64 > lo64, 1.0, 0.0)
+    hi = tl.ceil(hi64 / s64)
+    hi += tl.where(hi * s64 < hi64, 1.0, 0.0) - tl.where((hi - 1) * s64 >= hi64, 1.0, 0.0)
+    lo = tl.minimum(tl.maximum(tl.where(finite, lo, 0.0), -127.0), 127.0)
+    hi = tl.minimum(tl.maximum(tl.where(finite, hi, 0.0), -127.0), 127.0)
+    return lo.to(tl.int8), hi.to(tl.int8), tl.where(finite, s, float("nan"))
+
+
+@triton.jit
+def _append_kv_kernel(KN, VN, POS, KC, VC, KMIN, KMAX, KSCALE,
                       sknb, sknt, sknh, sknd, svnb, svnt, svnh, svnd,
-                      skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smp, smd,
-                      Hkv, T, page_size,
-                      HAS_META: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+                      skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smp, smd, ssb, ssh, ssp,
+                      Hkv, T, page_size, HAS_META: tl.constexpr, QUANTIZED: tl.constexpr,
+                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // Hkv).to(tl.int64)
     hk = (pid % Hkv).to(tl.int64)
@@ -460,24 +481,37 @@ def _append_kv_kernel(KN, VN, POS, KC, VC, KMIN, KMAX,
                            mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             kmin = tl.min(tl.where(ok[:, None], keys, float("inf")), 0)
             kmax = tl.max(tl.where(ok[:, None], keys, float("-inf")), 0)
+            if QUANTIZED:  # the page requantized from its keys so far (see KVCache.refresh_pages)
+                # (from the keys, not kmin/kmax: a GPU min/max may drop a NaN)
+                bad = (keys != keys) | (tl.abs(keys) == float("inf"))  # (rows not loaded are 0)
+                finite = tl.sum(tl.sum(bad.to(tl.int32), 1), 0) == 0
+                kmin, kmax, scale = quantize_bounds(kmin, kmax, finite, d_ok)
+                tl.store(KSCALE + b * ssb + hk * ssh + page * ssp, scale)
             tl.store(KMIN + b * smb + hk * smh + page * smp + d * smd, kmin.to(KMIN.dtype.element_ty), mask=d_ok)
             tl.store(KMAX + b * smb + hk * smh + page * smp + d * smd, kmax.to(KMAX.dtype.element_ty), mask=d_ok)
 
 
-def append_kv(k_cache, v_cache, kmin, kmax, k, v, pos, page_size):
+def append_kv(k_cache, v_cache, kmin, kmax, k, v, pos, page_size, scale=None):
     """Write k, v (B, T, Hkv, D) at the device positions pos (T,) int64 (consecutive, the last one the
     newest) into k_cache, v_cache (B, Hkv, Nmax, D), and recompute the bounds kmin, kmax (B, Hkv, Pmax, D)
-    of their pages (None: no bounds kept). One launch and no host sync, for a step captured in a CUDA
-    graph; the reference is KVCache.write."""
+    of their pages (None: no bounds kept); with scale (B, Hkv, Pmax) fp32 they are int8 bounds of that
+    scale (kvcache.quantize_bounds). One launch and no host sync, for a step captured in a CUDA graph;
+    the reference is KVCache.write."""
     B, T, Hkv, D = k.shape
     has_meta = kmin is not None
     if not has_meta:  # any (B, Hkv, ., D) tensor: never read without bounds
         kmin = kmax = k_cache
-    _append_kv_kernel[(B * Hkv,)](k, v, pos, k_cache, v_cache, kmin, kmax,
+    quantized = scale is not None
+    if quantized != (kmin.dtype == torch.int8):
+        raise ValueError(f"append_kv: int8 bounds need their scale and a scale needs int8 bounds; got {kmin.dtype} "
+                         f"bounds and scale {None if scale is None else tuple(scale.shape)}")
+    if not quantized:  # never read
+        scale = kmin
+    _append_kv_kernel[(B * Hkv,)](k, v, pos, k_cache, v_cache, kmin, kmax, scale,
                                   *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-                                  *kmin.stride(),
-                                  Hkv, T, page_size, HAS_META=has_meta, BLOCK_S=tile_size(page_size),
-                                  BLOCK_D=tile_size(D), D=D, num_warps=4)
+                                  *kmin.stride(), *scale.stride()[:3],
+                                  Hkv, T, page_size, HAS_META=has_meta, QUANTIZED=quantized,
+                                  BLOCK_S=tile_size(page_size), BLOCK_D=tile_size(D), D=D, num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,9 +523,9 @@ def append_kv(k_cache, v_cache, kmin, kmax, k, v, pos, page_size):
 # kernel is a stream over the bounds.
 
 @triton.jit(do_not_specialize=["num_pages", "seq_len"])
-def _page_scores_kernel(Q, KMIN, KMAX, OUT, SEQ_LEN,
-                        sqb, sqh, sqd, sab, sah, sap, sad, sbb, sbh, sbp, sbd,
-                        Hkv, G, num_pages, seq_len, page_size, LEN_ON_DEVICE: tl.constexpr,
+def _page_scores_kernel(Q, KMIN, KMAX, SCALE, OUT, SEQ_LEN,
+                        sqb, sqh, sqd, sab, sah, sap, sad, sbb, sbh, sbp, sbd, ssb, ssh, ssp,
+                        Hkv, G, num_pages, seq_len, page_size, LEN_ON_DEVICE: tl.constexpr, QUANTIZED: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -515,18 +549,23 @@ def _page_scores_kernel(Q, KMIN, KMAX, OUT, SEQ_LEN,
         # a zero weight drops its term, as the per-head bound does (0 * inf would be NaN)
         hi_part = tl.where(q_pos[None, :] > 0, q_pos[None, :] * kmax, 0.0)
         lo_part = tl.where(q_neg[None, :] < 0, q_neg[None, :] * kmin, 0.0)
-        score = tl.where(p < in_use, tl.sum(hi_part + lo_part, 1), float("-inf"))
+        score = tl.sum(hi_part + lo_part, 1)
+        if QUANTIZED:  # int8 bounds: every term is a multiple of the page's scale, applied once to the sum
+            score *= tl.load(SCALE + b * ssb + hk * ssh + p * ssp, mask=p < in_use, other=0.0)
+        score = tl.where(p < in_use, score, float("-inf"))
     tl.store(OUT + pid_bh.to(tl.int64) * num_pages + p, score, mask=p < num_pages)
 
 
 SCORES_TUNING = dict(block_p=64, num_warps=8)  # pages per program and warps (H200, 8K pages: 13 us, was 17)
 
 
-def page_scores(q, kmin, kmax, num_pages, seq_len=None, page_size=1):
+def page_scores(q, kmin, kmax, num_pages, seq_len=None, page_size=1, scale=None):
     """Quest's upper bound on each page's score, summed over the G query heads of each KV head.
     q (B, Hq, D); kmin, kmax (B, Hkv, Pmax, D) -> (B, Hkv, num_pages) fp32 (reference: kvcache.page_scores_ref).
     seq_len (an int or a device length; default: every page in use): pages past its keys score -inf and
-    their bounds are not read, so a step captured for a cache of Pmax pages reads only the pages in use."""
+    their bounds are not read, so a step captured for a cache of Pmax pages reads only the pages in use.
+    scale (B, Hkv, Pmax) fp32: kmin, kmax are int8 bounds of that scale (kvcache.quantize_bounds),
+    dequantized in registers."""
     G = _check(q, kmin, kmax, 3)
     B, Hq, D = q.shape
     Hkv, Pmax = kmin.shape[1], kmin.shape[2]
@@ -534,14 +573,21 @@ def page_scores(q, kmin, kmax, num_pages, seq_len=None, page_size=1):
         raise ValueError(f"num_pages {num_pages} must lie in [0, {Pmax}] (pages in the metadata)")
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
+    quantized = scale is not None
+    if quantized != (kmin.dtype == torch.int8) or (quantized and tuple(scale.shape) != tuple(kmin.shape[:3])):
+        raise ValueError(f"page_scores: int8 bounds need a (B, Hkv, Pmax) = {tuple(kmin.shape[:3])} scale and a "
+                         f"scale needs int8 bounds; got {kmin.dtype} bounds and scale "
+                         f"{None if scale is None else tuple(scale.shape)}")
     n, len_t = device_length(num_pages * page_size if seq_len is None else seq_len, Pmax * page_size)
     out = torch.empty(B, Hkv, num_pages, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
     BLOCK_P = SCORES_TUNING["block_p"]
+    sc = scale if quantized else out  # (never read without int8 bounds)
     _page_scores_kernel[(triton.cdiv(num_pages, BLOCK_P), B * Hkv)](
-        q, kmin, kmax, out, len_t if len_t is not None else out, *q.stride(), *kmin.stride(), *kmax.stride(),
-        Hkv, G, num_pages, n, page_size, LEN_ON_DEVICE=len_t is not None, BLOCK_P=BLOCK_P,
+        q, kmin, kmax, sc, out, len_t if len_t is not None else out, *q.stride(), *kmin.stride(), *kmax.stride(),
+        *sc.stride()[:3] if quantized else (0, 0, 0),
+        Hkv, G, num_pages, n, page_size, LEN_ON_DEVICE=len_t is not None, QUANTIZED=quantized, BLOCK_P=BLOCK_P,
         BLOCK_G=triton.next_power_of_2(G), BLOCK_D=triton.next_power_of_2(D), D=D, num_warps=SCORES_TUNING["num_warps"])
     return out
 

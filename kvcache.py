@@ -9,6 +9,11 @@ in the page by them, which is how a decode step chooses pages without reading th
 The cache is the one place K/V are written. A write may overwrite positions already filled
 (RetroAttention re-embeds its past tokens), so the metadata of every touched page is recomputed
 from that page's keys rather than updated incrementally.
+
+The bounds are read at every decode step for every page, so at long context they outweigh the K/V a
+small budget reads (128K tokens, budget 4096: 2x). page_meta_dtype="int8" stores them in a quarter
+(fp32 cache) or half (bf16) of the bytes: per page and KV head one fp32 scale s, kmin as floor(kmin / s)
+and kmax as ceil(kmax / s), so the dequantized interval still holds every key and the bound stays a bound.
 """
 
 import torch
@@ -17,11 +22,16 @@ import kernels
 from attention import DenseAttention, decode_attention, paged_decode
 
 
+PAGE_META_DTYPES = ("auto", "int8")  # generate.py's --page-meta: auto = the cache's dtype
+
+
 class KVCache:
     def __init__(self, n_layers, batch, n_kv_heads, max_seq_len, head_dim, dtype, device, page_size=16,
-                 page_meta=True):
+                 page_meta=True, page_meta_dtype="auto"):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if page_meta_dtype not in PAGE_META_DTYPES:
+            raise ValueError(f"--page-meta {page_meta_dtype!r}: expected one of {', '.join(PAGE_META_DTYPES)}")
         self.page_size = page_size
         self.max_seq_len = max_seq_len
         self.num_pages_max = -(-max_seq_len // page_size)
@@ -32,8 +42,12 @@ class KVCache:
         meta = (n_layers, batch, n_kv_heads, self.num_pages_max, head_dim)
         # page_meta=False (dense decoding reads no bounds) skips their upkeep: ~10 small ops per layer and step
         self.page_meta = page_meta
-        self.kmin = torch.zeros(meta if page_meta else (0,), dtype=dtype, device=device)
-        self.kmax = torch.zeros(meta if page_meta else (0,), dtype=dtype, device=device)
+        # int8 bounds (see quantize_bounds): kmin, kmax hold integers, kscale (layers, B, Hkv, Pmax) their fp32 scale
+        self.quantized = page_meta and page_meta_dtype == "int8"
+        meta_dtype = torch.int8 if self.quantized else dtype
+        self.kmin = torch.zeros(meta if page_meta else (0,), dtype=meta_dtype, device=device)
+        self.kmax = torch.zeros(meta if page_meta else (0,), dtype=meta_dtype, device=device)
+        self.kscale = torch.zeros(meta[:-1] if self.quantized else (0,), dtype=torch.float32, device=device)
         # per layer: positions [0, length) have been written (on the device: decode steps update it there)
         self.lengths = torch.zeros(n_layers, dtype=torch.int64, device=device)
         # per sequence length n, how many decode steps made the sequence n long: the statistics' source
@@ -41,12 +55,24 @@ class KVCache:
         self._one = torch.ones(1, dtype=torch.int32, device=device)
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax))
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.kmin, self.kmax, self.kscale))
 
     def row_bytes(self):
         """Bytes of one position's K and V rows in one layer, all batch rows and KV heads."""
         _, B, Hkv, _, D = self.k.shape
         return 2 * B * Hkv * D * self.k.element_size()
+
+    def bound_bytes(self):
+        """Bytes of one page's bounds in one layer, all batch rows and KV heads: kmin and kmax (as many
+        bytes as a K/V row in the cache's dtype; half of them in bf16 as int8) and the int8 bounds' scale."""
+        _, B, Hkv, _, D = self.k.shape
+        meta = self.kmin.element_size() if self.page_meta else self.k.element_size()
+        return B * Hkv * (2 * D * meta + (self.kscale.element_size() if self.quantized else 0))
+
+    def page_bounds(self, layer):
+        """What Quest scores one layer's pages by: (kmin, kmax (B, Hkv, Pmax, D), scale (B, Hkv, Pmax) fp32
+        of int8 bounds, or None when they are stored in the cache's dtype)."""
+        return self.kmin[layer], self.kmax[layer], self.kscale[layer] if self.quantized else None
 
     def length(self, layer=0):
         return int(self.lengths[layer])
@@ -84,8 +110,8 @@ class KVCache:
         if not use_kernels:  # the PyTorch path (a CPU, never captured) may read the positions on the host
             self.write(layer, k, v, pos)
         else:
-            meta = (self.kmin[layer], self.kmax[layer]) if self.page_meta else (None, None)
-            kernels.append_kv(self.k[layer], self.v[layer], *meta, k, v, pos, self.page_size)  # one launch
+            meta = self.page_bounds(layer) if self.page_meta else (None, None, None)
+            kernels.append_kv(self.k[layer], self.v[layer], *meta[:2], k, v, pos, self.page_size, meta[2])  # one launch
         return self.seq_len
 
     def refresh_pages(self, layer, first, last):
@@ -98,8 +124,67 @@ class KVCache:
         pos = torch.arange(first * S, last * S, device=keys.device).view(last - first, S, 1)
         valid = pos < self.lengths[layer]
         inf = torch.finfo(keys.dtype).max
-        self.kmin[layer, :, :, first:last] = torch.where(valid, keys, inf).amin(dim=3)
-        self.kmax[layer, :, :, first:last] = torch.where(valid, keys, -inf).amax(dim=3)
+        kmin = torch.where(valid, keys, inf).amin(dim=3)
+        kmax = torch.where(valid, keys, -inf).amax(dim=3)
+        if self.quantized:
+            # The newest page is quantized like the others, from its keys so far: a page's int8 bounds
+            # are a function of its keys alone, recomputed whenever one of them is written (a decode
+            # step appends, RetroAttention overwrites), never updated from the old integers, which would
+            # widen them step after step. kernels.append_kv does the same from the same keys: equal bits.
+            kmin, kmax, self.kscale[layer, :, :, first:last] = quantize_bounds(kmin, kmax)
+        self.kmin[layer, :, :, first:last] = kmin
+        self.kmax[layer, :, :, first:last] = kmax
+
+
+# ----------------------------------------------------------------------------------------------
+# int8 page bounds (ours)
+#
+# Per page and KV head, one scale s >= max_d max(|kmin_d|, |kmax_d|) / 127, and the integers
+#       lo_d = floor(kmin_d / s),   hi_d = ceil(kmax_d / s)      in [-127, 127],
+# so that lo_d s <= kmin_d <= k_d <= kmax_d <= hi_d s for every key k of the page: Quest's bound computed
+# from [lo s, hi s] is at least the one from [kmin, kmax] (the same argument, a wider interval), at most
+# one step s per dimension and end looser. Rounding is where this could fail, so every step is exact:
+# - s = max(fl32(amax * c), 2^-126) with c = 1/127 (1 + 2^-20) in fp32: a rounded product is within
+#   2^-24 of the exact one, so s >= amax / 127 and no integer leaves [-127, 127]; the floor 2^-126
+#   (the smallest normal fp32) keeps s > 0 for an all-zero page (then lo = hi = 0).
+# - floor and ceil are taken on the float64 quotient, then corrected by one step where lo s > kmin (or
+#   hi s < kmax) or where the next integer also holds; lo s and hi s are exact in float64 (8 + 24
+#   significant bits), so the comparisons are. (A quotient of fp32s lies >= 2^-24 from every nonzero
+#   integer it is not, float64 keeps its sign and rounds |k / s| <= 128 by < 2^-45: the correction should
+#   never fire; it makes the result independent of how a compiler divides: the tightest integers, in
+#   the kernel and here alike.)
+# - Dequantizing in fp32 (lo * s) rounds to a nearest float, and rounding never crosses a float: a value
+#   <= kmin (an fp32) rounds to a value <= kmin, so the fp32 interval still holds the keys.
+# A page with a non-finite key gets s = NaN and lo = hi = 0: its bound is NaN, which selection counts as
+# +inf (the page is read, as with bounds in the cache's dtype).
+
+INT8_LEVELS = 127
+SCALE_PER_LEVEL = float.fromhex("0x1.020418p-7")  # 1/127 (1 + 2^-20), an fp32: see above
+FP32_MIN_NORMAL = 2.0 ** -126
+
+
+def quantize_bounds(kmin, kmax):
+    """Page bounds kmin, kmax (..., D), any float dtype -> int8 lo, hi (..., D) and fp32 scale s (...)
+    with lo * s <= kmin and hi * s >= kmax exactly (the integers as tight as s allows)."""
+    lo32, hi32 = kmin.float(), kmax.float()
+    finite = (lo32.isfinite() & hi32.isfinite()).all(-1)
+    amax = torch.maximum(lo32.abs(), hi32.abs()).amax(-1)
+    s = (amax * torch.tensor(SCALE_PER_LEVEL)).clamp_min(FP32_MIN_NORMAL)  # (an fp32 product, as in the kernel)
+    s64, lo64, hi64 = s.double()[..., None], lo32.double(), hi32.double()
+    lo = torch.floor(lo64 / s64)
+    lo += ((lo + 1) * s64 <= lo64).double() - (lo * s64 > lo64).double()
+    hi = torch.ceil(hi64 / s64)
+    hi += (hi * s64 < hi64).double() - ((hi - 1) * s64 >= hi64).double()
+    ok = finite[..., None]
+    # (the clamp never binds, s >= amax / 127; it keeps the int8 casts defined)
+    lo = torch.where(ok, lo, 0).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    hi = torch.where(ok, hi, 0).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    return lo, hi, torch.where(finite, s, float("nan"))
+
+
+def dequantize_bounds(kmin, kmax, scale):
+    """int8 bounds (..., D) and their scale (...) -> fp32 bounds (...,  D) (see quantize_bounds)."""
+    return kmin.float() * scale[..., None], kmax.float() * scale[..., None]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,16 +198,20 @@ class KVCache:
 # ranks pages by this bound, keeps the top budget // S pages (always the page of the newest token)
 # and attends exactly within them. The first layers stay dense (the paper keeps two).
 
-def page_scores_ref(q, kmin, kmax, num_pages):
+def page_scores_ref(q, kmin, kmax, num_pages, scale=None):
     """Quest's upper bound per page, summed over the G query heads of each KV head (ours: one page
     choice per KV head, so one load serves the whole group). The bound is on q . k; the softmax
     scale 1/sqrt(D) is left out because it does not change the ranking.
-    q (B, Hq, D); kmin, kmax (B, Hkv, Pmax, D) -> scores (B, Hkv, num_pages) fp32."""
+    q (B, Hq, D); kmin, kmax (B, Hkv, Pmax, D) -> scores (B, Hkv, num_pages) fp32.
+    scale (B, Hkv, Pmax) fp32: kmin, kmax are int8 bounds of that scale (see quantize_bounds)."""
     B, Hq, D = q.shape
     Hkv = kmin.shape[1]
+    kmin, kmax = kmin[:, :, :num_pages], kmax[:, :, :num_pages]
+    if scale is not None:
+        kmin, kmax = dequantize_bounds(kmin, kmax, scale[:, :, :num_pages])
     qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)  # (B, Hkv, G, 1, D)
-    lo = kmin[:, :, None, :num_pages].float()     # (B, Hkv, 1, P, D)
-    hi = kmax[:, :, None, :num_pages].float()
+    lo = kmin[:, :, None].float()                 # (B, Hkv, 1, P, D)
+    hi = kmax[:, :, None].float()
     bound = torch.maximum(qg * lo, qg * hi).sum(-1)  # (B, Hkv, G, P): bound per query head
     return bound.sum(2)
 
@@ -153,15 +242,16 @@ def select_pages(scores, seq_len, page_size, budget_pages):
 def quest_pages(q, cache, layer_idx, budget, seq_len, use_kernels, bounds=None):
     """Quest's top budget // S pages of one decode step for q (B, Hq, D), from the bounds of all
     cache pages (those past seq_len are never chosen) -> page_idx (B, Hkv, K) int32, -1 = unused.
-    bounds: (kmin, kmax) to score instead of the layer's (a per-query-head view, see group_view)."""
+    bounds: (kmin, kmax, scale) to score instead of the layer's cache.page_bounds (a per-query-head view,
+    see group_view)."""
     S, P = cache.page_size, cache.num_pages_max
-    kmin, kmax = bounds if bounds is not None else (cache.kmin[layer_idx], cache.kmax[layer_idx])
+    kmin, kmax, scale = bounds if bounds is not None else cache.page_bounds(layer_idx)
     if use_kernels:
-        scores = kernels.page_scores(q, kmin, kmax, P, seq_len, S)  # (only the pages in use are read)
+        scores = kernels.page_scores(q, kmin, kmax, P, seq_len, S, scale)  # (only the pages in use are read)
         if P <= kernels.SELECT_MAX_PAGES:
             return kernels.select_pages(scores, seq_len, S, budget // S)
     else:
-        scores = page_scores_ref(q, kmin, kmax, P)
+        scores = page_scores_ref(q, kmin, kmax, P, scale)
     return select_pages(scores, seq_len, S, budget // S)
 
 
@@ -177,14 +267,16 @@ def page_reads(cache, budget, n, steps, n_dense, lists=1):
     """The reads of decode steps (n, steps: cache.decoded_lengths()) over all layers: n_dense layers
     read the n valid rows of every KV head; the others, for each of `lists` page lists per KV head,
     Quest's K = min(budget // S, pages) pages (the newest holds only the keys before n) plus the min/max
-    bounds of every page (each the size of a K/V row). -> (K/V rows read, pages read, K per step)."""
+    bounds of every page (cache.bound_bytes() each). -> (bytes read, pages read, K per step)."""
     L, B, Hkv = cache.k.shape[:3]
     S = cache.page_size
     pages = torch.ceil(n / S)
     K = pages.clamp(max=budget // S)
-    sparse_rows = lists * ((K - 1) * S + n - (pages - 1) * S + pages)
+    sparse_rows = lists * ((K - 1) * S + n - (pages - 1) * S)
     rows = (steps * (n_dense * n + (L - n_dense) * sparse_rows)).sum()
-    return int(rows), int(B * Hkv * (steps * (n_dense * pages + (L - n_dense) * lists * K)).sum()), K
+    bounds = (steps * (L - n_dense) * lists * pages).sum()
+    read = int(rows) * cache.row_bytes() + int(bounds) * cache.bound_bytes()
+    return read, int(B * Hkv * (steps * (n_dense * pages + (L - n_dense) * lists * K)).sum()), K
 
 
 def check_budget(budget, page_size):
@@ -246,7 +338,7 @@ class QuestAttention:
             B, Hq, D = qh.shape
             G = self.group = Hq // kc.shape[1]
             qh, kc, vc = qh.reshape(B * kc.shape[1], G, D), group_view(kc, G), group_view(vc, G)
-            bounds = (group_view(cache.kmin[layer_idx], G), group_view(cache.kmax[layer_idx], G))
+            bounds = tuple(x if x is None else group_view(x, G) for x in cache.page_bounds(layer_idx))
         page_idx = quest_pages(qh, cache, layer_idx, self.budget, seq_len, self.use_kernels, bounds)
         attend = kernels.paged_decode if self.use_kernels else paged_decode  # (attention.paged_decode: the CPU run path)
         return attend(qh, kc, vc, page_idx, seq_len, cache.page_size)[0].reshape(q.shape)
@@ -254,5 +346,5 @@ class QuestAttention:
     @property
     def stats(self):
         n, steps = self.cache.decoded_lengths()  # a sparse layer reads self.group page lists per KV head
-        rows, pages, _ = page_reads(self.cache, self.budget, n, steps, self.n_dense, self.group)
-        return {"kv_bytes_read": rows * self.cache.row_bytes(), "pages_read": pages, "decode_steps": int(steps.sum())}
+        read, pages, _ = page_reads(self.cache, self.budget, n, steps, self.n_dense, self.group)
+        return {"kv_bytes_read": read, "pages_read": pages, "decode_steps": int(steps.sum())}

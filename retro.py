@@ -418,14 +418,14 @@ class RetroAttention:
         cache, w = self.cache, self.window
         L, B, Hkv = cache.k.shape[:3]
         n, steps = cache.decoded_lengths()
-        rows, pages, K = page_reads(cache, self.budget, n, steps, L if self.all_pages else self.dense_layers)
+        read, pages, K = page_reads(cache, self.budget, n, steps, L if self.all_pages else self.dense_layers)
         m = n.clamp(max=w)  # rows fed per step
         aux = (m - 1) * cache.row_bytes() * L
         if self.outputs.o is not None:  # (the sparse layers')
             Hq, D = self.outputs.o.shape[2], self.outputs.o.shape[4]
             listed = torch.ceil(n / cache.page_size) if self.all_pages else K
             aux = aux + (L - self.dense_layers) * ((2 * (m - 1) + (w > 1)) * B * Hq * (D + 1) * 4 + 2 * B * Hkv * 4 * listed)
-        s = {"kv_bytes_read": rows * cache.row_bytes(), "pages_read": pages, "decode_steps": int(steps.sum()),
+        s = {"kv_bytes_read": read, "pages_read": pages, "decode_steps": int(steps.sum()),
              "retro_aux_bytes": int((steps * aux).sum())}
         exposure_sum, exposure_count = self._exposure.tolist()
         if exposure_count:

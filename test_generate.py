@@ -71,6 +71,8 @@ def cli_error(capsys, *args):
     (["--prompt", "abc", "--max-new-tokens", "600"], "exceeds the context"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "no such file"),
     (["--chat"], "no chat template"),
+    (["--method", "quest", "--page-meta", "fp8"], "argument --page-meta: invalid choice: 'fp8'"),
+    (["--page-meta", "int8"], "--page-meta int8: only quest, retro and token_sparse with --decode quest|retro"),
 ])
 def test_cli_rejects_bad_input_with_a_clear_message(tiny_checkpoint, capsys, args, message):
     assert message in cli_error(capsys, "--checkpoint", tiny_checkpoint, *args)
@@ -216,6 +218,20 @@ def test_config_without_model_type_is_loaded_as_llama_with_a_notice(tiny_checkpo
     edit_config(ckpt, lambda cfg: {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")})
     main(["--checkpoint", str(ckpt), "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2", "--quiet"])
     assert "has no model_type: loading it as Llama" in capsys.readouterr().err
+
+
+def test_page_meta_int8_reads_fewer_bound_bytes(tiny_checkpoint, capsys):
+    """--page-meta int8 runs Quest on int8 page bounds: the cache and the bytes read per token shrink by
+    the bounds' share (fp32 cache, head dim 16: 128 -> 36 bytes per page and KV head)."""
+    from generate import main
+    mib = {}
+    for meta in ("auto", "int8"):
+        main(["--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--prompt", "x " * 40, "--max-new-tokens", "3",
+              "--method", "quest", "--budget", "16", "--page-size", "4", "--dense-layers", "1", "--quiet",
+              "--page-meta", meta])
+        err = capsys.readouterr().err
+        mib[meta] = [float(line.split()[-2]) for line in err.splitlines() if "KV bytes read per decoded token" in line]
+    assert len(mib["auto"]) == 1 and mib["int8"][0] < mib["auto"][0]
 
 
 def test_help_shows_the_defaults():

@@ -12,14 +12,14 @@ from hypothesis import given, strategies as st
 
 import kernels
 from attention import DenseAttention, attention_ref, decode_ref, paged_decode_ref
-from conftest import DEVICE, gqa_heads, rand, tiny_model
+from conftest import DEVICE, ON_GPU, gqa_heads, rand, tiny_model
 from kvcache import KVCache, QuestAttention, check_budget, page_scores_ref, quest_pages, select_pages
 
 seeds = st.integers(0, 2**16)
 
 
-def make_cache(n_layers=1, B=1, Hkv=2, N=40, D=8, page_size=4, dtype=torch.float32):
-    return KVCache(n_layers, B, Hkv, N, D, dtype, DEVICE, page_size=page_size)
+def make_cache(n_layers=1, B=1, Hkv=2, N=40, D=8, page_size=4, dtype=torch.float32, page_meta="auto"):
+    return KVCache(n_layers, B, Hkv, N, D, dtype, DEVICE, page_size=page_size, page_meta_dtype=page_meta)
 
 
 def kv(B, T, Hkv, D, seed):
@@ -194,11 +194,11 @@ def test_bad_budgets_raise_naming_the_flags():
 # QuestAttention
 
 def quest_and_dense_decode(budget, n_prompt=21, steps=5, Hq=4, Hkv=2, D=16, page_size=4, dense_layers=0,
-                           use_kernels=False, seed=0, page_choice="kv_head"):
+                           use_kernels=False, seed=0, page_choice="kv_head", page_meta="auto"):
     """Drive QuestAttention and DenseAttention with the same q/k/v (one layer, B = 2): prefill, then
     decode steps. Returns the decode outputs of both, (steps, B, 1, Hq, D) each, and the Quest object."""
     N = n_prompt + steps
-    quest = QuestAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size), budget, page_size,
+    quest = QuestAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size, page_meta=page_meta), budget, page_size,
                            dense_layers=dense_layers, use_kernels=use_kernels, page_choice=page_choice)
     dense = DenseAttention(make_cache(B=2, Hkv=Hkv, N=N, D=D, page_size=page_size))
     q, k, v = rand(2, N, Hq, D, seed=seed), *kv(2, N, Hkv, D, seed=seed + 1)
@@ -330,11 +330,12 @@ def test_kernel_path_decodes_the_same_greedy_tokens():
 # ------------------------------------------------------------------------------------------------
 # The one decode step: positions on the device, the cache updated in place
 
+@pytest.mark.parametrize("page_meta", ["auto", "int8"])
 @pytest.mark.parametrize("use_kernels", [False, True])
-def test_append_equals_write(use_kernels):
-    """Appending at device positions (torch, or kernels.append_kv) stores the K/V, page bounds and
-    length that write() stores for the same rows."""
-    a, b = make_cache(B=2, N=40), make_cache(B=2, N=40)
+def test_append_equals_write(use_kernels, page_meta):
+    """Appending at device positions (torch, or kernels.append_kv) stores the K/V, page bounds (int8
+    ones and their scales too) and length that write() stores for the same rows."""
+    a, b = make_cache(B=2, N=40, page_meta=page_meta), make_cache(B=2, N=40, page_meta=page_meta)
     k, v = kv(2, 13, 2, 8, seed=3)
     a.write(0, k, v, torch.arange(13))
     b.write(0, k, v, torch.arange(13))
@@ -347,8 +348,9 @@ def test_append_equals_write(use_kernels):
         k3, v3 = kv(2, 3, 2, 8, seed=100 + last)
         a.write(0, k3, v3, torch.arange(last - 2, last + 1))
         b.append(0, k3, v3, torch.arange(last - 2, last + 1, device=DEVICE), use_kernels)
-    for name in ("k", "v", "kmin", "kmax", "lengths"):
+    for name in ("k", "v", "kmin", "kmax", "kscale", "lengths"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert (b.kmin.dtype == torch.int8) == (page_meta == "int8") and b.kscale.numel() == (page_meta == "int8") * 2 * 2 * 10
 
 
 @pytest.mark.parametrize("num_pages, budget_pages", [(3, 5), (6, 2), (6, 6), (9, 4), (10, 12)])
@@ -402,20 +404,23 @@ def test_quest_pages_beyond_the_kernel_limit_falls_back_to_the_reference(monkeyp
 
 
 @pytest.mark.parametrize("method,w", [("dense", 1), ("quest", 1), ("quest_covering", 1), ("quest_query_head", 1), ("retro", 1), ("retro", 3),
-                                      ("retro_short_prompt", 4)])
+                                      ("retro_short_prompt", 4), ("quest_int8", 1), ("retro_int8", 3)])
 def test_decode_step_with_kernels_equals_reference(method, w):
     """The one decode step, fed device positions as generate.py (and a CUDA graph) feeds them: the
     Triton kernels give the PyTorch references' logits, step after step, and count the same statistics.
     quest_covering: a budget covering the whole cache (every layer dense); retro_short_prompt: the
-    first steps feed fewer rows than the window (2 prompt tokens, w = 4)."""
+    first steps feed fewer rows than the window (2 prompt tokens, w = 4); _int8: int8 page bounds."""
     from retro import RetroAttention
     m = tiny_model(seed=4)
     a = m.args
     n_prompt = 2 if method == "retro_short_prompt" else 36
     toks = torch.randint(0, a.vocab_size, (1, n_prompt + 1), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     logits, stats = [], []
+    page_meta = "int8" if method.endswith("_int8") else "auto"
+    method = method.removesuffix("_int8")
     for use_kernels in (False, True):
-        cache = KVCache(a.n_layers, 1, a.n_kv_heads, 48, a.head_dim, torch.float32, DEVICE, page_size=4)
+        cache = KVCache(a.n_layers, 1, a.n_kv_heads, 48, a.head_dim, torch.float32, DEVICE, page_size=4,
+                        page_meta_dtype=page_meta)
         attn = {"dense": lambda: DenseAttention(cache, use_kernels),
                 "quest": lambda: QuestAttention(cache, budget=16, page_size=4, dense_layers=1, use_kernels=use_kernels),
                 "quest_covering": lambda: QuestAttention(cache, budget=48, page_size=4, use_kernels=use_kernels),
@@ -438,3 +443,198 @@ def test_decode_step_with_kernels_equals_reference(method, w):
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=0)
     assert stats[1] == pytest.approx(stats[0]) and stats[0]["decode_steps"] == 7
 
+
+
+# ------------------------------------------------------------------------------------------------
+# int8 page bounds (page_meta_dtype="int8", generate.py --page-meta int8)
+
+KEY_KINDS = ["normal", "zero page", "one key", "extremes", "grid", "tiny", "magnitudes"]
+
+
+def edge_keys(kind, B, n, Hkv, D, page_size, dtype, seed):
+    """Keys (B, n, Hkv, D) that stress the rounding of int8 bounds: a page of zeros; a last page of one
+    key; the dtype's largest values of both signs; integers up to 127 (quotients k / s land next to
+    integers); values near the smallest normal (subnormals); magnitudes spread over 10^-4 .. 10^4."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, n, Hkv, D, generator=g, dtype=torch.float64)
+    big = torch.finfo(dtype).max
+    if kind == "zero page":
+        p = int(torch.randint(0, -(-n // page_size), (1,), generator=g))
+        k[:, p * page_size:(p + 1) * page_size] = 0
+    elif kind == "extremes":
+        pick = torch.rand(k.shape, generator=g)
+        k = torch.where(pick < 0.2, big, torch.where(pick < 0.4, -big, k))
+    elif kind == "grid":
+        k = torch.randint(-127, 128, k.shape, generator=g).double()
+        k[:, ::3, :, 0] = 127.0
+    elif kind == "tiny":
+        k = k * torch.finfo(dtype).tiny * 4
+    elif kind == "magnitudes":
+        k = k * 10.0 ** torch.randint(-4, 5, (1, n, Hkv, 1), generator=g).double()
+    return k.to(dtype).to(DEVICE)
+
+
+def check_int8_bounds(cache, Hq, seed):
+    """The defining property, with a float64 oracle: for every page and KV head, the stored integers lo,
+    hi (in [-127, 127]) and scale s enclose every key of the page exactly, lo s <= k <= hi s (products
+    of an int8 and an fp32 are exact in float64), the integers are the tightest ones, and so no key
+    scores above the bound, q . k <= sum_d max(q_d lo_d s, q_d hi_d s), for queries of all signs."""
+    S, n = cache.page_size, cache.length(0)
+    P = -(-n // S)
+    B, Hkv, _, D = cache.k[0].shape
+    keys = cache.k[0, :, :, :n].double()  # (B, Hkv, n, D)
+    lo, hi, s = cache.kmin[0, :, :, :P], cache.kmax[0, :, :, :P], cache.kscale[0, :, :, :P].double()
+    assert lo.dtype == hi.dtype == torch.int8 and cache.kscale.dtype == torch.float32
+    assert lo.min() >= -127 and hi.max() <= 127 and (lo <= hi).all()
+    lo64, hi64 = lo.double() * s[..., None], hi.double() * s[..., None]
+    page = torch.arange(n, device=keys.device) // S
+    assert (lo64[:, :, page] <= keys).all() and (keys <= hi64[:, :, page]).all()
+    for p in range(P):  # tight: one step less would cut a key off
+        block = keys[:, :, p * S:(p + 1) * S]
+        assert ((lo.double()[:, :, p] + 1) * s[:, :, p, None] > block.amin(2)).all()
+        assert ((hi.double()[:, :, p] - 1) * s[:, :, p, None] < block.amax(2)).all()
+    amax = torch.maximum(keys.abs().amax(2, keepdim=True), torch.zeros(1, device=keys.device))
+    page_amax = torch.stack([keys[:, :, p * S:(p + 1) * S].abs().amax((2, 3)) for p in range(P)], 2)
+    assert (127 * s >= page_amax).all() and amax.isfinite().all()
+    q = rand(B, Hq, D, seed=seed).double()
+    qg = q.view(B, Hkv, Hq // Hkv, 1, D)
+    bound = torch.maximum(qg * lo64[:, :, None], qg * hi64[:, :, None]).sum((2, 4))  # (B, Hkv, P)
+    key_scores = torch.einsum("bhgd,bhnd->bhn", qg[:, :, :, 0], keys)
+    # (float64 sums of D terms: rounding far below the int8 step the bound has to spare)
+    slack = 1e-12 * torch.einsum("bhgd,bhnd->bhn", qg[:, :, :, 0].abs(), keys.abs())
+    assert (key_scores <= bound[:, :, page] + slack).all()
+    return q, bound
+
+
+# (bf16 on the GPU only: the CPU interpreter converts bf16 subnormals to fp32 wrongly, e.g. 1.0e-39 -> 4.4e-39)
+CACHE_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+@given(n=st.integers(1, 45), page_size=st.sampled_from([1, 3, 4, 16]), heads=st.sampled_from([(2, 2), (4, 2), (8, 2), (8, 1)]),
+       D=st.sampled_from([8, 64]), dtype=st.sampled_from(CACHE_DTYPES),
+       kind=st.sampled_from(KEY_KINDS), appended=st.integers(0, 6), seed=seeds)
+def test_int8_bounds_hold_every_key(n, page_size, heads, D, dtype, kind, appended, seed):
+    """Keys written by a prefill and then `appended` decode appends (kernels.append_kv, the newest page
+    filling up): the int8 bounds equal a full refresh of every page (write() of all keys at once), and
+    they bound every key (check_int8_bounds), whatever the keys (edge_keys). The fp32 scores of the
+    reference and the kernel are that float64 bound up to fp32 rounding."""
+    Hq, Hkv = heads
+    if kind == "one key":
+        n = (n - 1) // page_size * page_size + 1
+    appended = min(appended, n - 1)
+    k = edge_keys(kind, 1, n, Hkv, D, page_size, dtype, seed)
+    v = torch.zeros_like(k)
+    decoded = make_cache(Hkv=Hkv, N=48, D=D, page_size=page_size, dtype=dtype, page_meta="int8")
+    decoded.write(0, k[:, :n - appended], v[:, :n - appended], torch.arange(n - appended))
+    for t in range(n - appended, n):
+        decoded.append(0, k[:, t:t + 1], v[:, t:t + 1], torch.tensor([t], device=DEVICE), use_kernels=True)
+    full = make_cache(Hkv=Hkv, N=48, D=D, page_size=page_size, dtype=dtype, page_meta="int8")
+    full.write(0, k, v, torch.arange(n))
+    for name in ("kmin", "kmax", "kscale"):
+        assert torch.equal(getattr(decoded, name), getattr(full, name)), name
+    q, bound = check_int8_bounds(full, Hq, seed + 1)
+    if kind != "extremes":  # (there the fp32 sums overflow, as with bounds in the cache's dtype)
+        P = bound.shape[-1]
+        mass = torch.einsum("bhgd,bhpd->bhp", q.view(1, Hkv, Hq // Hkv, D).abs(),
+                            torch.maximum(full.kmin[0, :, :, :P].abs(), full.kmax[0, :, :, :P].abs()).double()
+                            * full.kscale[0, :, :, :P, None].double())
+        for scores in (page_scores_ref(q.float(), *full.page_bounds(0)[:2], P, full.kscale[0]),
+                       kernels.page_scores(q.float(), *full.page_bounds(0)[:2], P, scale=full.kscale[0])):
+            assert (scores.double() - bound).abs().max() <= 1e-5 * mass.max() + 1e-30
+
+
+def test_int8_bounds_at_the_dtype_limits_and_of_non_finite_pages():
+    """quantize_bounds on its own: the largest and the smallest (subnormal) values of each dtype are
+    enclosed exactly; an all-zero page gets lo = hi = 0; a page with an inf or NaN key gets a NaN
+    scale (score NaN, which selection counts as +inf: the page is read), in the kernel too."""
+    from kvcache import quantize_bounds
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        f = torch.finfo(dtype)
+        vals = torch.tensor([[f.max, -f.max, 0.0, 1.0], [f.tiny, -f.tiny / 8, f.tiny / 2**5, 0.0],
+                             [0.0, 0.0, 0.0, 0.0], [-f.max, -f.tiny, 127.0, f.eps]], dtype=dtype)
+        lo, hi, s = quantize_bounds(vals, vals)
+        v64, s64 = vals.double(), s.double()[:, None]
+        assert (lo.double() * s64 <= v64).all() and (hi.double() * s64 >= v64).all(), dtype
+        assert (lo[2] == 0).all() and (hi[2] == 0).all() and s[2] > 0
+    lo, hi, s = quantize_bounds(torch.tensor([[1.0, float("inf")], [float("nan"), 0.0], [1.0, 2.0]]),
+                                torch.tensor([[2.0, float("inf")], [float("nan"), 0.0], [1.0, 2.0]]))
+    assert s[:2].isnan().all() and s[2].isfinite() and (lo[:2] == 0).all() and (hi[:2] == 0).all()
+    cache = make_cache(Hkv=1, N=12, D=8, page_size=4, page_meta="int8")
+    k = rand(1, 10, 1, 8, seed=2)
+    k[0, 5, 0, 3] = float("nan")  # page 1
+    k[0, 9, 0, 0] = float("-inf")  # page 2, the newest, written by the kernel
+    cache.write(0, k[:, :9], k[:, :9], torch.arange(9))
+    cache.append(0, k[:, 9:], k[:, 9:], torch.tensor([9], device=DEVICE), use_kernels=True)
+    assert cache.kscale[0, 0, 0, 1:3].isnan().all() and cache.kscale[0, 0, 0, 0].isfinite()
+    q = rand(1, 2, 8, seed=3)
+    for scores in (page_scores_ref(q, *cache.page_bounds(0)[:2], 3, cache.kscale[0]),
+                   kernels.page_scores(q, *cache.page_bounds(0)[:2], 3, scale=cache.kscale[0])):
+        assert scores[0, 0, 1:].isnan().all() and scores[0, 0, 0].isfinite()
+        assert select_pages(scores, 10, 4, 2)[0, 0].tolist() == [1, 2]
+
+
+@given(num_pages=st.integers(0, 150), spare=st.integers(0, 3), heads=st.sampled_from([(2, 2), (4, 2), (8, 2), (8, 1)]),
+       D=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.float32, torch.float16]), batch=st.integers(1, 2),
+       seed=seeds)
+def test_int8_page_scores_kernel_matches_reference(num_pages, spare, heads, D, dtype, batch, seed):
+    """kernels.page_scores on int8 bounds (dequantized in registers) = page_scores_ref (dequantized
+    first), group sizes 1, 2, 4, 8; with a length the pages past it score -inf."""
+    from kvcache import quantize_bounds
+    Hq, Hkv = heads
+    q = rand(batch, Hq, D, dtype=dtype, seed=seed)
+    a = rand(batch, Hkv, num_pages + spare, D, dtype=dtype, seed=seed + 1)
+    b = rand(batch, Hkv, num_pages + spare, D, dtype=dtype, seed=seed + 2) * 3
+    lo, hi, scale = quantize_bounds(torch.minimum(a, b), torch.maximum(a, b))
+    want = page_scores_ref(q, lo, hi, num_pages, scale)
+    got = kernels.page_scores(q, lo, hi, num_pages, scale=scale)
+    assert got.shape == (batch, Hkv, num_pages) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-5)
+    S, n = 4, max(0, 4 * num_pages - 4 * spare - 1)
+    in_use = -(-n // S)
+    for seq_len in (n, torch.tensor([n], dtype=torch.int32, device=DEVICE)):
+        got = kernels.page_scores(q, lo, hi, num_pages, seq_len, S, scale)
+        torch.testing.assert_close(got[..., :in_use], want[..., :in_use], atol=1e-3, rtol=1e-5)
+        assert (got[..., in_use:] == float("-inf")).all()
+
+
+def test_int8_bounds_need_their_scale():
+    from kvcache import quantize_bounds
+    lo, hi, scale = quantize_bounds(rand(1, 2, 3, 8, seed=0), rand(1, 2, 3, 8, seed=0) + 1)
+    q = rand(1, 2, 8, seed=1)
+    with pytest.raises(ValueError, match="int8 bounds need"):
+        kernels.page_scores(q, lo, hi, 3)
+    with pytest.raises(ValueError, match="int8 bounds need"):
+        kernels.page_scores(q, lo.float(), hi.float(), 3, scale=scale)
+    with pytest.raises(ValueError, match=r"--page-meta 'fp8': expected one of auto, int8"):
+        make_cache(page_meta="fp8")
+
+
+def test_int8_bounds_bytes_and_reads():
+    """nbytes counts the int8 bounds and their scales; a Quest step counts the bounds it reads at their
+    size: (2 D + 4) bytes per page and KV head instead of 2 D x the dtype's size."""
+    auto, int8 = make_cache(B=2, N=40, D=16), make_cache(B=2, N=40, D=16, page_meta="int8")
+    kv_bytes = 2 * 2 * 2 * 40 * 16 * 4
+    assert auto.nbytes() == kv_bytes + 2 * 2 * 2 * 10 * 16 * 4
+    assert int8.nbytes() == kv_bytes + 2 * 2 * 2 * 10 * 16 + 2 * 2 * 10 * 4
+    assert auto.bound_bytes() == auto.row_bytes() == 2 * 2 * 2 * 16 * 4 and int8.bound_bytes() == 2 * 2 * (2 * 16 + 4)
+    _, _, quest = quest_and_dense_decode(budget=8, steps=1, page_meta="int8")
+    assert quest.stats["kv_bytes_read"] == 6 * 2 * 2 * 2 * 16 * 4 + 6 * 2 * 2 * (2 * 16 + 4)  # 6 rows + 6 pages' bounds
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_int8_quest_attends_to_the_pages_its_bounds_select(use_kernels):
+    """QuestAttention on int8 bounds: the output is exact attention over the pages that select_pages
+    picks from page_scores_ref of the stored int8 bounds; a covering budget is still dense exactly."""
+    n_prompt, S, budget = 21, 4, 8
+    o_quest, _, quest = quest_and_dense_decode(budget=budget, n_prompt=n_prompt, steps=1, page_meta="int8",
+                                               use_kernels=use_kernels)
+    cache, N = quest.cache, n_prompt + 1
+    q = rand(2, N, 4, 16, seed=0)[:, -1]
+    page_idx = select_pages(page_scores_ref(q, *cache.page_bounds(0)[:2], -(-N // S), cache.kscale[0]), N, S, budget // S)
+    o, _ = paged_decode_ref(q, cache.k[0], cache.v[0], page_idx, N, S)
+    torch.testing.assert_close(o_quest[0, :, 0], o, atol=2e-4, rtol=0)
+    o_q, o_d, _ = quest_and_dense_decode(budget=28, page_meta="int8", use_kernels=use_kernels)
+    if use_kernels:  # (the dense side here is the PyTorch reference)
+        torch.testing.assert_close(o_q, o_d, atol=2e-4, rtol=0)
+    else:
+        assert torch.equal(o_q, o_d)
