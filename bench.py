@@ -330,7 +330,7 @@ def step_split(model, attn, window, budget, copy_bw, stats):
         t["quest_step_us"] = 1e3 * graph_ms(lambda: kernels.paged_decode(
             q[:, -1], cache.k[i], cache.v[i], quest_pages(q[:, -1], cache, i, budget, seq_len, True), seq_len, S)[0])
         # the bounds of the pages in use and the K/V of the chosen ones, each read once
-        t["quest_bound_us"] = 2 * B * Hkv * D * esz * (-(-(n + 1) // S) + budget) / copy_bw * 1e6
+        t["quest_bound_us"] = (cache.bound_bytes() * -(-(n + 1) // S) + 2 * B * Hkv * D * esz * budget) / copy_bw * 1e6
         t["quest_step_over_bound"] = t["quest_step_us"] / t["quest_bound_us"]
     return t
 
@@ -359,14 +359,15 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8
     rows, tokens = [], {}  # tokens: (method, mode) -> greedy tokens
     def method(name, w):
         cache = KVCache(args.n_layers, 1, args.n_kv_heads, args.max_seq_len, args.head_dim, torch.bfloat16, "cuda",
-                        page_meta=name != "dense")
+                        page_meta=name != "dense", page_meta_dtype="int8" if name == "quest int8" else "auto")
         if name == "dense":
             return DenseAttention(cache, use_kernels=True)
-        if name == "quest":
+        if name.startswith("quest"):
             return QuestAttention(cache, budget, 16, use_kernels=True)
         return RetroAttention(cache, budget, 16, window=w, use_kernels=True, track_exposure=False)
 
-    runs = [("dense", 1), ("quest", 1)] + [("retro", w) for w in retro_windows]
+    # quest int8: the page bounds as int8 + a scale per page (generate.py --page-meta int8), half the bytes
+    runs = [("dense", 1), ("quest", 1), ("quest int8", 1)] + [("retro", w) for w in retro_windows]
     for graph, (name, w) in itertools.product([False, True], runs):
         attn = method(name, w)  # warm-up: Triton compiles this configuration's kernels (not timed)
         generate(model, attn, prompt[:, :2 * budget], 4, window=w, cuda_graph=graph)

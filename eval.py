@@ -242,7 +242,7 @@ def start_method(model, method, mopts, prompt, max_new, o, separator_ids, keep_l
                              page_size=mopts.page_size, **fit)
         return res.attn, res.start_pos, 1
     cache = KVCache(a.n_layers, prompt.shape[0], a.n_kv_heads, prompt.shape[1] + max_new + 8, a.head_dim,
-                    o.torch_dtype, o.device, page_size=mopts.page_size)
+                    o.torch_dtype, o.device, page_size=mopts.page_size, page_meta_dtype=mopts.page_meta)
     window = mopts.window if method == "retro" else 1
     attn = make_attention(method, cache, mopts, o.use_kernels)
     start_pos = 0
@@ -436,7 +436,7 @@ def run_loss(o, model, tokenizer):
 
     def make_attn(max_seq_len):
         cache = KVCache(a.n_layers, 1, a.n_kv_heads, max_seq_len, a.head_dim, o.torch_dtype, o.device,
-                        page_size=mopts.page_size)
+                        page_size=mopts.page_size, page_meta_dtype=mopts.page_meta)
         return make_attention(o.method, cache, mopts, o.use_kernels)
     factory = None if o.method == "sdpa" else make_attn
     retro_decoding = o.method == "retro" or (o.method == "token_sparse" and mopts.decode == "retro")
