@@ -335,7 +335,10 @@ def step_split(model, attn, window, budget, copy_bw, stats):
     return t
 
 
-def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8), copy_bw=None):
+E2E_METHODS = ("dense", "quest", "quest-int8", "retro")
+
+
+def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8), copy_bw=None, methods=E2E_METHODS):
     """tokens/s of generate.generate on a Llama-3.1-8B-shaped model with random weights: every method
     eagerly, then with the decode step replayed from a CUDA graph (--cuda-graph; the
     decode time includes the first step's capture). A short warm-up run compiles the kernels first.
@@ -359,15 +362,15 @@ def bench_e2e(prompt_len=32768, new_tokens=256, budget=4096, retro_windows=(2, 8
     rows, tokens = [], {}  # tokens: (method, mode) -> greedy tokens
     def method(name, w):
         cache = KVCache(args.n_layers, 1, args.n_kv_heads, args.max_seq_len, args.head_dim, torch.bfloat16, "cuda",
-                        page_meta=name != "dense", page_meta_dtype="int8" if name == "quest int8" else "auto")
+                        page_meta=name != "dense", page_meta_dtype="int8" if name == "quest-int8" else "auto")
         if name == "dense":
             return DenseAttention(cache, use_kernels=True)
         if name.startswith("quest"):
             return QuestAttention(cache, budget, 16, use_kernels=True)
         return RetroAttention(cache, budget, 16, window=w, use_kernels=True, track_exposure=False)
 
-    # quest int8: the page bounds as int8 + a scale per page (generate.py --page-meta int8), half the bytes
-    runs = [("dense", 1), ("quest", 1), ("quest int8", 1)] + [("retro", w) for w in retro_windows]
+    # quest-int8: the page bounds as int8 + a scale per page (generate.py --page-meta int8), half the bytes
+    runs = [(m, 1) for m in methods if m != "retro"] + [("retro", w) for w in retro_windows if "retro" in methods]
     for graph, (name, w) in itertools.product([False, True], runs):
         attn = method(name, w)  # warm-up: Triton compiles this configuration's kernels (not timed)
         generate(model, attn, prompt[:, :2 * budget], 4, window=w, cuda_graph=graph)
@@ -406,6 +409,8 @@ def main():
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--e2e-contexts", type=int, nargs="+", default=[32768], help="prompt lengths of the e2e section")
     p.add_argument("--e2e-new-tokens", type=int, default=256, help="tokens decoded per e2e run")
+    p.add_argument("--e2e-methods", nargs="+", choices=E2E_METHODS, default=list(E2E_METHODS),
+                   help="methods of the e2e section (retro: w=2 and w=8; default all)")
     p.add_argument("--compaction-shape", choices=sorted(COMPACTION_SHAPES), default="llama3-8b",
                    help="the layer stack of the compaction section (default llama3-8b)")
     p.add_argument("--compaction-contexts", type=int, nargs="+", default=[32768],
@@ -450,7 +455,8 @@ def main():
                         "peak_extra_mib", "kv_mib_before", "kv_mib_after", "out_err", "mass_err"]),
         "e2e": (f"End-to-end decode, Llama-3.1-8B-shaped random model (bf16, {a.e2e_new_tokens} new tokens, batch 1)",
                 lambda: [dict(prompt_len=n, new_tokens=a.e2e_new_tokens, **r) for n in a.e2e_contexts
-                         for r in bench_e2e(prompt_len=n, new_tokens=a.e2e_new_tokens, copy_bw=bw)],
+                         for r in bench_e2e(prompt_len=n, new_tokens=a.e2e_new_tokens, copy_bw=bw,
+                                            methods=a.e2e_methods)],
                 ["prompt_len", "method", "mode", "tok_per_s", "tok_per_s_after_first", "first_step_s", "step_ms",
                  "linear_ms", "attention_ms", "selection_ms", "other_ms", "bound_ms", "step_over_bound", "quest_step_us",
                  "quest_bound_us", "quest_step_over_bound", "prefill_s", "peak_GiB", "same_tokens_as_eager"]),
