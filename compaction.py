@@ -108,14 +108,13 @@ def _softmax_lse(s):
     return p, mx - torch.log(p.amax(-1)), mx
 
 
-def _reference_pass(k, v, qr, scale, key_score, chunk):
+def _reference_pass(k, v, qr, scale, key_score, chunk, exact_tf32):
     """Full attention of the reference queries, streamed over query chunks.
     k, v (B, Hkv, T, D); qr (B, Hkv, M, D) -> row max and lse of the scores (B, Hkv, M), target
     outputs y (B, Hkv, M, D) fp32, key importance (B, Hkv, T)."""
     B, Hkv, T, D = k.shape
     M = qr.shape[2]
     kf, vf = k.float(), v.float()
-    exact_tf32 = {k.dtype, qr.dtype} <= {torch.bfloat16, torch.float16}
     row_max = torch.empty(B, Hkv, M, device=k.device)
     lse = torch.empty_like(row_max)
     y = torch.empty(B, Hkv, M, D, device=k.device)
@@ -208,7 +207,8 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
     chunk = max(1, chunk_elems // (B * Hkv * max(T, t)))
 
     # 1. full attention of the reference queries: the targets, and each key's importance
-    row_max, lse, y, importance = _reference_pass(k, v, qr, scale, key_score, chunk)
+    exact_tf32 = {k.dtype, qr.dtype} <= {torch.bfloat16, torch.float16}  # (see _scores)
+    row_max, lse, y, importance = _reference_pass(k, v, qr, scale, key_score, chunk, exact_tf32)
     chunk = max(1, chunk_elems // (B * Hkv * t))  # the fits' products have t columns, not T
     # the NNLS residual of query m in units of exp(shift_m): lse (ours) counts every query's relative
     # mass error the same (z_m = 1); "max" (the row max) weights queries by their mass
@@ -225,7 +225,6 @@ def compact_cache(k, v, q_ref, budget, key_score="rms", select="top", fit_bias=T
     ck = k.gather(2, gidx) * valid.unsqueeze(-1)
     v_sel = v.gather(2, gidx).float() * valid.unsqueeze(-1)
     ckf = ck.float().transpose(-1, -2)
-    exact_tf32 = {k.dtype, qr.dtype} <= {torch.bfloat16, torch.float16}
     pad = torch.zeros(B, Hkv, 1, t, device=k.device).masked_fill(~valid.unsqueeze(2), float("-inf"))
 
     # 3. biases: NNLS on the mass, w = exp(beta)
