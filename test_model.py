@@ -1,5 +1,8 @@
 """The Llama model and tokenizer: parity with Hugging Face, incremental decoding, errors, the fused kernels."""
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,12 +40,29 @@ def test_position_beyond_context_is_an_error():
 
 # -- Hugging Face parity -------------------------------------------------------------------------
 
+def hf_llama():
+    """transformers.LlamaForCausalLM. transformers >= 5.25 depends on Hugging Face's `kernels` package and
+    imports it by that name, which this repository's kernels.py shadows (the repository is on sys.path):
+    the Llama classes are imported with our module and directory set aside, then both put back."""
+    transformers = pytest.importorskip("transformers", reason="transformers (test-only parity oracle) is not installed")
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours, path = sys.modules.pop("kernels", None), sys.path[:]
+    sys.path[:] = [p for p in path if os.path.abspath(p or os.curdir) != here]
+    try:
+        return transformers.LlamaForCausalLM  # (a lazy attribute: the modeling modules load here)
+    finally:
+        sys.path[:] = path
+        sys.modules.pop("kernels", None)
+        if ours is not None:
+            sys.modules["kernels"] = ours
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_logits_match_huggingface_llama(tmp_path, tie):
-    transformers = pytest.importorskip("transformers", reason="transformers (test-only parity oracle) is not installed")
     m = tiny_model(seed=3, tie_embeddings=tie)
     save_model(m, tmp_path)
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).to(DEVICE).eval()
+    # use_kernels=False: transformers >= 5.25 would swap in Hugging Face hub kernels (no network here)
+    hf = hf_llama().from_pretrained(tmp_path, torch_dtype=torch.float32, use_kernels=False).to(DEVICE).eval()
     ours = load_model(tmp_path, device=DEVICE)
     # long enough that llama3 rope scaling (original context 128) matters
     toks = torch.randint(0, m.args.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0)).to(DEVICE)
