@@ -329,6 +329,15 @@ def step_split(model, attn, window, budget, copy_bw, stats):
         S, esz, i = cache.page_size, cache.k.element_size(), L - 1
         t["quest_step_us"] = 1e3 * graph_ms(lambda: kernels.paged_decode(
             q[:, -1], cache.k[i], cache.v[i], quest_pages(q[:, -1], cache, i, budget, seq_len, True), seq_len, S)[0])
+        # its three kernels one at a time, on the same inputs
+        kmin, kmax, scale = cache.page_bounds(i)
+        P = cache.num_pages_max
+        scores = kernels.page_scores(q[:, -1], kmin, kmax, P, seq_len, S, scale)
+        pages = kernels.select_pages(scores, seq_len, S, budget // S)
+        t["scores_us"] = 1e3 * graph_ms(lambda: kernels.page_scores(q[:, -1], kmin, kmax, P, seq_len, S, scale))
+        t["select_us"] = 1e3 * graph_ms(lambda: kernels.select_pages(scores, seq_len, S, budget // S))
+        t["paged_decode_us"] = 1e3 * graph_ms(lambda: kernels.paged_decode(q[:, -1], cache.k[i], cache.v[i], pages,
+                                                                           seq_len, S)[0])
         # the bounds of the pages in use and the K/V of the chosen ones, each read once
         t["quest_bound_us"] = (cache.bound_bytes() * -(-(n + 1) // S) + 2 * B * Hkv * D * esz * budget) / copy_bw * 1e6
         t["quest_step_over_bound"] = t["quest_step_us"] / t["quest_bound_us"]
@@ -459,7 +468,7 @@ def main():
                                             methods=a.e2e_methods)],
                 ["prompt_len", "method", "mode", "tok_per_s", "tok_per_s_after_first", "first_step_s", "step_ms",
                  "linear_ms", "attention_ms", "selection_ms", "other_ms", "bound_ms", "step_over_bound", "quest_step_us",
-                 "quest_bound_us", "quest_step_over_bound", "prefill_s", "peak_GiB", "same_tokens_as_eager"]),
+                 "scores_us", "select_us", "paged_decode_us", "quest_bound_us", "quest_step_over_bound", "prefill_s", "peak_GiB", "same_tokens_as_eager"]),
     }
     for name in a.sections:
         title, run, cols = sections[name]
