@@ -432,8 +432,10 @@ def paged_decode(q, k_cache, v_cache, page_idx, seq_len, page_size, bias=None, s
 # Appending to the KV cache at device positions (the CUDA-graph decode step), page bounds included
 
 # int8 page bounds: the constants and steps of kvcache.quantize_bounds (where the exactness argument is)
-SCALE_PER_LEVEL_C = tl.constexpr(float.fromhex("0x1.020418p-7"))
-FP32_MIN_NORMAL_C = tl.constexpr(2.0 ** -126)
+SCALE_PER_LEVEL = float.fromhex("0x1.020418p-7")  # 1/127 (1 + 2^-20), an fp32 (kvcache.quantize_bounds says why)
+FP32_MIN_NORMAL = 2.0 ** -126
+SCALE_PER_LEVEL_C = tl.constexpr(SCALE_PER_LEVEL)
+FP32_MIN_NORMAL_C = tl.constexpr(FP32_MIN_NORMAL)
 
 
 @triton.jit

@@ -159,8 +159,8 @@ class KVCache:
 # +inf (the page is read, as with bounds in the cache's dtype).
 
 INT8_LEVELS = 127
-SCALE_PER_LEVEL = float.fromhex("0x1.020418p-7")  # 1/127 (1 + 2^-20), an fp32: see above
-FP32_MIN_NORMAL = 2.0 ** -126
+SCALE_PER_LEVEL = kernels.SCALE_PER_LEVEL  # 1/127 (1 + 2^-20), an fp32: see above (one value for both paths)
+FP32_MIN_NORMAL = kernels.FP32_MIN_NORMAL
 
 
 def quantize_bounds(kmin, kmax):
