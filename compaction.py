@@ -66,7 +66,8 @@ def biased_attention_ref(q, k, v, bias, scale=None, chunk=4096):
 
 def _biased_then_causal(q, ck, cv, beta, k, v, use_kernels):
     """q (B, Hq, T, D) over [ck, cv with bias beta, all visible] + [k, v, causal: q are their last T rows]."""
-    o1, lse1 = biased_attention_ref(q, ck, cv, beta)
+    o1, lse1 = (kernels.flash_prefill(q, ck, cv, causal=False, bias=beta) if use_kernels
+                else biased_attention_ref(q, ck, cv, beta))
     o2, lse2 = (kernels.flash_prefill if use_kernels else attention)(q, k, v, causal=True)
     return merge_attention(o1, lse1, o2, lse2)[0]
 

@@ -170,11 +170,11 @@ def plan_splits(n, batch_heads, device, waves, block_n, num_splits=None, unit=No
 
 # lengths vary per call: no specialisation on their value (saves a JIT compile per new length class)
 @triton.jit(do_not_specialize=["Tq", "Tk", "q_offset"])
-def _prefill_kernel(Q, K, V, O, LSE, SEQ_LEN,
+def _prefill_kernel(Q, K, V, O, LSE, SEQ_LEN, BIAS,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
-                    sob, soh, sot, sod,
+                    sob, soh, sot, sod, sbb, sbh, sbn,
                     Hq, G, Tq, Tk, q_offset, qk_scale,
-                    LEN_ON_DEVICE: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                    LEN_ON_DEVICE: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
     if LEN_ON_DEVICE:  # keys [0, Tk) with Tk on the device; the queries are the last Tq of them
         Tk = tl.load(SEQ_LEN)
@@ -191,6 +191,7 @@ def _prefill_kernel(Q, K, V, O, LSE, SEQ_LEN,
     q_pos = q_offset + rows  # absolute position of each query
     K += b * skb + (h // G) * skh
     V += b * svb + (h // G) * svh
+    BIAS += b * sbb + (h // G) * sbh  # (read only with HAS_BIAS)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -204,7 +205,7 @@ def _prefill_kernel(Q, K, V, O, LSE, SEQ_LEN,
         if CAUSAL:
             visible = visible & (k_pos[None, :] <= q_pos[:, None])
         m, l, acc = attend_tile(q, K, V, k_pos, k_pos < Tk, visible, m, l, acc, skt, skd, svt, svd, d, d_ok,
-                                qk_scale, PRECISION)
+                                qk_scale, PRECISION, BIAS, sbn, HAS_BIAS)
 
     o, lse = finish_rows(m, l, acc)
     tl.store(O + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod, o.to(O.dtype.element_ty),
@@ -212,14 +213,19 @@ def _prefill_kernel(Q, K, V, O, LSE, SEQ_LEN,
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + rows, lse, mask=rows < Tq)
 
 
-def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None, seq_len=None):
+def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None, seq_len=None, bias=None):
     """FlashAttention forward, same contract as attention.attention_ref.
     q (B, Hq, Tq, D); k, v (B, Hkv, Tk, D), any strides -> o (B, Hq, Tq, D) q.dtype, lse (B, Hq, Tq) fp32.
     seq_len: a device length (see device_length): then only keys [0, seq_len) of k, v exist and the
-    queries are the last Tq of them (q_offset = seq_len - Tq)."""
+    queries are the last Tq of them (q_offset = seq_len - Tq).
+    bias (B, Hkv, Tk) fp32 or None: added to each key's scaled score (-inf: the key is absent), as in
+    compaction.biased_attention_ref; a compacted cache's keys carry one."""
     G = _check(q, k, v, 4)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
+    if bias is not None and (tuple(bias.shape) != (B, k.shape[1], Tk) or bias.dtype != torch.float32):
+        raise ValueError(f"flash_prefill: bias must be fp32 (B, Hkv, Tk) = ({B}, {k.shape[1]}, {Tk}), got "
+                         f"{bias.dtype} {tuple(bias.shape)}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     len_t = None
     if seq_len is not None:
@@ -233,9 +239,10 @@ def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None, seq_len=None)
         return o, lse
     BLOCK_M, BLOCK_N, warps, stages = prefill_tiles(q)
     _prefill_kernel[(triton.cdiv(Tq, BLOCK_M), B * Hq)](
-        q, k, v, o, lse, len_t if len_t is not None else lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, o, lse, len_t if len_t is not None else lse, bias if bias is not None else lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *(bias.stride() if bias is not None else (0, 0, 0)),
         Hq, G, Tq, Tk, q_offset, scale * LOG2E, LEN_ON_DEVICE=len_t is not None, CAUSAL=causal,
-        PRECISION=dot_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=tile_size(D), D=D,
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=tile_size(D), D=D,
         num_warps=warps, num_stages=stages)
     return o, lse
 

@@ -10,10 +10,11 @@ of 0.5 w^T H w - c^T w: the gradient g = H w - c is 0 where w > 0 and >= 0 where
   1. Accelerated projected gradient (FISTA) on the Jacobi-scaled problem, step 1/L with L the largest
      eigenvalue; the momentum restarts when it points uphill (O'Donoghue & Candes' gradient test).
      This finds (nearly) the support {w > 0}.
-  2. Active-set polish (Lawson-Hanson, w >= 0 only) in float64 from that support: solve H_PP w_P = c_P;
-     if some w_P <= 0, step towards the solution until the first weight hits 0 and drop it; otherwise
-     take it and add every weight whose gradient is negative. A round keeps w >= 0 and never raises the
-     objective; it stops when every problem is at a KKT point (at most polish_rounds).
+  2. Polish (w >= 0 only) in float64 from that support, by block principal pivoting: solve on the
+     guessed support F, then move every index on the wrong side (a negative weight in F, a negative
+     gradient outside it) to the other side at once, and solve again; right support, exact solution.
+     A few solves per problem, each a Cholesky (at most polish_rounds); the answer is never worse
+     than step 1's.
 """
 
 import contextlib
@@ -91,7 +92,7 @@ def nnls_gram(H, c, iters=300, polish_rounds=30, box=None):
     u_lo = torch.where(d > 0, lo / torch.where(d > 0, d, 1.0), 0.0)
     u_hi = torch.where(d > 0, hi / torch.where(d > 0, d, 1.0), 0.0)
     w = _projected_gradient(H * d.unsqueeze(-1) * d.unsqueeze(-2), c * d, iters, u_lo, u_hi) * d
-    return _active_set_polish(H, c, w, polish_rounds) if polish_rounds and box is None else w
+    return _block_pivoting(H, c, w, polish_rounds) if polish_rounds and box is None else w
 
 
 def _projected_gradient(H, c, iters, lo, hi):
@@ -166,41 +167,50 @@ def spd_solve(A, b):
     return x
 
 
-def _active_set_polish(H, c, w, rounds):
+def _block_pivoting(H, c, w, rounds):
+    """Step 2 (see the module docstring), per problem until its support is right or `rounds` Cholesky
+    solves are spent. Block principal pivoting (Portugal, Judice & Vicente 1994; Kim & Park 2011):
+    a guess F of the support gives x with H_FF x_F = c_F and x = 0 elsewhere; x is the answer iff
+    x_F >= 0 and the gradient g = H x - c is >= 0 off F. Each index that breaks this changes side, all
+    at once while that lowers their count (or within 3 tries of the lowest count), else only the largest
+    one (Murty's rule, which cannot cycle). From FISTA's support this takes 3-6 solves on a compaction's
+    fits, where dropping one weight per solve (Lawson-Hanson's inner loop) took 40-100.
+    Returns, per problem, the feasible point of lowest objective among w and every round's x clamped
+    at 0: never worse than FISTA's w, and the solution itself once the support is right."""
     shape, t = w.shape, w.shape[-1]
     H64, c64, w64 = H.reshape(-1, t, t).double(), c.reshape(-1, t).double(), w.reshape(-1, t).double()
+    n = w64.shape[0]
     eye = torch.eye(t, dtype=torch.float64, device=H.device)
+    slots = torch.arange(t, device=H.device)
     jitter = 1e-12 * H64.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
     tol = 1e-10 * (H64.abs().amax((-1, -2)) * w64.abs().amax(-1) + c64.abs().amax(-1)).unsqueeze(-1)
-    P = w64 > 0  # the support (Lawson-Hanson's passive set)
-    # the problems not yet at a KKT point: most get there in a few rounds, a few take many, and a
-    # round costs a Cholesky per problem, so each round works on the rest alone (a problem at its
-    # KKT point would only solve the same support again and keep its w)
-    todo = torch.arange(w64.shape[0], device=H.device)
+    F = w64 > 0
+    best_f = _objective(H64, c64, w64)
+    fewest = torch.full((n,), t + 1, device=H.device)  # the lowest count of wrong-side indices so far
+    tries = torch.full((n,), 3, device=H.device)  # full exchanges left without lowering it
+    todo = torch.arange(n, device=H.device)  # the problems still pivoting
     for _ in range(rounds):
-        Hs, cs, ws, Ps, jit = H64[todo], c64[todo], w64[todo], P[todo], jitter[todo]
-        # the support's block of H, identity elsewhere: the solve leaves inactive weights at 0
-        Hp = torch.where(Ps.unsqueeze(-1) & Ps.unsqueeze(-2), Hs, eye) + jit * eye
-        # Cholesky (see spd_solve for why not LU); a support block singular even with the jitter keeps
-        # its w, the projected-gradient answer, instead of failing the batch
+        Hs, cs, Fs = H64[todo], c64[todo], F[todo]
+        # F's block of H, identity elsewhere: the solve leaves x = 0 off F. Cholesky (see spd_solve for
+        # why not LU); a block singular even with the jitter stops its problem at its best point so far
+        Hp = torch.where(Fs.unsqueeze(-1) & Fs.unsqueeze(-2), Hs, eye) + jitter[todo] * eye
         chol, info = torch.linalg.cholesky_ex(Hp)
-        chol = torch.where((info != 0)[..., None, None], eye, chol)
-        sol = torch.cholesky_solve(torch.where(Ps, cs, 0.0).unsqueeze(-1), chol)
-        solved = (info == 0).unsqueeze(-1)
-        sol = torch.where(Ps & solved, sol.squeeze(-1), 0.0)
-        feasible = (sol > 0).eq(Ps).all(-1, keepdim=True) & solved
-        # largest step in [0, 1] from w towards sol that keeps w >= 0 (1 when feasible)
-        shrink = torch.where(Ps & (sol <= 0), ws / (ws - sol).clamp_min(1e-300), torch.ones_like(ws))
-        alpha = shrink.amin(-1, keepdim=True).clamp(0, 1)
-        cand = (ws + alpha * (sol - ws)).clamp_min(0)
-        cand = torch.where(cand <= 1e-12 * cand.amax(-1, keepdim=True), 0.0, cand)
-        ok = (_objective(Hs, cs, cand) <= _objective(Hs, cs, ws)).unsqueeze(-1) \
-            & torch.isfinite(cand).all(-1, keepdim=True) & solved
-        ws = torch.where(ok, cand, ws)
-        g = _matvec(Hs, ws) - cs
-        new_P = torch.where(ok & feasible, (ws > 0) | (g < -tol[todo]), ws > 0)
-        w64[todo], P[todo] = ws, new_P
-        todo = todo[~((new_P == Ps).all(-1) & (ok & feasible).squeeze(-1))]  # those at a KKT point (up to tol) leave
+        solved = info == 0
+        chol = torch.where(solved[..., None, None], chol, eye)
+        x = torch.where(Fs, torch.cholesky_solve(torch.where(Fs, cs, 0.0).unsqueeze(-1), chol).squeeze(-1), 0.0)
+        cand = x.clamp_min(0)
+        f = _objective(Hs, cs, cand)
+        better = solved & torch.isfinite(f) & (f < best_f[todo])
+        w64[todo[better]], best_f[todo[better]] = cand[better], f[better]
+        wrong = (Fs & (x < 0)) | (~Fs & (_matvec(Hs, x) - cs < -tol[todo]))
+        count = wrong.sum(-1)
+        lower = count < fewest[todo]
+        fewest[todo] = torch.minimum(count, fewest[todo])
+        tries[todo] = torch.where(lower, 3, tries[todo] - 1)
+        largest = slots == torch.where(wrong, slots, -1).amax(-1, keepdim=True)
+        move = torch.where((tries[todo] >= 0).unsqueeze(-1), wrong, wrong & largest)
+        F[todo] = Fs ^ move
+        todo = todo[solved & (count > 0)]
         if todo.numel() == 0:
             break
     return w64.float().view(shape)

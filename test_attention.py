@@ -94,6 +94,37 @@ def test_flash_prefill_matches_reference(Tk, Tq_frac, offset, heads, D, dtype, c
     assert_attention_close(o, lse, o_ref, lse_ref, dtype)
 
 
+@given(Tk=seq_lens(), Tq=st.integers(1, 40), heads=gqa_heads(), D=head_dims(), dtype=dtypes(),
+       causal=st.booleans(), absent=st.floats(0, 1), seed=seeds)
+def test_flash_prefill_with_bias_matches_float64(Tk, Tq, heads, D, dtype, causal, absent, seed):
+    """bias (B, Hkv, Tk): a compacted cache's per-key bias, -inf for an absent key (a fraction `absent`
+    of them, all of a head's keys included). Oracle: softmax(q k^T / sqrt(D) + bias) v in float64."""
+    Hq, Hkv = heads
+    q = rand(1, Hq, Tq, D, dtype=dtype, seed=seed)
+    k, v = rand(1, Hkv, Tk, D, dtype=dtype, seed=seed + 1), rand(1, Hkv, Tk, D, dtype=dtype, seed=seed + 2)
+    g = torch.Generator().manual_seed(seed)
+    bias = 3 * torch.randn(1, Hkv, Tk, generator=g)
+    bias = bias.masked_fill(torch.rand(1, Hkv, Tk, generator=g) < absent, float("-inf")).to(DEVICE)
+    o, lse = kernels.flash_prefill(q, k, v, causal=causal, bias=bias)
+    q64, k64, v64 = (x.double() for x in (q, k, v))
+    s = q64 @ k64.repeat_interleave(Hq // Hkv, 1).transpose(-1, -2) / math.sqrt(D)
+    s = s + bias.double().repeat_interleave(Hq // Hkv, 1)[:, :, None, :]
+    if causal:  # the queries are the last Tq positions of the Tk keys
+        s = s.masked_fill(torch.arange(Tk, device=DEVICE) > (Tk - Tq + torch.arange(Tq, device=DEVICE))[:, None],
+                          float("-inf"))
+    lse_ref = torch.logsumexp(s, -1)
+    p = torch.nan_to_num(torch.exp(s - lse_ref[..., None]))  # a row with no key: weights 0
+    o_ref = p @ v64.repeat_interleave(Hq // Hkv, 1)
+    assert_attention_close(o, lse, o_ref.float(), lse_ref.float(), dtype)
+
+
+def test_flash_prefill_bias_shape_is_checked():
+    q, k, v = rand(1, 4, 3, 64, seed=1), rand(1, 2, 5, 64, seed=2), rand(1, 2, 5, 64, seed=3)
+    for bad in (torch.zeros(1, 2, 4, device=DEVICE), torch.zeros(1, 2, 5, dtype=torch.float64, device=DEVICE)):
+        with pytest.raises(ValueError, match="flash_prefill: bias must be fp32"):
+            kernels.flash_prefill(q, k, v, bias=bad)
+
+
 @pytest.mark.parametrize("Tq, Tk", [(1, 1), (1, 33), (17, 17), (5, 40), (40, 40)])
 def test_flash_prefill_edge_shapes(Tq, Tk):
     q, k, v = rand(1, 4, Tq, 64, seed=1), rand(1, 1, Tk, 64, seed=2), rand(1, 1, Tk, 64, seed=3)

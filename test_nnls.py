@@ -55,6 +55,42 @@ def test_a_batch_of_problems_solves_each_as_alone(n, t, extra, seed):
         assert (grad[w > 0].abs() <= eps).all() and (grad[w == 0] >= -eps).all(), grad
 
 
+def kkt_violation(A, z, w):
+    """Largest breach of the NNLS optimality conditions, relative to the gradient's scale."""
+    A64, z64, w64 = A.double(), z.double(), w.double()
+    grad = A64.transpose(-1, -2) @ (A64 @ w64.unsqueeze(-1) - z64.unsqueeze(-1))
+    grad = grad.squeeze(-1)
+    scale = (A64.abs().transpose(-1, -2) @ (A64.abs() @ w64.unsqueeze(-1) + z64.abs().unsqueeze(-1))).amax((-1, -2))
+    return torch.maximum(torch.where(w64 > 0, grad.abs(), 0).amax(-1), (-grad).clamp_min(0).amax(-1)) / scale
+
+
+@settings(max_examples=10)
+@given(t=st.integers(20, 60), seed=st.integers(0, 10**6))
+def test_polish_finds_the_support_in_a_few_solves(t, seed):
+    """From a poor start (3 gradient steps: many weights on the wrong side of 0) the polish reaches the
+    KKT point within 8 solves, where moving one weight per solve would need about as many solves as
+    there are misplaced weights; with 0 solves the start is far from it (so the check can fail)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.exp(torch.randn(4, 2 * t, t, generator=g))
+    z = torch.randn(4, 2 * t, generator=g).abs() * 3
+    assert (kkt_violation(A, z, nnls(A, z, iters=3, polish_rounds=0)) > 1e-3).any()
+    assert (kkt_violation(A, z, nnls(A, z, iters=3, polish_rounds=8)) < 1e-5).all()
+
+
+@settings(max_examples=15)
+@given(t=st.integers(1, 40), rounds=st.integers(1, 3), seed=st.integers(0, 10**6))
+def test_polish_never_raises_the_objective(t, rounds, seed):
+    """Cut short after any number of solves, the polish returns a point no worse than the gradient steps'."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.exp(2 * torch.randn(3, t + 5, t, generator=g))
+    z = torch.randn(3, t + 5, generator=g)
+    H, c = A.transpose(-1, -2) @ A, (A.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1)
+    objective = lambda w: ((A.double() @ w.double().unsqueeze(-1)).squeeze(-1) - z.double()).pow(2).sum(-1)  # noqa: E731
+    w0, w = nnls_gram(H, c, iters=5, polish_rounds=0), nnls_gram(H, c, iters=5, polish_rounds=rounds)
+    assert (w >= 0).all()
+    assert (objective(w) <= objective(w0) * (1 + 1e-6) + 1e-9).all()
+
+
 @settings(max_examples=10)
 @given(M=st.integers(4, 30), t=st.integers(1, 10), seed=st.integers(0, 10**6))
 def test_boxed_nnls_stays_in_the_box_and_beats_the_clamped_exact_solution(M, t, seed):
