@@ -242,8 +242,8 @@ def flash_prefill(q, k, v, causal=True, q_offset=None, scale=None, seq_len=None,
         q, k, v, o, lse, len_t if len_t is not None else lse, bias if bias is not None else lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *(bias.stride() if bias is not None else (0, 0, 0)),
         Hq, G, Tq, Tk, q_offset, scale * LOG2E, LEN_ON_DEVICE=len_t is not None, CAUSAL=causal,
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=tile_size(D), D=D,
-        num_warps=warps, num_stages=stages)
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(q.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_D=tile_size(D), D=D, num_warps=warps, num_stages=stages)
     return o, lse
 
 

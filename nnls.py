@@ -173,7 +173,7 @@ def _block_pivoting(H, c, w, rounds):
     a guess F of the support gives x with H_FF x_F = c_F and x = 0 elsewhere; x is the answer iff
     x_F >= 0 and the gradient g = H x - c is >= 0 off F. Each index that breaks this changes side, all
     at once while that lowers their count (or within 3 tries of the lowest count), else only the largest
-    one (Murty's rule, which cannot cycle). From FISTA's support this takes 3-6 solves on a compaction's
+    one (Murty's rule, which cannot cycle). From FISTA's support this takes 2-7 solves on a compaction's
     fits, where dropping one weight per solve (Lawson-Hanson's inner loop) took 40-100.
     Returns, per problem, the feasible point of lowest objective among w and every round's x clamped
     at 0: never worse than FISTA's w, and the solution itself once the support is right."""

@@ -85,7 +85,8 @@ def test_polish_never_raises_the_objective(t, rounds, seed):
     A = torch.exp(2 * torch.randn(3, t + 5, t, generator=g))
     z = torch.randn(3, t + 5, generator=g)
     H, c = A.transpose(-1, -2) @ A, (A.transpose(-1, -2) @ z.unsqueeze(-1)).squeeze(-1)
-    objective = lambda w: ((A.double() @ w.double().unsqueeze(-1)).squeeze(-1) - z.double()).pow(2).sum(-1)  # noqa: E731
+    def objective(w):
+        return ((A.double() @ w.double().unsqueeze(-1)).squeeze(-1) - z.double()).pow(2).sum(-1)
     w0, w = nnls_gram(H, c, iters=5, polish_rounds=0), nnls_gram(H, c, iters=5, polish_rounds=rounds)
     assert (w >= 0).all()
     assert (objective(w) <= objective(w0) * (1 + 1e-6) + 1e-9).all()
