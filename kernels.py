@@ -615,7 +615,7 @@ def page_scores(q, kmin, kmax, num_pages, seq_len=None, page_size=1, scale=None)
 # ~11 halvings; cutting the range at 3-15 keys per pass, counts packed in one reduction, took 27-45 us;
 # tl.histogram, 65-150 us; interpolating the count instead of halving, 14-16 us: as many passes, dearer ones;
 # the row as (rows, 16-128 pages) with two short scans for the slots, 12.1-14.2 us, and 16.5-28.6 us at 8K + 20
-# pages; 2-4 cuts per pass packed in one int64 reduction, 13.2-14.1 us (15.7-16.8 on the 2D layout).)
+# pages; 2-4 cuts per pass packed in one int64 reduction, 13.2-14.1 us (15.7-16.8 on the (rows, pages) one).)
 
 @triton.jit
 def _select_keys(SCORES, row, ss_row, ss_p, p, num_pages):
