@@ -19,7 +19,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
-from model import MLP, Attention, RMSNorm, RoPE
+from model import MLP, Attention, Block, RMSNorm, RoPE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,36 +107,47 @@ def silu_mul(gate, up):
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, N, K, swn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, R, Y, N, K, swn, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # per-lane partial sums, reduced once at the end
     for k0 in range(0, K, BLOCK_K):
         c = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(W + n[:, None].to(tl.int64) * swn + c[None, :], mask=(n[:, None] < N) & (c[None, :] < K), other=0.0)
         acc += w.to(tl.float32) * tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n < N)
+    y = tl.sum(acc, 1).to(Y.dtype.element_ty)
+    if RESIDUAL:  # the residual stream's add, rounded after the product as x + linear(h) rounds
+        y = (y.to(tl.float32) + tl.load(R + n, mask=n < N, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
+    tl.store(Y + n, y, mask=n < N)
 
 
-def gemv(x, weight):
+def gemv(x, weight, residual=None):
     """F.linear(x, weight) for x (..., K) holding one row; weight (N, K) with unit stride along K.
-    Each program streams BLOCK_N whole rows of the weight, BLOCK_K columns at a time."""
+    Each program streams BLOCK_N whole rows of the weight, BLOCK_K columns at a time.
+    residual (..., N): returned plus the product (residual + linear(x, weight), one launch)."""
     N, K = weight.shape
     if x.numel() != K or x.shape[-1] != K or weight.stride(1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} must be one row of {K} values and weight {tuple(weight.shape)} "
                          f"unit-stride along K")
+    if residual is not None and (residual.numel() != N or residual.dtype != x.dtype):
+        raise ValueError(f"gemv: residual {tuple(residual.shape)} {residual.dtype} must be one row of {N} {x.dtype} values")
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    r = residual.contiguous() if residual is not None else y  # (never read without a residual)
     block_k = 1024 if N <= 4096 else 512 if N <= 8192 else 256  # longer tiles when fewer programs (H200, 8B shapes)
-    _gemv_kernel[(triton.cdiv(N, 16),)](x.contiguous(), weight, y, N, K, weight.stride(0), BLOCK_N=16, BLOCK_K=block_k,
+    _gemv_kernel[(triton.cdiv(N, 16),)](x.contiguous(), weight, r, y, N, K, weight.stride(0),
+                                        RESIDUAL=residual is not None, BLOCK_N=16, BLOCK_K=block_k,
                                         num_warps=8 if block_k > 256 else 4, num_stages=2)
     return y
+
+
+def one_row(x, weight):
+    return x.numel() == x.shape[-1] and weight.stride(1) == 1
 
 
 def linear(x, weight):
     """x @ weight.T. A single row (a batch-1 decode step) goes to gemv: at batch 1 a product
     reads its whole weight for one row of output, and the GEMV streams it at 91-104% of copy
     bandwidth for the 8B shapes, where cuBLAS reaches 57% (4096 x 4096) to 88% (4096 x 14336)."""
-    one_row = x.numel() == x.shape[-1] and weight.stride(1) == 1
-    return gemv(x, weight) if one_row else nn.functional.linear(x, weight)
+    return gemv(x, weight) if one_row(x, weight) else nn.functional.linear(x, weight)
 
 
 def concat_weights(*linears):
@@ -168,6 +179,16 @@ class FusedAttention(Attention):
         q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         return linear(x, self.qkv_weight).split([q, kv, kv], dim=-1)
 
+    def rotate(self, q, k, cos, sin):
+        """One token's q and k heads, side by side in the q | k | v product, turned in one launch."""
+        B, T, Hq, D = q.shape
+        side_by_side = (B * T == 1 and q.stride()[2:] == k.stride()[2:] == (D, 1) and  # (B, T: strides unused)
+                        k.data_ptr() == q.data_ptr() + Hq * D * q.element_size())
+        if not side_by_side:
+            return super().rotate(q, k, cos, sin)
+        both = rope(q.as_strided((B, T, Hq + k.shape[2], D), q.stride()), cos, sin)
+        return both[:, :, :Hq], both[:, :, Hq:]
+
 
 class FusedMLP(MLP):
     def forward(self, x):  # gate_up_weight: set by fuse_kernels
@@ -175,13 +196,32 @@ class FusedMLP(MLP):
         return self.down_proj(silu_mul(gate, up))
 
 
-FUSED = {RMSNorm: FusedRMSNorm, RoPE: FusedRoPE, nn.Linear: FastLinear, Attention: FusedAttention, MLP: FusedMLP}
+class FusedBlock(Block):
+    """A batch-1 step's residual adds done by the GEMVs that end each half of the block (o_proj,
+    down_proj): two launches fewer per layer (each ~1-2 us in a graph). The SwiGLU stays its own launch:
+    computed inside the down GEMV, by every program for its whole input, it cost that GEMV 39 us against
+    32 for silu_mul + GEMV + add (H200, 8B shapes). Several rows, or a projection with hooks (tp.py's
+    all-reduce must come before the add), run model.Block."""
+
+    def forward(self, x, cos, sin, input_pos, attn, decode):
+        a, mlp = self.self_attn, self.mlp
+        if not (one_row(x, a.o_proj.weight) and one_row(x, mlp.gate_up_weight) and
+                not a.o_proj._forward_hooks and not mlp.down_proj._forward_hooks):
+            return super().forward(x, cos, sin, input_pos, attn, decode)
+        x = gemv(a.attend(self.input_layernorm(x), cos, sin, input_pos, attn, decode), a.o_proj.weight, residual=x)
+        gate, up = gemv(self.post_attention_layernorm(x), mlp.gate_up_weight).chunk(2, dim=-1)
+        return gemv(silu_mul(gate, up), mlp.down_proj.weight, residual=x)
+
+
+FUSED = {RMSNorm: FusedRMSNorm, RoPE: FusedRoPE, nn.Linear: FastLinear, Attention: FusedAttention, MLP: FusedMLP,
+         Block: FusedBlock}
 
 
 def fuse_kernels(model):
     """Run model.py's RMSNorm, RoPE and SiLU-times-up as one Triton kernel each (rms_norm,
-    rope, silu_mul; results equal to rounding), q/k/v and gate/up as one product each, and a single
-    row's products as a GEMV (linear). For inference: the fused weights are not trained. -> model"""
+    rope, silu_mul; results equal to rounding), q/k/v and gate/up as one product each, a single
+    row's products as a GEMV (linear), a single row's residual adds inside its GEMVs (FusedBlock) and
+    its q and k turned in one launch (FusedAttention.rotate). For inference: the fused weights are not trained. -> model"""
     for m in model.modules():
         # the same module, weights and state_dict names: only forward changes (model.py's layers have no bias)
         if type(m) in FUSED and getattr(m, "bias", None) is None:

@@ -602,20 +602,25 @@ def page_scores(q, kmin, kmax, num_pages, seq_len=None, page_size=1, scale=None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Quest page selection: one program per (batch, KV head) finds the top-k pages of its score row
+# Quest page selection: the programs of a (batch, KV head) row find the k-th largest score, then each
+# stores the kept pages of its chunk of the row
 #
 # torch.topk + sort on a row of 8K scores costs more than reading the selected pages. Here the k-th
 # largest score is found by bisection instead: each score is mapped to an int32 key in the same order
 # (flip the magnitude bits of negative floats), and halvings of [smallest key, largest key but the
-# newest page's] find the largest T with at least k keys >= T, the k-th largest key (~25 halvings for
-# positive scores of one magnitude; fewer when a T with exactly k keys >= T turns up first). Pages above
+# newest page's] find the largest T with at least k keys >= T, the k-th largest key (10-17 halvings for
+# 8K Quest scores of random keys; fewer when a T with exactly k keys >= T turns up first). Pages above
 # T are kept, then pages equal to T, lowest first, until k are kept; one running sum counts both, and
-# gives each kept page its slot, so the output comes out in ascending page order without a sort. The
-# slots past the kept pages get -1 from the same program. (Measured on an H200, 8 rows of 8K Quest scores: 12.4 us,
-# ~11 halvings; cutting the range at 3-15 keys per pass, counts packed in one reduction, took 27-45 us;
-# tl.histogram, 65-150 us; interpolating the count instead of halving, 14-16 us: as many passes, dearer ones;
-# the row as (rows, 16-128 pages) with two short scans for the slots, 12.1-14.2 us, and 16.5-28.6 us at 8K + 20
-# pages; 2-4 cuts per pass packed in one int64 reduction, 13.2-14.1 us (15.7-16.8 on the (rows, pages) one).)
+# gives each kept page its slot, so the output comes out in ascending page order without a sort.
+# The halvings cannot be shared between programs (they would have to wait on each other), so every
+# program of a row does them all; the running sum is what is cut in chunks: a program counts the pages
+# kept before its chunk (one more reduction) and runs its sum over its own chunk only.
+# Measured on an H200, 8 rows of 8K + 8 Quest scores (a 128K cache with room for new tokens), K = 256:
+# the load ~4.5 us, the halvings ~7 us, one running sum over the whole row ~4.8 us; in chunks of 1024
+# pages the kernel takes 12.2 us, against 16.4 in one program per row. Slower, on the same rows: cutting the range
+# at 3-15 keys per pass, counts packed in one reduction (27-45 us); tl.histogram (65-150 us);
+# interpolating the count instead of halving (14-16 us); the row as (rows, 16-128 pages) with two short
+# scans (12.1-14.2 us, 16.5-28.6 at 8K + 20 pages); 2-4 cuts per pass in one int64 reduction (13.2-14.1 us).
 
 @triton.jit
 def _select_keys(SCORES, row, ss_row, ss_p, p, num_pages):
@@ -632,22 +637,25 @@ def _select_keys(SCORES, row, ss_row, ss_p, p, num_pages):
 
 
 @triton.jit
+def _kept_counts(p, key, ok, lo):
+    """The pages p above lo and those equal to lo, packed as one int32 each: above | tie << 16."""
+    return (ok & (key > lo)).to(tl.int32) | ((ok & (key == lo)).to(tl.int32) << 16)
+
+
+@triton.jit
 def _keep_pages(OUT, row, so_row, p, key, ok, lo, ties_kept, before):
     """Store the pages of one segment kept for threshold lo at their slots; before: the packed counts
-    (above | ties << 16) of the segments before it. -> the packed counts with this segment."""
-    above = ok & (key > lo)
-    tie = ok & (key == lo)
-    c = before + tl.cumsum(above.to(tl.int32) | (tie.to(tl.int32) << 16), 0)  # above and ties so far, one scan
-    keep = above | (tie & ((c >> 16) <= ties_kept))  # the lowest pages among the ties
+    (above | ties << 16) of the pages before it."""
+    c = before + tl.cumsum(_kept_counts(p, key, ok, lo), 0)  # above and ties so far, one scan
+    keep = ok & ((key > lo) | ((key == lo) & ((c >> 16) <= ties_kept)))  # the lowest pages among the ties
     slot = (c & 0xFFFF) + tl.minimum(c >> 16, ties_kept) - 1
     tl.store(OUT + row * so_row + slot, p, mask=keep)
-    return tl.max(c, 0)
 
 
 @triton.jit(do_not_specialize=["num_pages", "k"])
 def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, k, n_slots, page_size,
                          LEN_ON_DEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
     if LEN_ON_DEVICE:  # the pages of a device length (see device_length)
         num_pages = tl.cdiv(tl.load(SEQ_LEN), page_size)
     newest = num_pages - 1  # the page of the token being decoded
@@ -657,7 +665,8 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
     p = tl.arange(0, BLOCK_P)
     key = _select_keys(SCORES, row, ss_row, ss_p, p, num_pages)
     k = tl.minimum(k, num_pages)
-    # T lies in [lo, hi): count(key >= lo) >= k > count(key >= hi); k == 1 is the newest page alone
+    # T lies in [lo, hi): count(key >= lo) = count_lo >= k > count(key >= hi) = count_hi; at the start
+    # only the newest page is >= hi. k == 1 is the newest page alone.
     lo = tl.min(tl.where(p < num_pages, key, 2147483647), 0)
     hi = tl.max(tl.where(p == newest, -2147483648, key), 0)
     if BLOCK_T > 0:
@@ -668,6 +677,7 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
     lo = tl.where(k == 1, 2147483647, lo)
     hi = tl.maximum(hi + 1, lo + 1)
     count_lo = tl.where(k == 1, 1, num_pages)
+    count_hi = 1
     while (count_lo != k) & (lo + 1 < hi):  # stop early once exactly k keys are >= lo: they are the top k
         mid = (lo & hi) + ((lo ^ hi) >> 1)  # (lo + hi) // 2 without int32 overflow
         count = tl.sum((key >= mid).to(tl.int32), 0)
@@ -677,25 +687,40 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
         lo = tl.where(enough, mid, lo)
         count_lo = tl.where(enough, count, count_lo)
         hi = tl.where(enough, hi, mid)
-    above = tl.sum(((p < num_pages) & (key > lo)).to(tl.int32), 0)
+        count_hi = tl.where(enough, count_hi, count)
+    # exactly k keys >= lo: all kept; else lo + 1 == hi, and the count_hi pages above lo leave k - count_hi ties
+    ties_kept = tl.where(count_lo == k, k, k - count_hi)
+    # this program's chunk of the row, and the packed counts of the pages before it
+    start = tl.program_id(1) * CHUNK
+    before = tl.sum(tl.where(p < start, _kept_counts(p, key, p < num_pages, lo), 0), 0)
     if BLOCK_T > 0:
-        above += tl.sum(((pt < num_pages) & (key_t > lo)).to(tl.int32), 0)
-    ties_kept = k - above  # the lowest pages among the ties
-    before = _keep_pages(OUT, row, so_row, p, key, p < num_pages, lo, ties_kept, 0)
-    if BLOCK_T > 0:
-        _keep_pages(OUT, row, so_row, pt, key_t, pt < num_pages, lo, ties_kept, before)
-    unused = k + tl.arange(0, BLOCK_K)  # the slots past the pages of the length
-    tl.store(OUT + row * so_row + unused, tl.full([BLOCK_K], -1, tl.int32), mask=unused < n_slots)
+        before += tl.sum(tl.where(pt < start, _kept_counts(pt, key_t, pt < num_pages, lo), 0), 0)
+    pc = start + tl.arange(0, CHUNK)
+    _keep_pages(OUT, row, so_row, pc, _select_keys(SCORES, row, ss_row, ss_p, pc, num_pages), pc < num_pages,
+                lo, ties_kept, before)
+    if tl.program_id(1) == 0:
+        unused = k + tl.arange(0, BLOCK_K)  # the slots past the pages of the length
+        tl.store(OUT + row * so_row + unused, tl.full([BLOCK_K], -1, tl.int32), mask=unused < n_slots)
 
 
-SELECT_TUNING = dict(num_warps=8)  # (H200: 8 warps best from 2K to 16K pages)
 SELECT_MAX_PAGES = 16384  # one program holds a whole score row in registers (the scan packs 16-bit counts)
 
 
-def select_pages(scores, seq_len, page_size, budget_pages):
+def select_tuning(num_pages, rows, device):
+    """(chunk, num_warps) of select_pages. H200, 8 rows, K = 256, against one program per row: 512-page
+    chunks and 4 warps at 2K pages, 6.3 us against 7.0; 1024 and 8 warps at 8K, 12.2 us against 16.4
+    (256-page chunks: 7.4 and 19.3 us, 2048: 7.3 and 13.2). Larger chunks when the rows alone fill the GPU."""
+    chunk = 128 if num_pages <= 1024 else 512 if num_pages <= 4096 else 1024
+    most = max(1, 2 * _num_sms(device) // max(rows, 1))  # programs per row
+    chunk = max(chunk, triton.next_power_of_2(triton.cdiv(num_pages, most)))
+    return chunk, 8 if num_pages > 4096 else 4
+
+
+def select_pages(scores, seq_len, page_size, budget_pages, chunk=None):
     """Triton version of kvcache.select_pages (same arguments, same result, ties included; seq_len an int
     or a device length, see device_length), for up to SELECT_MAX_PAGES pages (kvcache.quest_pages uses
-    the reference beyond). scores (B, Hkv, Pmax) -> (B, Hkv, min(budget_pages, Pmax)) int32, -1 = unused."""
+    the reference beyond). scores (B, Hkv, Pmax) -> (B, Hkv, min(budget_pages, Pmax)) int32, -1 = unused.
+    chunk (a power of two >= 16; default select_tuning's): the pages one program stores."""
     if budget_pages < 1:
         raise ValueError(f"kernels.select_pages: need budget_pages >= 1, got {budget_pages}")
     *lead, P = scores.shape
@@ -704,10 +729,17 @@ def select_pages(scores, seq_len, page_size, budget_pages):
     if num_pages > SELECT_MAX_PAGES:
         raise ValueError(f"kernels.select_pages handles up to {SELECT_MAX_PAGES} pages, got {num_pages}")
     s, K = scores.reshape(-1, P), min(budget_pages, P)
+    auto_chunk, num_warps = select_tuning(num_pages, s.shape[0], scores.device)
+    chunk = chunk or auto_chunk
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"kernels.select_pages: chunk must be a power of two >= 16, got {chunk}")
     block = max(16, 1 << max(num_pages.bit_length() - 1, 0))  # the largest power of two <= num_pages, then a tail
     out = torch.empty((s.shape[0], K), dtype=torch.int32, device=scores.device)  # every slot is written
-    _select_pages_kernel[(s.shape[0],)](s, out, len_t if len_t is not None else out, s.stride(0), s.stride(1),
-                                        out.stride(0), num_pages, K, K, page_size, LEN_ON_DEVICE=len_t is not None,
-                                        BLOCK_P=block, BLOCK_T=0 if block >= num_pages else tile_size(num_pages - block),
-                                        BLOCK_K=tile_size(K), num_warps=SELECT_TUNING["num_warps"])
+    if out.numel() == 0:
+        return out.view(*lead, K)
+    _select_pages_kernel[(s.shape[0], max(1, triton.cdiv(num_pages, chunk)))](
+        s, out, len_t if len_t is not None else out, s.stride(0), s.stride(1), out.stride(0), num_pages, K, K,
+        page_size, LEN_ON_DEVICE=len_t is not None, BLOCK_P=block,
+        BLOCK_T=0 if block >= num_pages else tile_size(num_pages - block), BLOCK_K=tile_size(K), CHUNK=chunk,
+        num_warps=num_warps)
     return out.view(*lead, K)

@@ -112,11 +112,18 @@ class Attention(nn.Module):
     def project(self, x):  # (cudagraph.FusedAttention makes the three one matrix product)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
+    def rotate(self, q, k, cos, sin):  # (cudagraph.FusedAttention turns both in one launch)
+        return self.rope(q, cos, sin), self.rope(k, cos, sin)
+
     def forward(self, x, cos, sin, input_pos, attn, decode):
+        return self.o_proj(self.attend(x, cos, sin, input_pos, attn, decode))
+
+    def attend(self, x, cos, sin, input_pos, attn, decode):
+        """Everything but the output projection: x (B, T, dim) -> the heads' outputs (B, T, Hq * D)."""
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        q = self.rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = self.rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q, k = self.rotate(q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv_heads, self.head_dim),
+                           cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if attn is None:  # plain causal attention over these T tokens, no cache
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -124,7 +131,7 @@ class Attention(nn.Module):
             o = o.transpose(1, 2)
         else:
             o = (attn.decode if decode else attn.prefill)(self.layer_idx, q, k, v, input_pos)
-        return self.o_proj(o.reshape(B, T, -1))
+        return o.reshape(B, T, -1)
 
 
 class MLP(nn.Module):

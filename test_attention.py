@@ -252,11 +252,13 @@ def test_page_score_bounds_every_key_score(heads, S, P, seed):
 
 @given(num_pages=st.integers(1, 300), spare=st.integers(0, 3), budget_pages=st.integers(1, 320),
        S=st.sampled_from([1, 4, 16]), last_page_keys=st.integers(1, 16), on_device=st.booleans(),
-       kind=st.sampled_from(["normal", "ties", "signed zeros", "-inf", "nan"]), batch=st.integers(1, 2), seed=seeds)
+       kind=st.sampled_from(["normal", "ties", "signed zeros", "-inf", "nan"]), batch=st.integers(1, 2),
+       chunk=st.sampled_from([None, 16, 32, 128]), seed=seeds)
 def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, S, last_page_keys, on_device, kind,
-                                               batch, seed):
+                                               batch, chunk, seed):
     """The bisection top-k picks exactly the reference's pages, ties (lower page first) included, for the
-    pages of a length (int or on the device) shorter than the score rows."""
+    pages of a length (int or on the device) shorter than the score rows, whichever chunks the programs
+    of a row store (ties then span chunks)."""
     n = (num_pages - 1) * S + min(last_page_keys, S)
     seq_len = torch.tensor([n], dtype=torch.int32, device=DEVICE) if on_device else n
     scores = rand(batch, 3, num_pages + spare, seed=seed)
@@ -271,19 +273,21 @@ def test_select_pages_kernel_matches_reference(num_pages, spare, budget_pages, S
         scores[..., ::3] = float("nan")
         scores[..., 1::6] = -float("nan")
         scores[..., 2::5] = float("inf")
-    got = kernels.select_pages(scores, seq_len, S, budget_pages)
+    got = kernels.select_pages(scores, seq_len, S, budget_pages, chunk)
     assert got.dtype == torch.int32 and got.shape == (batch, 3, min(budget_pages, num_pages + spare))
     assert torch.equal(got, select_pages(scores, seq_len, S, budget_pages))
 
 
 @pytest.mark.parametrize("P, n", [(8192, 8192 * 16), (8212, 8192 * 16 + 1), (8212, 8212 * 16)])
 def test_select_pages_kernel_on_a_128k_context(P, n):
-    """8192 pages of 16 tokens: one program per row, 8 warps; a cache of 8212 pages (128K and room for new
-    tokens) splits its rows into 8192 pages and a tail of 32 lanes, and ties span both parts."""
+    """8192 pages of 16 tokens, 8 warps; a cache of 8212 pages (128K and room for new tokens) splits its
+    rows into 8192 pages and a tail of 32 lanes, and ties span both parts; chunks of 1024 pages (the
+    H200's) put a chunk over the tail."""
     scores = rand(2, 8, P, seed=3).mul(8).round()
     want = select_pages(scores, n, 16, 256)
     for seq_len in (n, torch.tensor([n], dtype=torch.int32, device=DEVICE)):
-        assert torch.equal(kernels.select_pages(scores, seq_len, 16, 256), want)
+        for chunk in (None, 1024):
+            assert torch.equal(kernels.select_pages(scores, seq_len, 16, 256, chunk), want)
 
 
 def test_select_pages_reads_a_device_length():

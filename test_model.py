@@ -11,11 +11,11 @@ from hypothesis import example, given, strategies as st
 from attention import DenseAttention
 from checkpoint import load_model, save_model
 from conftest import DEVICE, ON_GPU, tiny_model, write_byte_tokenizer
-from cudagraph import (FastLinear, FusedAttention, FusedMLP, FusedRMSNorm, FusedRoPE, fuse_kernels, gemv, rms_norm,
-                       rope, silu_mul)
+from cudagraph import (FastLinear, FusedAttention, FusedBlock, FusedMLP, FusedRMSNorm, FusedRoPE, fuse_kernels, gemv,
+                       rms_norm, rope, silu_mul)
 from generate import generate
 from kvcache import KVCache
-from model import MLP, Attention, RMSNorm, RoPE, apply_rope
+from model import MLP, Attention, Block, RMSNorm, RoPE, apply_rope
 from tokenizer import LLAMA3_PATTERN, Tokenizer, write_rank_file
 
 
@@ -201,6 +201,17 @@ def test_gemv_kernel_matches_linear(N, K, dtype, seed):
     torch.testing.assert_close(got.float(), (x.double() @ w.double().T).float(), **tol)
 
 
+@given(N=st.integers(1, 40), K=st.integers(1, 300), dtype=st.sampled_from(["fp32", "bf16"]), seed=st.integers(0, 2**16))
+def test_gemv_adds_the_residual(N, K, dtype, seed):
+    """gemv(x, w, residual=r) == r + x w^T in one launch (model.Block's residual adds); float64 oracle."""
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(1, 1, K, generator=g).to(DEVICE, dt), torch.randn(N, K, generator=g).to(DEVICE, dt)
+    r = torch.randn(1, 1, N, generator=g).to(DEVICE, dt) * 4
+    tol = dict(atol=1e-4, rtol=1e-4) if dt == torch.float32 else dict(atol=8e-2, rtol=3e-2)  # bf16: rounds twice
+    torch.testing.assert_close(gemv(x, w, residual=r).float(), (r.double() + x.double() @ w.double().T).float(), **tol)
+
+
 def test_model_kernels_reject_shapes_they_would_read_past():
     x = torch.randn(1, 2, 3, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"rms_norm: weight \(4,\)"):
@@ -211,6 +222,24 @@ def test_model_kernels_reject_shapes_they_would_read_past():
         silu_mul(x, x[..., :4])
     with pytest.raises(ValueError, match=r"gemv: x \(1, 2, 3, 8\)"):
         gemv(x, torch.ones(5, 8, device=DEVICE))
+    with pytest.raises(ValueError, match=r"gemv: residual \(4,\)"):
+        gemv(x[:1, :1, 0], torch.ones(5, 8, device=DEVICE), residual=torch.ones(4, device=DEVICE))
+
+
+def test_fused_model_gives_the_same_decode_step():
+    """One decode step (batch 1, one token: FusedBlock's GEMVs with the residual adds,
+    FusedAttention's q and k turned in one launch) gives the logits of model.py's modules."""
+    m = tiny_model(seed=7)
+    a = m.args
+    prompt = torch.randint(0, a.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    logits = []
+    for fused in (False, True):
+        if fused:
+            fuse_kernels(m)
+        attn = DenseAttention(KVCache(a.n_layers, 1, a.n_kv_heads, 16, a.head_dim, torch.float32, DEVICE))
+        m(prompt[:, :-1], torch.arange(8), attn)
+        logits.append(m(prompt[:, -1:], torch.tensor([8], device=DEVICE), attn, decode=True))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
 def test_model_kernels_give_the_same_greedy_tokens():
@@ -227,7 +256,7 @@ def test_model_kernels_give_the_same_greedy_tokens():
         logits.append(m(prompt))
     assert list(m.state_dict()) == names  # the same weights under the same names
     kinds = {type(x) for x in m.modules()}
-    assert {FusedMLP, FusedRMSNorm, FusedRoPE, FusedAttention, FastLinear} <= kinds
-    assert not {RMSNorm, RoPE, MLP, Attention, torch.nn.Linear} & kinds
+    assert {FusedMLP, FusedRMSNorm, FusedRoPE, FusedAttention, FastLinear, FusedBlock} <= kinds
+    assert not {RMSNorm, RoPE, MLP, Attention, torch.nn.Linear, Block} & kinds
     assert torch.equal(outs[1], outs[0])
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
