@@ -87,22 +87,28 @@ def rope(x, cos, sin):
 
 
 @triton.jit
-def _silu_mul_kernel(GATE, UP, Y, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _silu_mul_kernel(GATE, UP, Y, n, sg, su, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
-    g = tl.load(GATE + i, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(UP + i, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(GATE + row * sg + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(UP + row * su + i, mask=ok, other=0.0).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)  # silu rounded, as F.silu
-    tl.store(Y + i, (a * u).to(Y.dtype.element_ty), mask=ok)
+    tl.store(Y + row * n + i, (a * u).to(Y.dtype.element_ty), mask=ok)
 
 
 def silu_mul(gate, up):
-    """F.silu(gate) * up (the SwiGLU of model.MLP) in one launch; tensors of one shape -> that shape, gate.dtype."""
+    """F.silu(gate) * up (the SwiGLU of model.MLP) in one launch; tensors of one shape -> that shape, gate.dtype.
+    Rows are read with their own stride: the two halves of a gate | up product need no copy."""
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape")
-    gate, up = gate.contiguous(), up.contiguous()
-    y = torch.empty_like(gate)
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), 1024),)](gate, up, y, gate.numel(), BLOCK=1024, num_warps=4)
+    n = gate.shape[-1]
+    g, u = (t.reshape(-1, n) for t in (gate, up))  # (views where the rows have one stride, as chunk's halves)
+    g, u = (t if t.stride(-1) == 1 else t.contiguous() for t in (g, u))
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if y.numel():
+        _silu_mul_kernel[(g.shape[0], triton.cdiv(n, 1024))](g, u, y, n, g.stride(0), u.stride(0), BLOCK=1024,
+                                                             num_warps=4)
     return y
 
 
@@ -180,9 +186,9 @@ class FusedAttention(Attention):
         return linear(x, self.qkv_weight).split([q, kv, kv], dim=-1)
 
     def rotate(self, q, k, cos, sin):
-        """One token's q and k heads, side by side in the q | k | v product, turned in one launch."""
+        """q and k, side by side in each row of the q | k | v product, turned in one launch."""
         B, T, Hq, D = q.shape
-        side_by_side = (B * T == 1 and q.stride()[2:] == k.stride()[2:] == (D, 1) and  # (B, T: strides unused)
+        side_by_side = (q.stride() == k.stride() and q.stride()[2:] == (D, 1) and
                         k.data_ptr() == q.data_ptr() + Hq * D * q.element_size())
         if not side_by_side:
             return super().rotate(q, k, cos, sin)

@@ -466,24 +466,25 @@ def _append_kv_kernel(KN, VN, POS, KC, VC, KMIN, KMAX, KSCALE,
                       sknb, sknt, sknh, sknd, svnb, svnt, svnh, svnd,
                       skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, smp, smd, ssb, ssh, ssp,
                       Hkv, T, page_size, HAS_META: tl.constexpr, QUANTIZED: tl.constexpr,
-                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
+                      BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // Hkv).to(tl.int64)
     hk = (pid % Hkv).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    for t in range(T):  # the new rows
-        p = tl.load(POS + t)
-        k = tl.load(KN + b * sknb + t * sknt + hk * sknh + d * sknd, mask=d_ok)
-        v = tl.load(VN + b * svnb + t * svnt + hk * svnh + d * svnd, mask=d_ok)
-        tl.store(KC + b * skb + hk * skh + p * skn + d * skd, k, mask=d_ok)
-        tl.store(VC + b * svb + hk * svh + p * svn + d * svd, v, mask=d_ok)
-    if HAS_META:  # bounds of each new row's page, from its keys up to the newest position
+    for t0 in range(0, T, BLOCK_T):  # the new rows, BLOCK_T at a time
+        t = t0 + tl.arange(0, BLOCK_T)
+        new = (t < T)[:, None] & d_ok[None, :]
+        p = tl.load(POS + t, mask=t < T, other=0)[:, None]
+        k = tl.load(KN + b * sknb + t[:, None] * sknt + hk * sknh + d[None, :] * sknd, mask=new)
+        v = tl.load(VN + b * svnb + t[:, None] * svnt + hk * svnh + d[None, :] * svnd, mask=new)
+        tl.store(KC + b * skb + hk * skh + p * skn + d[None, :] * skd, k, mask=new)
+        tl.store(VC + b * svb + hk * svh + p * svn + d[None, :] * svd, v, mask=new)
+    if HAS_META:  # bounds of the new rows' pages (consecutive rows: a range of pages), keys up to the newest
         tl.debug_barrier()  # the rows stored above are visible to the whole program
         last = tl.load(POS + T - 1)
         r = tl.arange(0, BLOCK_S)
-        for t in range(T):
-            page = tl.load(POS + t) // page_size
+        for page in range(tl.load(POS) // page_size, last // page_size + 1):
             rows = page * page_size + r
             ok = (r < page_size) & (rows <= last)
             keys = tl.load(KC + b * skb + hk * skh + rows[:, None] * skn + d[None, :] * skd,
@@ -520,7 +521,8 @@ def append_kv(k_cache, v_cache, kmin, kmax, k, v, pos, page_size, scale=None):
                                   *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
                                   *kmin.stride(), *scale.stride()[:3],
                                   Hkv, T, page_size, HAS_META=has_meta, QUANTIZED=quantized,
-                                  BLOCK_S=tile_size(page_size), BLOCK_D=tile_size(D), D=D, num_warps=4)
+                                  BLOCK_S=tile_size(page_size), BLOCK_T=16, BLOCK_D=tile_size(D), D=D,
+                                  num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------

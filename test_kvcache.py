@@ -344,10 +344,11 @@ def test_append_equals_write(use_kernels, page_meta):
         a.write(0, k1, v1, torch.tensor([pos]))
         seq_len = b.append(0, k1, v1, torch.tensor([pos], device=DEVICE), use_kernels)
         assert seq_len.tolist() == [pos + 1] and seq_len.dtype == torch.int32
-    for last in range(22, 27):  # RetroAttention's step: overwrite the last two rows, append one
-        k3, v3 = kv(2, 3, 2, 8, seed=100 + last)
-        a.write(0, k3, v3, torch.arange(last - 2, last + 1))
-        b.append(0, k3, v3, torch.arange(last - 2, last + 1, device=DEVICE), use_kernels)
+    # RetroAttention's step: overwrite the last m - 1 rows, append one (m = 8: 2-3 pages of 4; 20: two blocks of rows)
+    for m, last in [(3, 22), (3, 23), (3, 24), (3, 25), (3, 26), (8, 27), (8, 28), (8, 29), (8, 30), (20, 31)]:
+        k3, v3 = kv(2, m, 2, 8, seed=100 + last)
+        a.write(0, k3, v3, torch.arange(last - m + 1, last + 1))
+        b.append(0, k3, v3, torch.arange(last - m + 1, last + 1, device=DEVICE), use_kernels)
     for name in ("k", "v", "kmin", "kmax", "kscale", "lengths"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     assert (b.kmin.dtype == torch.int8) == (page_meta == "int8") and b.kscale.numel() == (page_meta == "int8") * 2 * 2 * 10

@@ -187,6 +187,9 @@ def test_rope_and_silu_mul_kernels_match_reference(T, H, D, dtype, seed):
     torch.testing.assert_close(rope(x, cos, sin).float(), apply_rope(x, cos, sin).float(), **tol)
     gate, up = torch.randn(3, T, D, generator=g).to(DEVICE, dt), torch.randn(3, T, D, generator=g).to(DEVICE, dt)
     torch.testing.assert_close(silu_mul(gate, up).float(), (F.silu(gate) * up).float(), **tol)
+    gate, up = torch.randn(3, T, 2 * D, generator=g).to(DEVICE, dt).chunk(2, dim=-1)  # halves: rows of stride 2D
+    for gate, up in ((gate, up), (gate.transpose(0, 1), up.transpose(0, 1))):  # (and rows of no one stride)
+        torch.testing.assert_close(silu_mul(gate, up).float(), (F.silu(gate) * up).float(), **tol)
 
 
 @given(N=st.integers(1, 40), K=st.integers(1, 300), dtype=st.sampled_from(["fp32", "bf16"]), seed=st.integers(0, 2**16))
