@@ -226,8 +226,8 @@ FUSED = {RMSNorm: FusedRMSNorm, RoPE: FusedRoPE, nn.Linear: FastLinear, Attentio
 def fuse_kernels(model):
     """Run model.py's RMSNorm, RoPE and SiLU-times-up as one Triton kernel each (rms_norm,
     rope, silu_mul; results equal to rounding), q/k/v and gate/up as one product each, a single
-    row's products as a GEMV (linear), a single row's residual adds inside its GEMVs (FusedBlock) and
-    its q and k turned in one launch (FusedAttention.rotate). For inference: the fused weights are not trained. -> model"""
+    row's products as a GEMV (linear), a single row's residual adds inside its GEMVs (FusedBlock), and
+    q and k turned in one launch (FusedAttention.rotate). For inference: the fused weights are not trained. -> model"""
     for m in model.modules():
         # the same module, weights and state_dict names: only forward changes (model.py's layers have no bias)
         if type(m) in FUSED and getattr(m, "bias", None) is None:

@@ -230,19 +230,22 @@ def test_model_kernels_reject_shapes_they_would_read_past():
 
 
 def test_fused_model_gives_the_same_decode_step():
-    """One decode step (batch 1, one token: FusedBlock's GEMVs with the residual adds,
-    FusedAttention's q and k turned in one launch) gives the logits of model.py's modules."""
+    """A decode step (batch 1, one token: FusedBlock's GEMVs with the residual adds) and a step of 3 rows
+    (as Retro's window: the gate | up halves read in place), both with FusedAttention's q and k turned in
+    one launch, give the logits of model.py's modules."""
     m = tiny_model(seed=7)
     a = m.args
-    prompt = torch.randint(0, a.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    prompt = torch.randint(0, a.vocab_size, (1, 12), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     logits = []
     for fused in (False, True):
         if fused:
             fuse_kernels(m)
         attn = DenseAttention(KVCache(a.n_layers, 1, a.n_kv_heads, 16, a.head_dim, torch.float32, DEVICE))
-        m(prompt[:, :-1], torch.arange(8), attn)
-        logits.append(m(prompt[:, -1:], torch.tensor([8], device=DEVICE), attn, decode=True))
-    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+        m(prompt[:, :8], torch.arange(8), attn)
+        logits.append(m(prompt[:, 8:9], torch.tensor([8], device=DEVICE), attn, decode=True))
+        logits.append(m(prompt[:, 9:], torch.arange(9, 12), attn))  # 3 rows
+    torch.testing.assert_close(logits[2], logits[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[3], logits[1], atol=1e-4, rtol=1e-4)
 
 
 def test_model_kernels_give_the_same_greedy_tokens():
