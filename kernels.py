@@ -639,8 +639,8 @@ def _select_keys(SCORES, row, ss_row, ss_p, p, num_pages):
 
 
 @triton.jit
-def _kept_counts(p, key, ok, lo):
-    """The pages p above lo and those equal to lo, packed as one int32 each: above | tie << 16."""
+def _kept_counts(key, ok, lo):
+    """Whether each page (key, ok: a page of the length) is above lo or equal to it, as one int32: above | tie << 16."""
     return (ok & (key > lo)).to(tl.int32) | ((ok & (key == lo)).to(tl.int32) << 16)
 
 
@@ -648,7 +648,7 @@ def _kept_counts(p, key, ok, lo):
 def _keep_pages(OUT, row, so_row, p, key, ok, lo, ties_kept, before):
     """Store the pages of one segment kept for threshold lo at their slots; before: the packed counts
     (above | ties << 16) of the pages before it."""
-    c = before + tl.cumsum(_kept_counts(p, key, ok, lo), 0)  # above and ties so far, one scan
+    c = before + tl.cumsum(_kept_counts(key, ok, lo), 0)  # above and ties so far, one scan
     keep = ok & ((key > lo) | ((key == lo) & ((c >> 16) <= ties_kept)))  # the lowest pages among the ties
     slot = (c & 0xFFFF) + tl.minimum(c >> 16, ties_kept) - 1
     tl.store(OUT + row * so_row + slot, p, mask=keep)
@@ -694,9 +694,9 @@ def _select_pages_kernel(SCORES, OUT, SEQ_LEN, ss_row, ss_p, so_row, num_pages, 
     ties_kept = tl.where(count_lo == k, k, k - count_hi)
     # this program's chunk of the row, and the packed counts of the pages before it
     start = tl.program_id(1) * CHUNK
-    before = tl.sum(tl.where(p < start, _kept_counts(p, key, p < num_pages, lo), 0), 0)
+    before = tl.sum(tl.where(p < start, _kept_counts(key, p < num_pages, lo), 0), 0)
     if BLOCK_T > 0:
-        before += tl.sum(tl.where(pt < start, _kept_counts(pt, key_t, pt < num_pages, lo), 0), 0)
+        before += tl.sum(tl.where(pt < start, _kept_counts(key_t, pt < num_pages, lo), 0), 0)
     pc = start + tl.arange(0, CHUNK)
     _keep_pages(OUT, row, so_row, pc, _select_keys(SCORES, row, ss_row, ss_p, pc, num_pages), pc < num_pages,
                 lo, ties_kept, before)
