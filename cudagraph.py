@@ -197,9 +197,12 @@ class FusedAttention(Attention):
 
 
 class FusedMLP(MLP):
-    def forward(self, x):  # gate_up_weight: set by fuse_kernels
+    def forward(self, x):
+        return self.down_proj(self.swiglu(x))
+
+    def swiglu(self, x):  # what down_proj reads; gate_up_weight: set by fuse_kernels
         gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return self.down_proj(silu_mul(gate, up))
+        return silu_mul(gate, up)
 
 
 class FusedBlock(Block):
@@ -215,8 +218,7 @@ class FusedBlock(Block):
                 not a.o_proj._forward_hooks and not mlp.down_proj._forward_hooks):
             return super().forward(x, cos, sin, input_pos, attn, decode)
         x = gemv(a.attend(self.input_layernorm(x), cos, sin, input_pos, attn, decode), a.o_proj.weight, residual=x)
-        gate, up = gemv(self.post_attention_layernorm(x), mlp.gate_up_weight).chunk(2, dim=-1)
-        return gemv(silu_mul(gate, up), mlp.down_proj.weight, residual=x)
+        return gemv(mlp.swiglu(self.post_attention_layernorm(x)), mlp.down_proj.weight, residual=x)
 
 
 FUSED = {RMSNorm: FusedRMSNorm, RoPE: FusedRoPE, nn.Linear: FastLinear, Attention: FusedAttention, MLP: FusedMLP,
