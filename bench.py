@@ -426,8 +426,11 @@ def main():
                    help="context lengths of the compaction section (keys per KV head before compaction)")
     p.add_argument("--compaction-batch", type=int, default=1, help="sequences compacted together")
     p.add_argument("--compaction-ratios", type=float, nargs="+", default=[10, 50])
+    p.add_argument("--no-pdl", action="store_true",
+                   help="launch each kernel after the one before has finished (kernels.PDL off; for a before/after)")
     p.add_argument("--out", type=Path, default=Path("results/bench.json"))
     a = p.parse_args()
+    kernels.PDL = not a.no_pdl
     if a.e2e_new_tokens < 1 or min(a.e2e_contexts) < 1:
         raise SystemExit("bench.py: --e2e-contexts and --e2e-new-tokens must be >= 1")
     if min(a.compaction_contexts) < 1 or a.compaction_batch < 1 or min(a.compaction_ratios) < 1:
@@ -440,7 +443,7 @@ def main():
     if world > 1 and tp.init("cuda")[0]:
         a.out = Path(os.devnull)  # rank 0 writes the results
     info = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                triton=triton.__version__, gpus=world)
+                triton=triton.__version__, gpus=world, pdl=kernels.pdl(torch.device("cuda"))["PDL"])
     bw = copy_bandwidth()
     info["copy_bandwidth_GBps"] = bw / 1e9
     print(f"# {info['device']}  {info['date']}  torch {info['torch']}  triton {info['triton']}  "

@@ -11,7 +11,9 @@ their arguments and replays them in one launch. That is only correct if nothing 
 on a host value that changes: attention.py's protocol asks exactly that of every decode step
 (positions and lengths on the device, state updated in place), so the step replayed here is the
 very code that runs eagerly, as in nano-vllm's model runner. fuse_kernels changes model.py's
-modules from outside, as gpt-fast's quantize.py swaps linear layers.
+modules from outside, as gpt-fast's quantize.py swaps linear layers. On a Hopper GPU each Triton
+kernel of the step may launch before the one before it has finished, and waits for its inputs
+(kernels.pdl): the launch is hidden behind the last kernel's tail.
 """
 
 import torch
@@ -19,6 +21,7 @@ import torch.nn as nn
 import triton
 import triton.language as tl
 
+from kernels import dot_precision, pdl, wait_for_inputs
 from model import MLP, Attention, Block, RMSNorm, RoPE
 
 
@@ -29,7 +32,8 @@ from model import MLP, Attention, Block, RMSNorm, RoPE
 # matrix-vector product (reference: F.linear; linear() below says why).
 
 @triton.jit
-def _rms_norm_kernel(X, WEIGHT, Y, n_cols, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, WEIGHT, Y, n_cols, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK)
     ok = c < n_cols
@@ -48,12 +52,14 @@ def rms_norm(x, weight, eps):
     x = x.contiguous()
     y = torch.empty_like(x)
     _rms_norm_kernel[(x.numel() // n,)](x, weight.contiguous(), y, n, eps, BLOCK=triton.next_power_of_2(n),
-                                        num_warps=8)
+                                        num_warps=8, **pdl(x.device))
     return y
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, Y, sxb, sxt, sxh, syb, syt, syh, T, H, HALF: tl.constexpr, BLOCK: tl.constexpr):
+def _rope_kernel(X, COS, SIN, Y, sxb, sxt, sxh, syb, syt, syh, T, H, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                 PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     pid = tl.program_id(0)  # one (batch, token, head) row of D = 2 * HALF values
     b = (pid // (T * H)).to(tl.int64)
     t = ((pid // H) % T).to(tl.int64)
@@ -82,12 +88,14 @@ def rope(x, cos, sin):
     if y.numel():
         _rope_kernel[(B * T * H,)](x, cos.float().contiguous(), sin.float().contiguous(), y,
                                    x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-                                   T, H, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), num_warps=1)
+                                   T, H, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), num_warps=1,
+                                   **pdl(x.device))
     return y
 
 
 @triton.jit
-def _silu_mul_kernel(GATE, UP, Y, n, sg, su, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GATE, UP, Y, n, sg, su, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = i < n
@@ -108,12 +116,14 @@ def silu_mul(gate, up):
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     if y.numel():
         _silu_mul_kernel[(g.shape[0], triton.cdiv(n, 1024))](g, u, y, n, g.stride(0), u.stride(0), BLOCK=1024,
-                                                             num_warps=4)
+                                                             num_warps=4, **pdl(y.device))
     return y
 
 
 @triton.jit
-def _gemv_kernel(X, W, R, Y, N, K, swn, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, R, Y, N, K, swn, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # per-lane partial sums, reduced once at the end
     for k0 in range(0, K, BLOCK_K):
@@ -141,19 +151,72 @@ def gemv(x, weight, residual=None):
     block_k = 1024 if N <= 4096 else 512 if N <= 8192 else 256  # longer tiles when fewer programs (H200, 8B shapes)
     _gemv_kernel[(triton.cdiv(N, 16),)](x.contiguous(), weight, r, y, N, K, weight.stride(0),
                                         RESIDUAL=residual is not None, BLOCK_N=16, BLOCK_K=block_k,
-                                        num_warps=8 if block_k > 256 else 4, num_stages=2)
+                                        num_warps=8 if block_k > 256 else 4, num_stages=2, **pdl(y.device))
     return y
 
 
-def one_row(x, weight):
-    return x.numel() == x.shape[-1] and weight.stride(1) == 1
+@triton.jit
+def _few_rows_kernel(X, W, R, Y, M, N, K, swn, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, 16)  # the rows, padded to the 16 tl.dot wants
+    acc = tl.zeros([16, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(X + m[:, None] * K + c[None, :], mask=(m[:, None] < M) & (c[None, :] < K), other=0.0)
+        w = tl.load(W + n[:, None].to(tl.int64) * swn + c[None, :], mask=(n[:, None] < N) & (c[None, :] < K), other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    y = acc.to(Y.dtype.element_ty)
+    ok = (m[:, None] < M) & (n[None, :] < N)
+    if RESIDUAL:  # as gemv's
+        y = (y.to(tl.float32) + tl.load(R + m[:, None] * N + n[None, :], mask=ok, other=0.0).to(tl.float32)
+             ).to(Y.dtype.element_ty)
+    tl.store(Y + m[:, None] * N + n[None, :], y, mask=ok)
 
 
-def linear(x, weight):
-    """x @ weight.T. A single row (a batch-1 decode step) goes to gemv: at batch 1 a product
-    reads its whole weight for one row of output, and the GEMV streams it at 91-104% of copy
-    bandwidth for the 8B shapes, where cuBLAS reaches 57% (4096 x 4096) to 88% (4096 x 14336)."""
-    return gemv(x, weight) if one_row(x, weight) else nn.functional.linear(x, weight)
+MAX_FEW_ROWS = 16  # rows of one tl.dot tile
+
+
+def few_rows(x, weight, residual=None):
+    """gemv for x (..., K) holding 1 to MAX_FEW_ROWS rows (Retro's window, a small batch): each program
+    still reads its BLOCK_N rows of the weight once, now for all rows, the product on the tensor cores
+    (tl.dot, the rows padded to 16). H200, 8B shapes, 2 or 8 rows, against cuBLAS: 4096 x 4096 11.2 us
+    against 13.4 (one-row gemv 10.2), 4096 x 14336 29.7 against 31.4, 6144 x 4096 14.9 against 15.5,
+    28672 x 4096 55.6 against 54.9. residual: as gemv's."""
+    N, K = weight.shape
+    M = x.numel() // max(K, 1)
+    if x.shape[-1] != K or not 1 <= M <= MAX_FEW_ROWS or weight.stride(1) != 1:
+        raise ValueError(f"few_rows: x {tuple(x.shape)} must be 1 to {MAX_FEW_ROWS} rows of {K} values and weight "
+                         f"{tuple(weight.shape)} unit-stride along K")
+    if residual is not None and (residual.shape != (*x.shape[:-1], N) or residual.dtype != x.dtype):
+        raise ValueError(f"few_rows: residual {tuple(residual.shape)} {residual.dtype} must be "
+                         f"{(*x.shape[:-1], N)} {x.dtype}")
+    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
+    r = residual.contiguous() if residual is not None else y  # (never read without a residual)
+    wide = x.element_size() > 2  # fp32: tiles of 4 bytes, fewer in shared memory
+    block_n, block_k, stages = ((32, 128, 2) if wide else (32, 512, 4) if N <= 4096 or K >= 8192 else
+                                (32, 128, 3) if N > 16384 else (64, 256, 4))
+    _few_rows_kernel[(triton.cdiv(N, block_n),)](
+        x.contiguous(), weight, r, y, M, N, K, weight.stride(0), RESIDUAL=residual is not None,
+        PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        num_stages=stages, **pdl(y.device))
+    return y
+
+
+def linear(x, weight, residual=None):
+    """x @ weight.T, plus residual (same shape as the product) if given. At a batch-1 decode step a
+    product reads its whole weight for a row or a few: one row goes to gemv, which streams the weight at
+    91-104% of copy bandwidth for the 8B shapes where cuBLAS reaches 57% (4096 x 4096) to 88% (4096 x
+    14336); 2 to 16 rows to few_rows, but for the widest products (gate | up: 28672 outputs) where cuBLAS
+    is 0.7 us faster; more rows to cuBLAS."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if weight.stride(1) == 1 and rows == 1:
+        return gemv(x, weight, residual)
+    if weight.stride(1) == 1 and 1 < rows <= MAX_FEW_ROWS and weight.shape[0] <= 16384:
+        return few_rows(x, weight, residual)
+    y = nn.functional.linear(x, weight)
+    return y if residual is None else residual + y
 
 
 def concat_weights(*linears):
@@ -206,19 +269,18 @@ class FusedMLP(MLP):
 
 
 class FusedBlock(Block):
-    """A batch-1 step's residual adds done by the GEMVs that end each half of the block (o_proj,
-    down_proj): two launches fewer per layer (each ~1-2 us in a graph). The SwiGLU stays its own launch:
-    computed inside the down GEMV, by every program for its whole input, it cost that GEMV 39 us against
-    32 for silu_mul + GEMV + add (H200, 8B shapes). Several rows, or a projection with hooks (tp.py's
-    all-reduce must come before the add), run model.Block."""
+    """The residual adds of a decode step done by the products that end each half of the block (o_proj,
+    down_proj: linear's residual): two launches fewer per layer (each ~1-2 us in a graph). The SwiGLU
+    stays its own launch: computed inside the down GEMV, by every program for its whole input, it cost
+    that GEMV 39 us against 32 for silu_mul + GEMV + add (H200, 8B shapes). A projection with hooks
+    (tp.py's all-reduce must come before the add) runs model.Block."""
 
     def forward(self, x, cos, sin, input_pos, attn, decode):
         a, mlp = self.self_attn, self.mlp
-        if not (one_row(x, a.o_proj.weight) and one_row(x, mlp.gate_up_weight) and
-                not a.o_proj._forward_hooks and not mlp.down_proj._forward_hooks):
+        if a.o_proj._forward_hooks or mlp.down_proj._forward_hooks:
             return super().forward(x, cos, sin, input_pos, attn, decode)
-        x = gemv(a.attend(self.input_layernorm(x), cos, sin, input_pos, attn, decode), a.o_proj.weight, residual=x)
-        return gemv(mlp.swiglu(self.post_attention_layernorm(x)), mlp.down_proj.weight, residual=x)
+        x = linear(a.attend(self.input_layernorm(x), cos, sin, input_pos, attn, decode), a.o_proj.weight, residual=x)
+        return linear(mlp.swiglu(self.post_attention_layernorm(x)), mlp.down_proj.weight, residual=x)
 
 
 FUSED = {RMSNorm: FusedRMSNorm, RoPE: FusedRoPE, nn.Linear: FastLinear, Attention: FusedAttention, MLP: FusedMLP,
@@ -227,8 +289,8 @@ FUSED = {RMSNorm: FusedRMSNorm, RoPE: FusedRoPE, nn.Linear: FastLinear, Attentio
 
 def fuse_kernels(model):
     """Run model.py's RMSNorm, RoPE and SiLU-times-up as one Triton kernel each (rms_norm,
-    rope, silu_mul; results equal to rounding), q/k/v and gate/up as one product each, a single
-    row's products as a GEMV (linear), a single row's residual adds inside its GEMVs (FusedBlock), and
+    rope, silu_mul; results equal to rounding), q/k/v and gate/up as one product each, the products of
+    1-16 rows as a GEMV (linear), the residual adds inside those products (FusedBlock), and
     q and k turned in one launch (FusedAttention.rotate). For inference: the fused weights are not trained. -> model"""
     for m in model.modules():
         # the same module, weights and state_dict names: only forward changes (model.py's layers have no bias)

@@ -130,7 +130,8 @@ def _retro_decode_kernel(Q, K, V, PAGES, LAST, OP, LP, SEQ_LEN,
                          Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, qk_scale,
                          UPDATE_LAST: tl.constexpr, LEN_ON_DEVICE: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_PAD: tl.constexpr,
-                         BLOCK_D: tl.constexpr, D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+    kernels.wait_for_inputs(PDL)
     if LEN_ON_DEVICE:  # see kernels.device_length
         seq_len = tl.load(SEQ_LEN)
     split = tl.program_id(0)
@@ -215,7 +216,7 @@ def retro_decode(q, k_cache, v_cache, page_idx, last_loaded, seq_len, page_size,
         Hkv, G, W, n_slots, seq_len, page_size, chunk, num_splits, scale * kernels.LOG2E,
         UPDATE_LAST=update_last_loaded, LEN_ON_DEVICE=len_t is not None, PRECISION=kernels.dot_precision(q.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, PAGE_PAD=page_pad, BLOCK_D=kernels.tile_size(D), D=D,
-        num_warps=8 if BLOCK_M >= 128 else 4, num_stages=stages)
+        num_warps=8 if BLOCK_M >= 128 else 4, num_stages=stages, **kernels.pdl(q.device))
     if partials:
         return o_part, lse_part
     return kernels.merge_partials(o_part, lse_part, out_dtype=q.dtype)
@@ -245,7 +246,8 @@ def window_merge_ref(o_part, lse_part, o_cache, lse_cache, out_dtype):
 @triton.jit(do_not_specialize=["NS"])
 def _window_merge_kernel(OP, LP, OC, LC, OUT, NS, Hq, scb, sch, scw, slb, slh, slw, sob, sow, soh,
                          W: tl.constexpr, D: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_NS: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+                         BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    kernels.wait_for_inputs(PDL)
     pid = tl.program_id(0).to(tl.int64)  # one program per (batch, query head), all its W rows at once
     b = pid // Hq
     h = pid % Hq
@@ -296,7 +298,7 @@ def window_merge(o_part, lse_part, o_cache, lse_cache, out_dtype, max_tile=WINDO
     _window_merge_kernel[(B * Hq,)](op, lp, o_cache, lse_cache, out, NS, Hq,
                                     *o_cache.stride()[:3], *lse_cache.stride(), out.stride(0), out.stride(1),
                                     out.stride(2), W=W, D=D, BLOCK_W=pow2(W), BLOCK_NS=pow2(NS), BLOCK_D=pow2(D),
-                                    num_warps=4)
+                                    num_warps=4, **kernels.pdl(out.device))
     return out
 
 

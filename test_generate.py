@@ -133,6 +133,38 @@ def test_cuda_graph_decoding_gives_the_eager_tokens(method):
     assert stats[1] == pytest.approx(stats[0]) and stats[1]["decode_steps"] == 63
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper GPU or later")
+@pytest.mark.parametrize("method", ["quest", "retro"])
+def test_programmatic_dependent_launch_changes_no_result(method):
+    """The fused model (kernels.pdl: each kernel may launch before the one before it ends, and waits for
+    its inputs) gives, from a CUDA graph and eagerly, the tokens and statistics it gives with every
+    kernel launched after the one before has finished (kernels.PDL off)."""
+    import cudagraph
+    import kernels
+    from checkpoint import load_model
+    from generate import DEFAULT_CHECKPOINT
+    from kvcache import QuestAttention
+    from retro import RetroAttention
+    m = cudagraph.fuse_kernels(load_model(DEFAULT_CHECKPOINT, device="cuda"))
+    a = m.args
+    prompt = torch.randint(0, a.vocab_size, (1, 500), generator=torch.Generator().manual_seed(4)).cuda()
+    window = 3 if method == "retro" else 1
+    outs, stats = [], []
+    try:
+        for on, graph in ((False, False), (True, False), (True, True)):
+            kernels.PDL = on
+            cache = KVCache(a.n_layers, 1, a.n_kv_heads, 600, a.head_dim, torch.float32, "cuda", page_meta=True)
+            attn = (QuestAttention(cache, 128, 16, use_kernels=True) if method == "quest" else
+                    RetroAttention(cache, 128, 16, window=window, use_kernels=True))
+            outs.append(generate(m, attn, prompt, 48, window=window, cuda_graph=graph)[0])
+            stats.append(dict(attn.stats))
+    finally:
+        kernels.PDL = True
+    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
+    assert stats[1] == pytest.approx(stats[0]) and stats[2] == pytest.approx(stats[0])
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad checkpoint files: one line naming the file and what was expected (tiny files in tmp_path)
 

@@ -11,8 +11,8 @@ from hypothesis import example, given, strategies as st
 from attention import DenseAttention
 from checkpoint import load_model, save_model
 from conftest import DEVICE, ON_GPU, tiny_model, write_byte_tokenizer
-from cudagraph import (FastLinear, FusedAttention, FusedBlock, FusedMLP, FusedRMSNorm, FusedRoPE, fuse_kernels, gemv,
-                       rms_norm, rope, silu_mul)
+from cudagraph import (FastLinear, FusedAttention, FusedBlock, FusedMLP, FusedRMSNorm, FusedRoPE, few_rows,
+                       fuse_kernels, gemv, linear, rms_norm, rope, silu_mul)
 from generate import generate
 from kvcache import KVCache
 from model import MLP, Attention, Block, RMSNorm, RoPE, apply_rope
@@ -215,6 +215,26 @@ def test_gemv_adds_the_residual(N, K, dtype, seed):
     torch.testing.assert_close(gemv(x, w, residual=r).float(), (r.double() + x.double() @ w.double().T).float(), **tol)
 
 
+@given(M=st.integers(1, 16), N=st.integers(1, 90), K=st.integers(1, 600), residual=st.booleans(),
+       dtype=st.sampled_from(["fp32", "fp16", "bf16"] if ON_GPU else ["fp32", "fp16"]), seed=st.integers(0, 2**16))
+@example(M=16, N=33, K=513, residual=True, dtype="fp32", seed=0)  # all 16 rows, tails on N and K
+def test_few_rows_matches_a_float64_product(M, N, K, residual, dtype, seed):
+    """few_rows(x, w, r) == r + x w^T for 1-16 rows (in a (2, M/2)-like batch shape), weight rows of stride
+    2K; float64 oracle. (The CPU interpreter's tl.dot is wrong for bf16: checked on the GPU.)"""
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(seed)
+    lead = (2, M // 2) if M % 2 == 0 else (1, M)
+    x, w = torch.randn(*lead, K, generator=g).to(DEVICE, dt), torch.randn(2 * N, K, generator=g).to(DEVICE, dt)[::2]
+    r = (torch.randn(*lead, N, generator=g) * 4).to(DEVICE, dt) if residual else None
+    want = x.double() @ w.double().T + (r.double() if residual else 0)
+    got = few_rows(x, w, r)
+    assert got.shape == (*lead, N) and got.dtype == dt
+    tol = dict(atol=1e-4, rtol=1e-4) if dt == torch.float32 else dict(atol=8e-2, rtol=3e-2)  # rounds once or twice
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    if M > 1:  # linear sends 2-16 rows here and adds the same residual
+        torch.testing.assert_close(linear(x, w, r).float(), got.float(), atol=0, rtol=0)
+
+
 def test_model_kernels_reject_shapes_they_would_read_past():
     x = torch.randn(1, 2, 3, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"rms_norm: weight \(4,\)"):
@@ -227,6 +247,10 @@ def test_model_kernels_reject_shapes_they_would_read_past():
         gemv(x, torch.ones(5, 8, device=DEVICE))
     with pytest.raises(ValueError, match=r"gemv: residual \(4,\)"):
         gemv(x[:1, :1, 0], torch.ones(5, 8, device=DEVICE), residual=torch.ones(4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"few_rows: x \(1, 17, 8\) must be 1 to 16 rows"):
+        few_rows(torch.ones(1, 17, 8, device=DEVICE), torch.ones(5, 8, device=DEVICE))
+    with pytest.raises(ValueError, match=r"few_rows: residual \(2, 3, 4\)"):
+        few_rows(x[0], torch.ones(5, 8, device=DEVICE), residual=torch.ones(2, 3, 4, device=DEVICE))
 
 
 def test_fused_model_gives_the_same_decode_step():
