@@ -1,8 +1,9 @@
 """
 The attention tile and the Triton kernels the ideas share: flash prefill, split-K and paged decode,
-Quest's page scores and top-k, the KV-cache append of a captured step. Each has a PyTorch reference
-(attention.py, kvcache.py) that test_attention.py and test_kvcache.py hold it to. The model's own
-one-launch kernels (RMSNorm, RoPE, SwiGLU, GEMV) are cudagraph.py's: no idea shares them.
+Quest's page scores and top-k, the KV-cache append of a captured step, and how a decode step's
+kernels launch on a Hopper GPU (pdl). Each has a PyTorch reference (attention.py, kvcache.py) that
+test_attention.py and test_kvcache.py hold it to. The model's own one-launch kernels (RMSNorm, RoPE,
+SwiGLU, the products of 1-16 rows) are cudagraph.py's: no idea shares them.
 
 Online softmax (FlashAttention, arXiv 2205.14135). Keys are visited a tile at a time while each
 query row keeps the largest score m seen so far, l = sum_j exp(s_j - m) and acc = sum_j exp(s_j - m) v_j.
