@@ -51,10 +51,10 @@ def dot_precision(dtype):
 # Programmatic dependent launch (Hopper and later). In a batch-1 decode step each kernel is small, and
 # the gap between two (the next one's launch and ramp-up) is a large part of its time. A kernel
 # launched with launch_pdl=True may start while the one before it still runs, once every program of
-# that one has called let_next_start. Its first step, before it reads or writes any memory, is
+# that one has got past its wait. Its first step, before it reads or writes any memory, is
 # wait_for_inputs: it returns once the kernel before has finished and its writes are visible (so,
 # by induction, every kernel before that too), then lets the kernel after start in turn. A CPU, an
-# older GPU or PDL = False: both do nothing, and kernels run one after the other.
+# older GPU or PDL = False: it does nothing, and kernels run one after the other.
 PDL = True
 
 
@@ -74,13 +74,7 @@ def pdl(device):
 def wait_for_inputs(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()  # the kernel before has finished: its writes are visible
-    let_next_start(PDL)
-
-
-@triton.jit
-def let_next_start(PDL: tl.constexpr):
-    if PDL:  # the kernel after may launch once every program got here (and waits in wait_for_inputs)
-        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_launch_dependents()  # the kernel after may launch once every program got here
 
 
 def tile_size(n):
