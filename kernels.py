@@ -515,13 +515,13 @@ def _append_kv_kernel(KN, VN, POS, KC, VC, KMIN, KMAX, KSCALE,
         v = tl.load(VN + b * svnb + t[:, None] * svnt + hk * svnh + d[None, :] * svnd, mask=new)
         tl.store(KC + b * skb + hk * skh + p * skn + d[None, :] * skd, k, mask=new)
         tl.store(VC + b * svb + hk * svh + p * svn + d[None, :] * svd, v, mask=new)
-    if HAS_META:  # bounds of the new rows' pages (consecutive rows: a range of pages), keys up to the newest
+    if HAS_META:  # bounds of the new rows' pages that are full (consecutive rows: a range of pages)
         tl.debug_barrier()  # the rows stored above are visible to the whole program
-        last = tl.load(POS + T - 1)
+        last = tl.load(POS + T - 1)  # the newest row: a page is full once its last row is at most this
         r = tl.arange(0, BLOCK_S)
-        for page in range(tl.load(POS) // page_size, last // page_size + 1):
+        for page in range(tl.load(POS) // page_size, (last + 1) // page_size):  # most steps: none
             rows = page * page_size + r
-            ok = (r < page_size) & (rows <= last)
+            ok = r < page_size
             keys = tl.load(KC + b * skb + hk * skh + rows[:, None] * skn + d[None, :] * skd,
                            mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             kmin = tl.min(tl.where(ok[:, None], keys, float("inf")), 0)
@@ -539,8 +539,9 @@ def _append_kv_kernel(KN, VN, POS, KC, VC, KMIN, KMAX, KSCALE,
 def append_kv(k_cache, v_cache, kmin, kmax, k, v, pos, page_size, scale=None):
     """Write k, v (B, T, Hkv, D) at the device positions pos (T,) int64 (consecutive, the last one the
     newest) into k_cache, v_cache (B, Hkv, Nmax, D), and recompute the bounds kmin, kmax (B, Hkv, Pmax, D)
-    of their pages (None: no bounds kept); with scale (B, Hkv, Pmax) fp32 they are int8 bounds of that
-    scale (kvcache.quantize_bounds). One launch and no host sync, for a step captured in a CUDA graph;
+    of those of their pages that are full (None: no bounds kept; the page still filling gets its bounds
+    when its last row is written, see kvcache.py); with scale (B, Hkv, Pmax) fp32 they are int8 bounds of
+    that scale (kvcache.quantize_bounds). One launch and no host sync, for a step captured in a CUDA graph;
     the reference is KVCache.write."""
     B, T, Hkv, D = k.shape
     has_meta = kmin is not None

@@ -8,7 +8,9 @@ in the page by them, which is how a decode step chooses pages without reading th
 
 The cache is the one place K/V are written. A write may overwrite positions already filled
 (RetroAttention re-embeds its past tokens), so the metadata of every touched page is recomputed
-from that page's keys rather than updated incrementally.
+from that page's keys rather than updated incrementally. Only full pages have bounds: the page still
+filling is the newest, which Quest reads whatever its bound, so its bounds stay zero until the write of
+its last row sets them (a decode step then recomputes bounds once per S tokens, not at every token).
 
 The bounds are read at every decode step for every page, so at long context they outweigh the K/V a
 small budget reads (128K tokens, budget 4096: 2x). page_meta_dtype="int8" stores them in a quarter
@@ -94,8 +96,9 @@ class KVCache:
         self.k[layer, :, :, start:end] = k.transpose(1, 2)
         self.v[layer, :, :, start:end] = v.transpose(1, 2)
         self.lengths[layer:layer + 1].clamp_(min=end)
-        if self.page_meta:
-            self.refresh_pages(layer, start // self.page_size, (end - 1) // self.page_size + 1)
+        if self.page_meta:  # the touched pages that are full (the newest may still be filling: see the top)
+            S = self.page_size
+            self.refresh_pages(layer, start // S, min((end - 1) // S + 1, int(self.lengths[layer]) // S))
 
     def append(self, layer, k, v, pos, use_kernels=False):
         """Decode: k, v (B, m, Hkv, D) at the positions pos (m,) int64 on the device, consecutive, the
@@ -115,22 +118,19 @@ class KVCache:
         return self.seq_len
 
     def refresh_pages(self, layer, first, last):
-        """Recompute the key min/max of pages [first, last) of one layer from its written keys."""
+        """Recompute the key min/max of the full pages [first, last) of one layer from their keys."""
+        if last <= first:
+            return
         S = self.page_size
         keys = self.k[layer, :, :, first * S:last * S]  # (B, Hkv, (last-first)*S, D)
         B, H, _, D = keys.shape
         keys = keys.reshape(B, H, last - first, S, D)
-        # rows past the valid length (the unfilled tail of the last page) must not widen the bounds
-        pos = torch.arange(first * S, last * S, device=keys.device).view(last - first, S, 1)
-        valid = pos < self.lengths[layer]
-        inf = torch.finfo(keys.dtype).max
-        kmin = torch.where(valid, keys, inf).amin(dim=3)
-        kmax = torch.where(valid, keys, -inf).amax(dim=3)
+        kmin, kmax = keys.amin(dim=3), keys.amax(dim=3)
         if self.quantized:
-            # The newest page is quantized like the others, from its keys so far: a page's int8 bounds
-            # are a function of its keys alone, recomputed whenever one of them is written (a decode
-            # step appends, RetroAttention overwrites), never updated from the old integers, which would
-            # widen them step after step. kernels.append_kv does the same from the same keys: equal bits.
+            # A page's int8 bounds are a function of its keys alone, recomputed whenever one of them is
+            # written (the decode step that fills the page, RetroAttention's overwrites), never updated
+            # from the old integers, which would widen them step after step. kernels.append_kv does the
+            # same from the same keys: equal bits.
             kmin, kmax, self.kscale[layer, :, :, first:last] = quantize_bounds(kmin, kmax)
         self.kmin[layer, :, :, first:last] = kmin
         self.kmax[layer, :, :, first:last] = kmax

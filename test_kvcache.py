@@ -28,12 +28,14 @@ def kv(B, T, Hkv, D, seed):
 
 
 def recomputed_bounds(cache, layer):
-    """Page min/max straight from the stored keys, one page at a time."""
+    """Page min/max straight from the stored keys, one page at a time; the page still filling, if any,
+    has none yet (zeros)."""
     S, n = cache.page_size, cache.length(layer)
-    P = -(-n // S)
     keys = cache.k[layer]  # (B, Hkv, N, D)
-    kmin = torch.stack([keys[:, :, p * S:min((p + 1) * S, n)].amin(2) for p in range(P)], dim=2)
-    kmax = torch.stack([keys[:, :, p * S:min((p + 1) * S, n)].amax(2) for p in range(P)], dim=2)
+    pages = [keys[:, :, p * S:(p + 1) * S] if (p + 1) * S <= n else None for p in range(-(-n // S))]
+    zeros = torch.zeros_like(keys[:, :, 0])
+    kmin = torch.stack([zeros if x is None else x.amin(2) for x in pages], dim=2)
+    kmax = torch.stack([zeros if x is None else x.amax(2) for x in pages], dim=2)
     return kmin, kmax
 
 
@@ -71,8 +73,8 @@ def test_write_past_the_end_raises():
 
 def test_page_bounds_match_recompute_after_appends_and_overwrite():
     """Token-by-token appends, a prefill-sized write, then overwriting rows that span a page border
-    (as RetroAttention does): the bounds always equal a recomputation from the stored keys, and the
-    unfilled tail of the last page never widens them."""
+    (as RetroAttention does): the bounds always equal a recomputation from the stored keys of each full
+    page, and the page still filling has none."""
     cache = make_cache(B=2, N=40, page_size=4)
     k, v = kv(2, 9, 2, 8, seed=1)
     cache.write(0, k, v, torch.arange(9))
@@ -93,8 +95,8 @@ def test_page_bounds_match_recompute_after_appends_and_overwrite():
 
 @given(n=st.integers(1, 45), page_size=st.sampled_from([1, 3, 4, 16]), heads=gqa_heads(), seed=seeds)
 def test_page_bound_holds_for_every_key(n, page_size, heads, seed):
-    """For keys written through the cache (last page partial), no key's score, summed over the query
-    heads of its KV head, exceeds its page's bound."""
+    """For keys written through the cache, no key of a full page scores above its page's bound (its
+    score summed over the query heads of its KV head); the page still filling has none (zeros)."""
     Hq, Hkv = heads
     D = 8
     cache = make_cache(Hkv=Hkv, N=48, D=D, page_size=page_size)
@@ -104,9 +106,11 @@ def test_page_bound_holds_for_every_key(n, page_size, heads, seed):
     P = -(-n // page_size)
     bound = page_scores_ref(q, cache.kmin[0], cache.kmax[0], P)  # (1, Hkv, P)
     assert bound.shape == (1, Hkv, P) and bound.dtype == torch.float32
-    key_scores = torch.einsum("bhgd,bhnd->bhn", q.view(1, Hkv, Hq // Hkv, D), cache.k[0, :, :, :n])
-    page_of_key = torch.arange(n) // page_size
+    full = n // page_size * page_size
+    key_scores = torch.einsum("bhgd,bhnd->bhn", q.view(1, Hkv, Hq // Hkv, D), cache.k[0, :, :, :full])
+    page_of_key = torch.arange(full) // page_size
     assert (key_scores <= bound[:, :, page_of_key] + 1e-5).all()
+    assert not cache.kmin[0, :, :, full // page_size:].any() and not cache.kmax[0, :, :, full // page_size:].any()
 
 
 def top_pages(scores, seq_len, page_size, budget_pages):
@@ -454,7 +458,7 @@ KEY_KINDS = ["normal", "zero page", "one key", "extremes", "grid", "tiny", "magn
 
 def edge_keys(kind, B, n, Hkv, D, page_size, dtype, seed):
     """Keys (B, n, Hkv, D) that stress the rounding of int8 bounds: a page of zeros; a last page of one
-    key; the dtype's largest values of both signs; integers up to 127 (quotients k / s land next to
+    key (still filling: no bounds yet); the dtype's largest values of both signs; integers up to 127 (quotients k / s land next to
     integers); values near the smallest normal (subnormals); magnitudes spread over 10^-4 .. 10^4."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(B, n, Hkv, D, generator=g, dtype=torch.float64)
@@ -479,10 +483,17 @@ def check_int8_bounds(cache, Hq, seed):
     """The defining property, with a float64 oracle: for every page and KV head, the stored integers lo,
     hi (in [-127, 127]) and scale s enclose every key of the page exactly, lo s <= k <= hi s (products
     of an int8 and an fp32 are exact in float64), the integers are the tightest ones, and so no key
-    scores above the bound, q . k <= sum_d max(q_d lo_d s, q_d hi_d s), for queries of all signs."""
+    scores above the bound, q . k <= sum_d max(q_d lo_d s, q_d hi_d s), for queries of all signs.
+    Those are the full pages; the page still filling has none yet (zeros)."""
     S, n = cache.page_size, cache.length(0)
-    P = -(-n // S)
+    P = n // S
+    if n % S:
+        assert not cache.kmin[0, :, :, P].any() and not cache.kmax[0, :, :, P].any() and not cache.kscale[0, :, :, P].any()
+    n = P * S
     B, Hkv, _, D = cache.k[0].shape
+    q = rand(B, Hq, D, seed=seed).double()
+    if P == 0:
+        return q, torch.zeros(B, Hkv, 0, dtype=torch.float64, device=q.device)
     keys = cache.k[0, :, :, :n].double()  # (B, Hkv, n, D)
     lo, hi, s = cache.kmin[0, :, :, :P], cache.kmax[0, :, :, :P], cache.kscale[0, :, :, :P].double()
     assert lo.dtype == hi.dtype == torch.int8 and cache.kscale.dtype == torch.float32
@@ -497,7 +508,6 @@ def check_int8_bounds(cache, Hq, seed):
     amax = torch.maximum(keys.abs().amax(2, keepdim=True), torch.zeros(1, device=keys.device))
     page_amax = torch.stack([keys[:, :, p * S:(p + 1) * S].abs().amax((2, 3)) for p in range(P)], 2)
     assert (127 * s >= page_amax).all() and amax.isfinite().all()
-    q = rand(B, Hq, D, seed=seed).double()
     qg = q.view(B, Hkv, Hq // Hkv, 1, D)
     bound = torch.maximum(qg * lo64[:, :, None], qg * hi64[:, :, None]).sum((2, 4))  # (B, Hkv, P)
     key_scores = torch.einsum("bhgd,bhnd->bhn", qg[:, :, :, 0], keys)
@@ -534,8 +544,8 @@ def test_int8_bounds_hold_every_key(n, page_size, heads, D, dtype, kind, appende
     for name in ("kmin", "kmax", "kscale"):
         assert torch.equal(getattr(decoded, name), getattr(full, name)), name
     q, bound = check_int8_bounds(full, Hq, seed + 1)
-    if kind != "extremes":  # (there the fp32 sums overflow, as with bounds in the cache's dtype)
-        P = bound.shape[-1]
+    P = bound.shape[-1]  # (full pages)
+    if kind != "extremes" and P:  # (there the fp32 sums overflow, as with bounds in the cache's dtype)
         mass = torch.einsum("bhgd,bhpd->bhp", q.view(1, Hkv, Hq // Hkv, D).abs(),
                             torch.maximum(full.kmin[0, :, :, :P].abs(), full.kmax[0, :, :, :P].abs()).double()
                             * full.kscale[0, :, :, :P, None].double())
@@ -562,17 +572,17 @@ def test_int8_bounds_at_the_dtype_limits_and_of_non_finite_pages():
                                 torch.tensor([[2.0, float("inf")], [float("nan"), 0.0], [1.0, 2.0]]))
     assert s[:2].isnan().all() and s[2].isfinite() and (lo[:2] == 0).all() and (hi[:2] == 0).all()
     cache = make_cache(Hkv=1, N=12, D=8, page_size=4, page_meta="int8")
-    k = rand(1, 10, 1, 8, seed=2)
+    k = rand(1, 12, 1, 8, seed=2)
     k[0, 5, 0, 3] = float("nan")  # page 1
-    k[0, 9, 0, 0] = float("-inf")  # page 2, the newest, written by the kernel
-    cache.write(0, k[:, :9], k[:, :9], torch.arange(9))
-    cache.append(0, k[:, 9:], k[:, 9:], torch.tensor([9], device=DEVICE), use_kernels=True)
+    k[0, 9, 0, 0] = float("-inf")  # page 2, the newest: its bounds set by the kernel with its last row
+    cache.write(0, k[:, :11], k[:, :11], torch.arange(11))
+    cache.append(0, k[:, 11:], k[:, 11:], torch.tensor([11], device=DEVICE), use_kernels=True)
     assert cache.kscale[0, 0, 0, 1:3].isnan().all() and cache.kscale[0, 0, 0, 0].isfinite()
     q = rand(1, 2, 8, seed=3)
     for scores in (page_scores_ref(q, *cache.page_bounds(0)[:2], 3, cache.kscale[0]),
                    kernels.page_scores(q, *cache.page_bounds(0)[:2], 3, scale=cache.kscale[0])):
         assert scores[0, 0, 1:].isnan().all() and scores[0, 0, 0].isfinite()
-        assert select_pages(scores, 10, 4, 2)[0, 0].tolist() == [1, 2]
+        assert select_pages(scores, 12, 4, 2)[0, 0].tolist() == [1, 2]
 
 
 @given(num_pages=st.integers(0, 150), spare=st.integers(0, 3), heads=st.sampled_from([(2, 2), (4, 2), (8, 2), (8, 1)]),
