@@ -96,9 +96,8 @@ class KVCache:
         self.k[layer, :, :, start:end] = k.transpose(1, 2)
         self.v[layer, :, :, start:end] = v.transpose(1, 2)
         self.lengths[layer:layer + 1].clamp_(min=end)
-        if self.page_meta:  # the touched pages that are full (the newest may still be filling: see the top)
-            S = self.page_size
-            self.refresh_pages(layer, start // S, min((end - 1) // S + 1, int(self.lengths[layer]) // S))
+        if self.page_meta:
+            self.refresh_pages(layer, start // self.page_size, (end - 1) // self.page_size + 1)
 
     def append(self, layer, k, v, pos, use_kernels=False):
         """Decode: k, v (B, m, Hkv, D) at the positions pos (m,) int64 on the device, consecutive, the
@@ -118,20 +117,23 @@ class KVCache:
         return self.seq_len
 
     def refresh_pages(self, layer, first, last):
-        """Recompute the key min/max of the full pages [first, last) of one layer from their keys."""
-        if last <= first:
-            return
+        """Recompute the key min/max of pages [first, last) of one layer from their keys; a page not yet
+        full gets none (zeros: see the top)."""
         S = self.page_size
         keys = self.k[layer, :, :, first * S:last * S]  # (B, Hkv, (last-first)*S, D)
         B, H, _, D = keys.shape
         keys = keys.reshape(B, H, last - first, S, D)
-        kmin, kmax = keys.amin(dim=3), keys.amax(dim=3)
+        pos = torch.arange(first * S, last * S, device=keys.device).view(last - first, S)
+        full = (pos < self.lengths[layer]).all(1)  # (pages,): every row written (on the device, no sync)
+        kmin = torch.where(full[:, None], keys.amin(dim=3), 0)
+        kmax = torch.where(full[:, None], keys.amax(dim=3), 0)
         if self.quantized:
             # A page's int8 bounds are a function of its keys alone, recomputed whenever one of them is
             # written (the decode step that fills the page, RetroAttention's overwrites), never updated
             # from the old integers, which would widen them step after step. kernels.append_kv does the
             # same from the same keys: equal bits.
-            kmin, kmax, self.kscale[layer, :, :, first:last] = quantize_bounds(kmin, kmax)
+            kmin, kmax, scale = quantize_bounds(kmin, kmax)
+            self.kscale[layer, :, :, first:last] = torch.where(full, scale, 0)
         self.kmin[layer, :, :, first:last] = kmin
         self.kmax[layer, :, :, first:last] = kmax
 
