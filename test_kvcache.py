@@ -458,8 +458,9 @@ KEY_KINDS = ["normal", "zero page", "one key", "extremes", "grid", "tiny", "magn
 
 def edge_keys(kind, B, n, Hkv, D, page_size, dtype, seed):
     """Keys (B, n, Hkv, D) that stress the rounding of int8 bounds: a page of zeros; a last page of one
-    key (still filling: no bounds yet); the dtype's largest values of both signs; integers up to 127 (quotients k / s land next to
-    integers); values near the smallest normal (subnormals); magnitudes spread over 10^-4 .. 10^4."""
+    key (still filling: no bounds yet); the dtype's largest values of both signs; integers up to 127
+    (quotients k / s land next to integers); values near the smallest normal (subnormals); magnitudes
+    spread over 10^-4 .. 10^4."""
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(B, n, Hkv, D, generator=g, dtype=torch.float64)
     big = torch.finfo(dtype).max
@@ -488,7 +489,7 @@ def check_int8_bounds(cache, Hq, seed):
     S, n = cache.page_size, cache.length(0)
     P = n // S
     if n % S:
-        assert not cache.kmin[0, :, :, P].any() and not cache.kmax[0, :, :, P].any() and not cache.kscale[0, :, :, P].any()
+        assert not any(x[0, :, :, P].any() for x in (cache.kmin, cache.kmax, cache.kscale))
     n = P * S
     B, Hkv, _, D = cache.k[0].shape
     q = rand(B, Hq, D, seed=seed).double()
